@@ -1,0 +1,386 @@
+//! The task envelope: stream entry fields <-> task, with validation.
+//!
+//! A stream entry is a flat list of plain fields, readable in `redis-cli`:
+//!
+//! | field        | value                                            |
+//! |--------------|--------------------------------------------------|
+//! | `id`         | task id (generated or the caller's business id)  |
+//! | `type`       | task type, selects the handler                   |
+//! | `payload`    | JSON text                                        |
+//! | `attempt`    | runs already failed, 0 on the first delivery     |
+//! | `max_retry`  | retries allowed after the first run              |
+//! | `timeout`    | seconds (decimal text), 0 = none                 |
+//! | `enqueued_at`| ms since the Unix epoch                          |
+//! | `deadline`   | optional, ms since the Unix epoch                |
+//! | `labels`     | optional, JSON object of strings                 |
+//! | `unique_key` | optional                                         |
+//! | `error`      | optional, the last failure's text                |
+//!
+//! Unknown fields are kept as they are.
+
+use std::fmt;
+
+/// Field names, in one place.
+pub mod field {
+    /// Task id.
+    pub const ID: &str = "id";
+    /// Task type.
+    pub const TYPE: &str = "type";
+    /// JSON payload text.
+    pub const PAYLOAD: &str = "payload";
+    /// Failed runs so far.
+    pub const ATTEMPT: &str = "attempt";
+    /// Retries allowed.
+    pub const MAX_RETRY: &str = "max_retry";
+    /// Hard timeout in seconds.
+    pub const TIMEOUT: &str = "timeout";
+    /// Enqueue time, ms.
+    pub const ENQUEUED_AT: &str = "enqueued_at";
+    /// Deadline, ms.
+    pub const DEADLINE: &str = "deadline";
+    /// Labels JSON.
+    pub const LABELS: &str = "labels";
+    /// Uniqueness key.
+    pub const UNIQUE_KEY: &str = "unique_key";
+    /// Last error text.
+    pub const ERROR: &str = "error";
+}
+
+/// A stream entry as read from Redis: its stream id and raw fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawEntry {
+    /// Stream entry id (`<ms>-<seq>`).
+    pub entry_id: String,
+    /// Field/value pairs in stream order.
+    pub fields: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl RawEntry {
+    /// Value of `name`, if present.
+    #[must_use]
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|(key, _)| key == name.as_bytes())
+            .map(|(_, value)| value.as_slice())
+    }
+}
+
+/// Why an entry is not a valid task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvelopeError {
+    /// The field at fault.
+    pub field: &'static str,
+    /// What was wrong.
+    pub problem: String,
+}
+
+impl fmt::Display for EnvelopeError {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "field '{}': {}", self.field, self.problem)
+    }
+}
+
+impl std::error::Error for EnvelopeError {}
+
+/// A validated view of a task entry, borrowing from the `RawEntry`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskRef<'a> {
+    /// Task id.
+    pub id: &'a str,
+    /// Task type.
+    pub kind: &'a str,
+    /// JSON payload bytes (validated by the actor's decoder).
+    pub payload: &'a [u8],
+    /// Failed runs so far.
+    pub attempt: u32,
+    /// Retries allowed.
+    pub max_retry: u32,
+    /// Hard timeout in ms, 0 = none.
+    pub timeout_ms: u64,
+    /// Enqueue time, ms since the epoch.
+    pub enqueued_at_ms: u64,
+    /// Deadline, ms since the epoch.
+    pub deadline_ms: Option<u64>,
+    /// Labels JSON text.
+    pub labels: Option<&'a [u8]>,
+    /// Uniqueness key.
+    pub unique_key: Option<&'a str>,
+}
+
+fn shown(value: &[u8]) -> String {
+    let text = String::from_utf8_lossy(value);
+    if text.chars().count() > 40 {
+        let cut: String = text.chars().take(40).collect();
+        format!("'{cut}…'")
+    } else {
+        format!("'{text}'")
+    }
+}
+
+fn text<'a>(entry: &'a RawEntry, name: &'static str) -> Result<&'a str, EnvelopeError> {
+    let value = entry.get(name).ok_or_else(|| EnvelopeError {
+        field: name,
+        problem: "missing".to_owned(),
+    })?;
+    std::str::from_utf8(value).map_err(|_| EnvelopeError {
+        field: name,
+        problem: format!("expected UTF-8 text, got {}", shown(value)),
+    })
+}
+
+fn non_empty<'a>(entry: &'a RawEntry, name: &'static str) -> Result<&'a str, EnvelopeError> {
+    let value = text(entry, name)?;
+    if value.is_empty() {
+        return Err(EnvelopeError {
+            field: name,
+            problem: "expected a non-empty string".to_owned(),
+        });
+    }
+    Ok(value)
+}
+
+fn integer<T: std::str::FromStr>(value: &[u8], name: &'static str) -> Result<T, EnvelopeError> {
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|text| text.parse::<T>().ok())
+        .ok_or_else(|| EnvelopeError {
+            field: name,
+            problem: format!("expected a non-negative integer, got {}", shown(value)),
+        })
+}
+
+fn optional_integer<T: std::str::FromStr>(
+    entry: &RawEntry,
+    name: &'static str,
+    default: T,
+) -> Result<T, EnvelopeError> {
+    entry
+        .get(name)
+        .map_or(Ok(default), |value| integer(value, name))
+}
+
+/// Parses seconds as decimal text ("30", "2.5") into ms.
+fn seconds_ms(value: &[u8], name: &'static str) -> Result<u64, EnvelopeError> {
+    let seconds = std::str::from_utf8(value)
+        .ok()
+        .and_then(|text| text.parse::<f64>().ok())
+        .filter(|seconds| seconds.is_finite() && *seconds >= 0.0)
+        .ok_or_else(|| EnvelopeError {
+            field: name,
+            problem: format!("expected seconds as a non-negative number, got {}", shown(value)),
+        })?;
+    Ok((seconds * 1000.0).round() as u64)
+}
+
+/// Formats ms as seconds text, the inverse of the parser above.
+#[must_use]
+pub fn format_seconds(ms: u64) -> String {
+    if ms % 1000 == 0 {
+        (ms / 1000).to_string()
+    } else {
+        format!("{}.{:03}", ms / 1000, ms % 1000)
+            .trim_end_matches('0')
+            .to_owned()
+    }
+}
+
+/// Validates `entry` as a task.
+pub fn parse(entry: &RawEntry) -> Result<TaskRef<'_>, EnvelopeError> {
+    let id = non_empty(entry, field::ID)?;
+    let kind = non_empty(entry, field::TYPE)?;
+    let payload = entry.get(field::PAYLOAD).ok_or_else(|| EnvelopeError {
+        field: field::PAYLOAD,
+        problem: "missing".to_owned(),
+    })?;
+    let timeout_ms = match entry.get(field::TIMEOUT) {
+        Some(value) => seconds_ms(value, field::TIMEOUT)?,
+        None => 0,
+    };
+    let labels = entry.get(field::LABELS);
+    if let Some(labels) = labels {
+        if labels.first() != Some(&b'{') {
+            return Err(EnvelopeError {
+                field: field::LABELS,
+                problem: format!("expected a JSON object, got {}", shown(labels)),
+            });
+        }
+    }
+    let unique_key = match entry.get(field::UNIQUE_KEY) {
+        Some(_) => Some(text(entry, field::UNIQUE_KEY)?),
+        None => None,
+    };
+    Ok(TaskRef {
+        id,
+        kind,
+        payload,
+        attempt: optional_integer(entry, field::ATTEMPT, 0)?,
+        max_retry: optional_integer(entry, field::MAX_RETRY, 0)?,
+        timeout_ms,
+        enqueued_at_ms: optional_integer(entry, field::ENQUEUED_AT, 0)?,
+        deadline_ms: match entry.get(field::DEADLINE) {
+            Some(value) => Some(integer(value, field::DEADLINE)?),
+            None => None,
+        },
+        labels,
+        unique_key,
+    })
+}
+
+/// A task to enqueue, as the client hands it over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewTask<'a> {
+    /// Task id.
+    pub id: &'a str,
+    /// Task type.
+    pub kind: &'a str,
+    /// JSON payload text.
+    pub payload: &'a [u8],
+    /// Retries allowed.
+    pub max_retry: u32,
+    /// Hard timeout, ms (0 = none).
+    pub timeout_ms: u64,
+    /// Enqueue time, ms.
+    pub enqueued_at_ms: u64,
+    /// Deadline, ms.
+    pub deadline_ms: Option<u64>,
+    /// Labels JSON text.
+    pub labels: Option<&'a [u8]>,
+    /// Uniqueness key.
+    pub unique_key: Option<&'a str>,
+}
+
+impl NewTask<'_> {
+    /// The entry's fields, in the order written to the stream. Entries with
+    /// the same field names share them in Redis' stream encoding.
+    #[must_use]
+    pub fn to_fields(&self) -> Vec<(&'static str, Vec<u8>)> {
+        let mut fields = vec![
+            (field::ID, self.id.as_bytes().to_vec()),
+            (field::TYPE, self.kind.as_bytes().to_vec()),
+            (field::PAYLOAD, self.payload.to_vec()),
+            (field::ATTEMPT, b"0".to_vec()),
+            (field::MAX_RETRY, self.max_retry.to_string().into_bytes()),
+            (field::TIMEOUT, format_seconds(self.timeout_ms).into_bytes()),
+            (
+                field::ENQUEUED_AT,
+                self.enqueued_at_ms.to_string().into_bytes(),
+            ),
+        ];
+        if let Some(deadline) = self.deadline_ms {
+            fields.push((field::DEADLINE, deadline.to_string().into_bytes()));
+        }
+        if let Some(labels) = self.labels {
+            fields.push((field::LABELS, labels.to_vec()));
+        }
+        if let Some(key) = self.unique_key {
+            fields.push((field::UNIQUE_KEY, key.as_bytes().to_vec()));
+        }
+        fields
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(fields: &[(&str, &str)]) -> RawEntry {
+        RawEntry {
+            entry_id: "1-0".to_owned(),
+            fields: fields
+                .iter()
+                .map(|(key, value)| (key.as_bytes().to_vec(), value.as_bytes().to_vec()))
+                .collect(),
+        }
+    }
+
+    fn round_trip(task: &NewTask<'_>) -> RawEntry {
+        RawEntry {
+            entry_id: "5-0".to_owned(),
+            fields: task
+                .to_fields()
+                .into_iter()
+                .map(|(key, value)| (key.as_bytes().to_vec(), value))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn new_task_fields_parse_back_to_the_same_task() {
+        let task = NewTask {
+            id: "abc",
+            kind: "email:send",
+            payload: br#"{"to":"a@example.com"}"#,
+            max_retry: 3,
+            timeout_ms: 2500,
+            enqueued_at_ms: 1_700_000_000_123,
+            deadline_ms: Some(1_700_000_100_000),
+            labels: Some(br#"{"tenant":"x"}"#),
+            unique_key: Some("u1"),
+        };
+        let raw = round_trip(&task);
+        assert_eq!(raw.get("timeout"), Some(&b"2.5"[..]));
+        let parsed = parse(&raw).expect("valid");
+        assert_eq!(parsed.id, "abc");
+        assert_eq!(parsed.kind, "email:send");
+        assert_eq!(parsed.payload, task.payload);
+        assert_eq!(parsed.attempt, 0);
+        assert_eq!(parsed.max_retry, 3);
+        assert_eq!(parsed.timeout_ms, 2500);
+        assert_eq!(parsed.enqueued_at_ms, 1_700_000_000_123);
+        assert_eq!(parsed.deadline_ms, Some(1_700_000_100_000));
+        assert_eq!(parsed.labels, task.labels);
+        assert_eq!(parsed.unique_key, Some("u1"));
+    }
+
+    #[test]
+    fn minimal_hand_written_entry_is_valid() {
+        let raw = entry(&[("id", "t1"), ("type", "noop"), ("payload", "null")]);
+        let parsed = parse(&raw).expect("valid");
+        assert_eq!((parsed.attempt, parsed.max_retry, parsed.timeout_ms), (0, 0, 0));
+    }
+
+    #[test]
+    fn errors_name_the_field_and_the_expectation() {
+        let cases = [
+            (
+                entry(&[("type", "noop"), ("payload", "1")]),
+                "field 'id': missing",
+            ),
+            (
+                entry(&[("id", "t"), ("type", ""), ("payload", "1")]),
+                "field 'type': expected a non-empty string",
+            ),
+            (
+                entry(&[("id", "t"), ("type", "x")]),
+                "field 'payload': missing",
+            ),
+            (
+                entry(&[("id", "t"), ("type", "x"), ("payload", "1"), ("attempt", "-1")]),
+                "field 'attempt': expected a non-negative integer, got '-1'",
+            ),
+            (
+                entry(&[("id", "t"), ("type", "x"), ("payload", "1"), ("timeout", "soon")]),
+                "field 'timeout': expected seconds as a non-negative number, got 'soon'",
+            ),
+            (
+                entry(&[("id", "t"), ("type", "x"), ("payload", "1"), ("labels", "[1]")]),
+                "field 'labels': expected a JSON object, got '[1]'",
+            ),
+        ];
+        for (raw, expected) in cases {
+            let message = parse(&raw).err().map(|error| error.to_string());
+            assert_eq!(message.as_deref(), Some(expected));
+        }
+    }
+
+    #[test]
+    fn seconds_format_round_trips() {
+        for ms in [0, 1, 10, 999, 1000, 1500, 30_000, 123_456] {
+            let text = format_seconds(ms);
+            assert_eq!(seconds_ms(text.as_bytes(), "timeout"), Ok(ms), "{text}");
+        }
+        assert_eq!(format_seconds(30_000), "30");
+        assert_eq!(format_seconds(1500), "1.5");
+    }
+}

@@ -1,0 +1,118 @@
+//! Every Redis key flumeq uses, built in one place.
+//!
+//! All keys of a queue carry the hash tag `{queue}`, so one queue lives on one
+//! Redis Cluster slot and the Lua scripts touching several of its keys stay
+//! legal there. Only the registry of known queues is global.
+
+/// Why a queue name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid queue name {name:?}: {reason}")]
+pub struct QueueNameError {
+    /// The refused name.
+    pub name: String,
+    /// What is wrong with it.
+    pub reason: &'static str,
+}
+
+/// Checks that `name` can be used inside a hash tag.
+pub fn validate_queue(name: &str) -> Result<(), QueueNameError> {
+    let reason = if name.is_empty() {
+        "it is empty"
+    } else if name.len() > 200 {
+        "it is longer than 200 bytes"
+    } else if name.contains(['{', '}']) {
+        "it contains '{' or '}', which would break the Redis Cluster hash tag"
+    } else if name.chars().any(char::is_control) {
+        "it contains control characters"
+    } else {
+        return Ok(());
+    };
+    Err(QueueNameError {
+        name: name.to_owned(),
+        reason,
+    })
+}
+
+/// Builds key names under one prefix (`flumeq` by default).
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Default for Keys {
+    fn default() -> Self {
+        Self::new("flumeq")
+    }
+}
+
+impl Keys {
+    /// Keys under `prefix`.
+    #[must_use]
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    fn queue_key(&self, queue: &str, what: &str) -> String {
+        format!("{}:{{{queue}}}:{what}", self.prefix)
+    }
+
+    /// The stream of ready and in-flight tasks.
+    #[must_use]
+    pub fn stream(&self, queue: &str) -> String {
+        self.queue_key(queue, "stream")
+    }
+
+    /// The dead-letter stream.
+    #[must_use]
+    pub fn dead(&self, queue: &str) -> String {
+        self.queue_key(queue, "dead")
+    }
+
+    /// The ZSET of scheduled and retrying tasks (score = due time in ms).
+    #[must_use]
+    pub fn delayed(&self, queue: &str) -> String {
+        self.queue_key(queue, "delayed")
+    }
+
+    /// The hash of counters (processed, failed, ...).
+    #[must_use]
+    pub fn stats(&self, queue: &str) -> String {
+        self.queue_key(queue, "stats")
+    }
+
+    /// The set of every queue ever enqueued to or served.
+    #[must_use]
+    pub fn queues(&self) -> String {
+        format!("{}:queues", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_keys_share_one_hash_tag() {
+        let keys = Keys::default();
+        assert_eq!(keys.stream("mail"), "flumeq:{mail}:stream");
+        assert_eq!(keys.dead("mail"), "flumeq:{mail}:dead");
+        assert_eq!(keys.delayed("mail"), "flumeq:{mail}:delayed");
+        assert_eq!(keys.stats("mail"), "flumeq:{mail}:stats");
+        assert_eq!(Keys::new("app").queues(), "app:queues");
+    }
+
+    #[test]
+    fn queue_names_that_break_hash_tags_are_refused() {
+        assert!(validate_queue("default").is_ok());
+        assert!(validate_queue("emails.high-priority").is_ok());
+        let error = validate_queue("a}b").err().map(|error| error.to_string());
+        assert_eq!(
+            error.as_deref(),
+            Some("invalid queue name \"a}b\": it contains '{' or '}', which would break the Redis Cluster hash tag")
+        );
+        assert!(validate_queue("").is_err());
+        assert!(validate_queue("tab\there").is_err());
+    }
+}

@@ -1,0 +1,12 @@
+//! flumeq's Rust core: Redis Streams I/O, the shared-memory rings between the
+//! dispatcher and the actor processes, the dispatcher loop, and retry math.
+//!
+//! Everything here is plain Rust, testable with `cargo test`; the PyO3
+//! bindings live in `python` behind the `python` feature.
+
+pub mod envelope;
+pub mod frame;
+pub mod futex;
+pub mod keys;
+pub mod region;
+pub mod ring;

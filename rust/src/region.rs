@@ -1,0 +1,379 @@
+//! The shared-memory region between one engine's supervisor, its dispatcher
+//! and its actor processes.
+//!
+//! The supervisor creates the region (an anonymous `MAP_SHARED` mapping plus two
+//! eventfds) *before* it forks anything, so every child inherits the same pages
+//! and descriptors; nothing lives in the file system and nothing leaks when a
+//! process is killed.
+//!
+//! Layout: a control block, then one slot per actor. A slot is a small header
+//! (state, pid, what the actor is running), the task ring (dispatcher → actor)
+//! and the result ring (actor → dispatcher).
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
+
+use crate::ring::{Ring, RingHeader};
+
+/// The actor of a slot is being started; tasks may already be queued for it.
+pub const SLOT_STARTING: u32 = 0;
+/// The actor runs and reads its ring.
+pub const SLOT_RUNNING: u32 = 1;
+/// The supervisor saw the actor exit; the dispatcher must take its tasks back.
+pub const SLOT_LOST: u32 = 2;
+/// The dispatcher took the tasks back and emptied the rings; a new actor may start.
+pub const SLOT_RECLAIMED: u32 = 3;
+
+/// Engine-wide flags.
+#[repr(C, align(64))]
+struct ControlBlock {
+    stop: AtomicU32,
+    dispatcher_pid: AtomicU32,
+    _pad: [u32; 14],
+}
+
+/// What the supervisor and the dispatcher know about one actor.
+#[repr(C, align(64))]
+pub struct SlotHeader {
+    /// One of the `SLOT_*` constants.
+    pub state: AtomicU32,
+    /// Pid of the current actor process.
+    pub pid: AtomicU32,
+    /// Raw wait status of the last actor that exited (set by the supervisor).
+    pub exit_status: AtomicI32,
+    /// Bumped each time an actor is started in this slot.
+    pub generation: AtomicU32,
+    /// Batch the actor is working on, and index of the task inside it.
+    pub running_batch: AtomicU64,
+    /// Index + 1 of the running task in `running_batch`; 0 when idle.
+    pub running_index: AtomicU32,
+    _pad0: u32,
+    /// When the running task started (ms since the epoch).
+    pub running_since_ms: AtomicU64,
+    /// When the running task must be stopped (ms since the epoch), 0 = never.
+    pub running_deadline_ms: AtomicU64,
+    _pad1: [u64; 2],
+}
+
+/// Sizes chosen at creation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegionLayout {
+    /// Number of actor slots.
+    pub slots: usize,
+    /// Data bytes of each task ring.
+    pub task_ring_bytes: usize,
+    /// Data bytes of each result ring.
+    pub result_ring_bytes: usize,
+}
+
+impl RegionLayout {
+    fn control_size() -> usize {
+        std::mem::size_of::<ControlBlock>()
+    }
+
+    fn slot_size(&self) -> usize {
+        std::mem::size_of::<SlotHeader>()
+            + 2 * RingHeader::SIZE
+            + self.task_ring_bytes
+            + self.result_ring_bytes
+    }
+
+    fn total(&self) -> usize {
+        Self::control_size() + self.slots * self.slot_size()
+    }
+}
+
+/// Errors creating a region.
+#[derive(Debug, thiserror::Error)]
+pub enum RegionError {
+    /// A size was out of range.
+    #[error("{0}")]
+    Invalid(String),
+    /// The kernel refused the mapping or an eventfd.
+    #[error("could not set up shared memory: {0}")]
+    Os(#[from] io::Error),
+}
+
+/// One engine's shared region. Cloned into children by `fork`.
+pub struct Region {
+    base: *mut u8,
+    layout: RegionLayout,
+    results_event: OwnedFd,
+    control_event: OwnedFd,
+}
+
+// SAFETY: the mapping is only accessed through atomics and SPSC rings.
+unsafe impl Send for Region {}
+unsafe impl Sync for Region {}
+
+fn ring_size_ok(bytes: usize) -> bool {
+    bytes >= 4096 && bytes % 4096 == 0
+}
+
+fn new_eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the returned descriptor is owned below.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Adds one to an eventfd counter, waking whoever polls it.
+pub fn signal_event(fd: RawFd) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live u64. A full counter (EAGAIN) still
+    // leaves the fd readable, which is all a wake-up needs.
+    unsafe {
+        libc::write(fd, std::ptr::from_ref(&one).cast(), 8);
+    }
+}
+
+/// Resets an eventfd counter to zero; returns whether it was signalled.
+pub fn drain_event(fd: RawFd) -> bool {
+    let mut value: u64 = 0;
+    // SAFETY: reads 8 bytes into a live u64; the fd is non-blocking.
+    let read = unsafe { libc::read(fd, std::ptr::from_mut(&mut value).cast(), 8) };
+    read == 8
+}
+
+impl Region {
+    /// Maps a new region with `layout.slots` actor slots.
+    pub fn new(layout: RegionLayout) -> Result<Self, RegionError> {
+        if layout.slots == 0 || layout.slots > 1024 {
+            return Err(RegionError::Invalid(format!(
+                "processes must be between 1 and 1024, got {}",
+                layout.slots
+            )));
+        }
+        if !ring_size_ok(layout.task_ring_bytes) || !ring_size_ok(layout.result_ring_bytes) {
+            return Err(RegionError::Invalid(format!(
+                "ring sizes must be multiples of 4096 bytes, got {} and {}",
+                layout.task_ring_bytes, layout.result_ring_bytes
+            )));
+        }
+        let total = layout.total();
+        // SAFETY: anonymous shared mapping; checked for MAP_FAILED below.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                total,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error().into());
+        }
+        // Anonymous memory starts zeroed: every header is in its empty state,
+        // every slot SLOT_STARTING.
+        Ok(Self {
+            base: base.cast(),
+            layout,
+            results_event: new_eventfd()?,
+            control_event: new_eventfd()?,
+        })
+    }
+
+    /// The sizes this region was made with.
+    #[must_use]
+    pub fn layout(&self) -> RegionLayout {
+        self.layout
+    }
+
+    fn control(&self) -> &ControlBlock {
+        // SAFETY: the control block sits at the (page-aligned) start.
+        unsafe { &*self.base.cast::<ControlBlock>() }
+    }
+
+    fn slot_base(&self, slot: usize) -> *mut u8 {
+        assert!(slot < self.layout.slots, "slot {slot} out of range");
+        // SAFETY: in bounds of the mapping by construction of the layout.
+        unsafe {
+            self.base
+                .add(RegionLayout::control_size() + slot * self.layout.slot_size())
+        }
+    }
+
+    /// Header of actor slot `slot`.
+    #[must_use]
+    pub fn slot(&self, slot: usize) -> &SlotHeader {
+        // SAFETY: slot_base is 64-aligned (all sizes are multiples of 64).
+        unsafe { &*self.slot_base(slot).cast::<SlotHeader>() }
+    }
+
+    /// The ring carrying task batches to actor `slot`.
+    #[must_use]
+    pub fn task_ring(&self, slot: usize) -> Ring {
+        let header = self
+            .slot_base(slot)
+            .wrapping_add(std::mem::size_of::<SlotHeader>());
+        // SAFETY: header + data lie inside the mapping, which outlives the ring
+        // for as long as the Region does (callers keep the Region alive).
+        unsafe {
+            Ring::from_raw(
+                header.cast(),
+                header.add(RingHeader::SIZE),
+                self.layout.task_ring_bytes,
+            )
+        }
+    }
+
+    /// The ring carrying results back from actor `slot`.
+    #[must_use]
+    pub fn result_ring(&self, slot: usize) -> Ring {
+        let header = self.slot_base(slot).wrapping_add(
+            std::mem::size_of::<SlotHeader>() + RingHeader::SIZE + self.layout.task_ring_bytes,
+        );
+        // SAFETY: as for `task_ring`.
+        unsafe {
+            Ring::from_raw(
+                header.cast(),
+                header.add(RingHeader::SIZE),
+                self.layout.result_ring_bytes,
+            )
+        }
+    }
+
+    /// Eventfd the actors signal after writing results.
+    #[must_use]
+    pub fn results_event(&self) -> RawFd {
+        self.results_event.as_raw_fd()
+    }
+
+    /// Eventfd the supervisor signals after changing a flag or a slot state.
+    #[must_use]
+    pub fn control_event(&self) -> RawFd {
+        self.control_event.as_raw_fd()
+    }
+
+    /// Asks the dispatcher to stop taking new tasks and finish.
+    pub fn request_stop(&self) {
+        self.control().stop.store(1, Ordering::SeqCst);
+        signal_event(self.control_event());
+    }
+
+    /// Whether a stop was requested.
+    #[must_use]
+    pub fn stop_requested(&self) -> bool {
+        self.control().stop.load(Ordering::SeqCst) != 0
+    }
+
+    /// Records the dispatcher's pid (for the supervisor's diagnostics).
+    pub fn set_dispatcher_pid(&self, pid: u32) {
+        self.control().dispatcher_pid.store(pid, Ordering::SeqCst);
+    }
+
+    /// Supervisor: actor `slot` exited with `status`; hand its tasks back.
+    pub fn mark_lost(&self, slot: usize, status: i32) {
+        let header = self.slot(slot);
+        header.exit_status.store(status, Ordering::SeqCst);
+        header.state.store(SLOT_LOST, Ordering::SeqCst);
+        self.task_ring(slot).close();
+        signal_event(self.control_event());
+    }
+
+    /// Supervisor: a new actor is about to start in a reclaimed slot.
+    pub fn mark_starting(&self, slot: usize) {
+        let header = self.slot(slot);
+        header.generation.fetch_add(1, Ordering::SeqCst);
+        header.running_index.store(0, Ordering::SeqCst);
+        header.running_deadline_ms.store(0, Ordering::SeqCst);
+        header.state.store(SLOT_STARTING, Ordering::SeqCst);
+    }
+
+    /// Dispatcher: empties both rings of a lost slot and lets the supervisor
+    /// restart it.
+    pub fn reclaim(&self, slot: usize) {
+        self.task_ring(slot).reset();
+        self.result_ring(slot).reset();
+        self.slot(slot).state.store(SLOT_RECLAIMED, Ordering::SeqCst);
+    }
+
+    /// Dispatcher, at the end: tells every actor there is no more work.
+    pub fn close_all(&self) {
+        for slot in 0..self.layout.slots {
+            self.task_ring(slot).close();
+        }
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `new` mapped; no Ring outlives the Region.
+        unsafe {
+            libc::munmap(self.base.cast(), self.layout.total());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> RegionLayout {
+        RegionLayout {
+            slots: 3,
+            task_ring_bytes: 8192,
+            result_ring_bytes: 4096,
+        }
+    }
+
+    #[test]
+    fn rings_of_different_slots_do_not_overlap() {
+        let region = Region::new(layout()).expect("region");
+        for slot in 0..3 {
+            let body = vec![slot as u8; 1000];
+            assert!(region.task_ring(slot).write_frame(&[&body]));
+            assert!(region.result_ring(slot).write_frame(&[&body[..10]]));
+        }
+        for slot in 0..3 {
+            let task = region.task_ring(slot).read_frame(<[u8]>::to_vec);
+            let result = region.result_ring(slot).read_frame(<[u8]>::to_vec);
+            assert_eq!(task, Some(vec![slot as u8; 1000]));
+            assert_eq!(result, Some(vec![slot as u8; 10]));
+        }
+    }
+
+    #[test]
+    fn bad_sizes_are_refused_with_a_reason() {
+        let mut bad = layout();
+        bad.slots = 0;
+        let message = Region::new(bad).err().map(|error| error.to_string());
+        assert_eq!(
+            message.as_deref(),
+            Some("processes must be between 1 and 1024, got 0")
+        );
+        let mut bad = layout();
+        bad.task_ring_bytes = 1000;
+        assert!(Region::new(bad).is_err());
+    }
+
+    #[test]
+    fn lost_then_reclaimed_slot_is_empty_and_open() {
+        let region = Region::new(layout()).expect("region");
+        assert!(region.task_ring(1).write_frame(&[b"pending"]));
+        region.mark_lost(1, 9);
+        assert!(region.task_ring(1).is_closed());
+        assert_eq!(region.slot(1).state.load(Ordering::SeqCst), SLOT_LOST);
+        region.reclaim(1);
+        assert!(!region.task_ring(1).is_closed());
+        assert!(!region.task_ring(1).has_frame());
+        region.mark_starting(1);
+        assert_eq!(region.slot(1).generation.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn events_signal_and_drain() {
+        let region = Region::new(layout()).expect("region");
+        assert!(!drain_event(region.results_event()));
+        signal_event(region.results_event());
+        signal_event(region.results_event());
+        assert!(drain_event(region.results_event()));
+        assert!(!drain_event(region.results_event()));
+    }
+}
