@@ -4,9 +4,14 @@
 //! Everything here is plain Rust, testable with `cargo test`; the PyO3
 //! bindings live in `python` behind the `python` feature.
 
+pub mod dispatcher;
 pub mod envelope;
 pub mod frame;
 pub mod futex;
 pub mod keys;
 pub mod region;
 pub mod ring;
+pub mod streams;
+
+#[cfg(feature = "python")]
+mod python;

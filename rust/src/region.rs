@@ -29,7 +29,7 @@ pub const SLOT_RECLAIMED: u32 = 3;
 #[repr(C, align(64))]
 struct ControlBlock {
     stop: AtomicU32,
-    dispatcher_pid: AtomicU32,
+    closing: AtomicU32,
     _pad: [u32; 14],
 }
 
@@ -263,9 +263,11 @@ impl Region {
         self.control().stop.load(Ordering::SeqCst) != 0
     }
 
-    /// Records the dispatcher's pid (for the supervisor's diagnostics).
-    pub fn set_dispatcher_pid(&self, pid: u32) {
-        self.control().dispatcher_pid.store(pid, Ordering::SeqCst);
+    /// Whether the dispatcher has finished and released the actors (their
+    /// exits from then on are expected).
+    #[must_use]
+    pub fn closing(&self) -> bool {
+        self.control().closing.load(Ordering::SeqCst) != 0
     }
 
     /// Supervisor: actor `slot` exited with `status`; hand its tasks back.
@@ -296,6 +298,7 @@ impl Region {
 
     /// Dispatcher, at the end: tells every actor there is no more work.
     pub fn close_all(&self) {
+        self.control().closing.store(1, Ordering::SeqCst);
         for slot in 0..self.layout.slots {
             self.task_ring(slot).close();
         }

@@ -1,0 +1,44 @@
+"""flumeq: a fast, reliable distributed task queue for Python on Redis Streams.
+
+A Rust core reads batches from Redis and hands them over shared memory to
+worker processes that run your handlers.
+"""
+
+from __future__ import annotations
+
+from .client import DEFAULT_MAX_RETRY, DEFAULT_URL, Client
+from .engine import Engine
+from .errors import (
+    ConfigError,
+    DuplicateTask,
+    EngineError,
+    FlumeqError,
+    InvalidTask,
+    RedisCommandError,
+    RedisUnavailable,
+)
+from .task import Reject, Retry, Task, TaskInfo
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # producing and running
+    "Client",
+    "Engine",
+    # what handlers see and raise
+    "Task",
+    "TaskInfo",
+    "Retry",
+    "Reject",
+    # errors
+    "FlumeqError",
+    "ConfigError",
+    "InvalidTask",
+    "DuplicateTask",
+    "RedisUnavailable",
+    "RedisCommandError",
+    "EngineError",
+    # defaults
+    "DEFAULT_URL",
+    "DEFAULT_MAX_RETRY",
+]

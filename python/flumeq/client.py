@@ -1,0 +1,230 @@
+"""``Client``: enqueue tasks and inspect queues."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Any, Optional, Union
+
+import orjson
+
+from . import _core
+from .errors import InvalidTask
+from .task import TaskInfo
+
+__all__ = ["DEFAULT_MAX_RETRY", "DEFAULT_URL", "Client", "resolve_url"]
+
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+#: Retries after the first run when ``max_retry`` is not given (as asynq and Sidekiq).
+DEFAULT_MAX_RETRY = 25
+#: Seconds a handler may run when ``timeout`` is not given.
+DEFAULT_TIMEOUT = 30.0
+#: Longest task type accepted (bytes).
+MAX_TYPE_LENGTH = 1024
+
+Seconds = Union[float, int, timedelta]
+
+
+def resolve_url(url: Optional[str]) -> str:
+    """The Redis URL: the argument, else ``$FLUMEQ_URL``, else the local default."""
+    return url or os.environ.get("FLUMEQ_URL") or DEFAULT_URL
+
+
+def _seconds(name: str, value: Seconds, type_: str) -> float:
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidTask(f"task {type_!r}: {name} must be seconds or a timedelta, got {value!r}")
+    if value < 0 or value != value:
+        raise InvalidTask(f"task {type_!r}: {name} must not be negative, got {value!r}")
+    return float(value)
+
+
+def _epoch_ms(name: str, value: datetime, type_: str) -> int:
+    if not isinstance(value, datetime):
+        raise InvalidTask(f"task {type_!r}: {name} must be a datetime, got {value!r}")
+    return int(value.timestamp() * 1000)
+
+
+def _check_type(type_: Any) -> str:
+    if not isinstance(type_, str) or not type_:
+        raise InvalidTask(f"task type must be a non-empty string, got {type_!r}")
+    if len(type_.encode()) > MAX_TYPE_LENGTH:
+        raise InvalidTask(f"task type {type_[:40]!r}... is longer than {MAX_TYPE_LENGTH} bytes")
+    return type_
+
+
+def _payload(type_: str, payload: Any) -> bytes:
+    try:
+        return orjson.dumps(payload)
+    except TypeError as error:
+        raise InvalidTask(f"task {type_!r}: payload is not JSON-serialisable: {error}") from None
+
+
+def _labels(type_: str, labels: Optional[Mapping[str, str]]) -> Optional[bytes]:
+    if labels is None:
+        return None
+    if not isinstance(labels, Mapping) or not all(
+        isinstance(key, str) and isinstance(value, str) for key, value in labels.items()
+    ):
+        raise InvalidTask(f"task {type_!r}: labels must be a mapping of str to str, got {labels!r}")
+    return orjson.dumps(dict(labels))
+
+
+def _retries(type_: str, max_retry: Any) -> int:
+    if isinstance(max_retry, bool) or not isinstance(max_retry, int) or max_retry < 0:
+        raise InvalidTask(f"task {type_!r}: max_retry must be an integer >= 0, got {max_retry!r}")
+    return max_retry
+
+
+def _queue(queue: Any) -> str:
+    if not isinstance(queue, str) or not queue:
+        raise InvalidTask(f"queue must be a non-empty string, got {queue!r}")
+    return queue
+
+
+class Client:
+    """Enqueues tasks and reads queue state.
+
+    ``url`` defaults to ``$FLUMEQ_URL``, then ``redis://127.0.0.1:6379/0``.
+    The client keeps one connection, made on first use; it starts no thread,
+    so a process may enqueue and then run an ``Engine`` (which forks).
+    """
+
+    def __init__(
+        self, url: Optional[str] = None, *, prefix: str = "flumeq", timeout: float = 5.0
+    ) -> None:
+        self.url = resolve_url(url)
+        self.prefix = prefix
+        self._store = _core.Store(self.url, prefix, timeout)
+
+    def enqueue(
+        self,
+        type: str,
+        payload: Any = None,
+        *,
+        queue: str = "default",
+        max_retry: int = DEFAULT_MAX_RETRY,
+        timeout: Optional[Seconds] = DEFAULT_TIMEOUT,
+        delay: Optional[Seconds] = None,
+        at: Optional[datetime] = None,
+        deadline: Optional[datetime] = None,
+        unique_key: Optional[str] = None,
+        unique_ttl: Seconds = 3600.0,
+        task_id: Optional[str] = None,
+        labels: Optional[Mapping[str, str]] = None,
+        **unknown: Any,
+    ) -> TaskInfo:
+        """Enqueues one task; returns its ``TaskInfo``.
+
+        ``payload`` must be JSON-serialisable (by orjson). ``timeout`` is the
+        hard limit of one run in seconds (``None`` = no limit). ``delay`` /
+        ``at`` schedule it; past ``deadline`` it is not run. ``task_id`` sets
+        the id (e.g. a business id). Raises ``InvalidTask`` before writing
+        anything when an option is wrong.
+        """
+        if unknown:
+            raise InvalidTask(
+                f"task {type!r}: unknown option(s) {', '.join(sorted(unknown))}; "
+                "see Client.enqueue for the accepted ones"
+            )
+        type_ = _check_type(type)
+        body = _payload(type_, payload)
+        if task_id is not None and (not isinstance(task_id, str) or not task_id):
+            raise InvalidTask(f"task {type_!r}: task_id must be a non-empty string, got {task_id!r}")
+        timeout_ms = 0 if timeout is None else round(_seconds("timeout", timeout, type_) * 1000)
+        if delay is not None and at is not None:
+            raise InvalidTask(f"task {type_!r}: give delay or at, not both")
+        if delay is not None:
+            _seconds("delay", delay, type_)
+        if at is not None:
+            _epoch_ms("at", at, type_)
+        deadline_ms = None if deadline is None else _epoch_ms("deadline", deadline, type_)
+        if unique_key is not None and (not isinstance(unique_key, str) or not unique_key):
+            raise InvalidTask(f"task {type_!r}: unique_key must be a non-empty string")
+        _seconds("unique_ttl", unique_ttl, type_)
+        [(id_, entry_id)] = self._store.enqueue(
+            _queue(queue),
+            [(type_, body, task_id)],
+            _retries(type_, max_retry),
+            timeout_ms,
+            deadline_ms,
+            _labels(type_, labels),
+            unique_key,
+        )
+        return TaskInfo(id_, type_, queue, entry_id)
+
+    def enqueue_many(
+        self,
+        items: Iterable[Sequence[Any]],
+        *,
+        queue: str = "default",
+        max_retry: int = DEFAULT_MAX_RETRY,
+        timeout: Optional[Seconds] = DEFAULT_TIMEOUT,
+        labels: Optional[Mapping[str, str]] = None,
+    ) -> list[TaskInfo]:
+        """Enqueues many tasks in pipelines (one round trip per ~2000 tasks).
+
+        ``items`` are ``(type, payload)`` or ``(type, payload, task_id)``; the
+        keyword options apply to all of them. Every item is checked before
+        anything is written.
+        """
+        prepared: list[tuple[str, bytes, Optional[str]]] = []
+        dumps = orjson.dumps
+        for number, item in enumerate(items):
+            if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
+                raise InvalidTask(
+                    f"item {number}: expected (type, payload) or (type, payload, task_id), got {item!r}"
+                )
+            type_ = item[0]
+            if type_.__class__ is not str or not type_:
+                _check_type(type_)
+            try:
+                body = dumps(item[1])
+            except TypeError as error:
+                raise InvalidTask(
+                    f"item {number} (task {type_!r}): payload is not JSON-serialisable: {error}"
+                ) from None
+            prepared.append((type_, body, item[2] if len(item) == 3 else None))
+        if not prepared:
+            return []
+        first = prepared[0][0]
+        timeout_ms = 0 if timeout is None else round(_seconds("timeout", timeout, first) * 1000)
+        pairs = self._store.enqueue(
+            _queue(queue),
+            prepared,
+            _retries(first, max_retry),
+            timeout_ms,
+            None,
+            _labels(first, labels),
+            None,
+        )
+        return [
+            TaskInfo(id_, item[0], queue, entry_id)
+            for (id_, entry_id), item in zip(pairs, prepared)
+        ]
+
+    def stats(self, queue: str = "default", *, group: str = "flumeq") -> dict[str, int]:
+        """Counts for ``queue``: ready, in_flight, delayed, dead, processed, failed."""
+        return self._store.stats(_queue(queue), group)
+
+    def ping(self) -> None:
+        """Checks that Redis answers; raises ``RedisUnavailable`` if not."""
+        self._store.ping()
+
+    def close(self) -> None:
+        """Closes the connection (the client may still be used; it reconnects)."""
+        self._store.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.close()

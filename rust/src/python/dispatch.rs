@@ -1,0 +1,60 @@
+//! `run_dispatcher`: the dispatcher loop, entered from the dispatcher process.
+
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use super::actor::PyRegion;
+use super::errors::error;
+use crate::dispatcher::{self, DispatchError, DispatcherConfig};
+
+/// Runs the dispatcher on `region` until stopped (or drained, with `burst`).
+/// Blocks without holding the GIL; returns a report dict.
+#[pyfunction]
+#[pyo3(signature = (region, *, url, prefix, queues, group, consumer, burst, prefetch, read_count, block_ms, shutdown_timeout_ms, dead_max_length))]
+#[expect(clippy::too_many_arguments, reason = "one keyword per engine setting")]
+fn run_dispatcher<'py>(
+    py: Python<'py>,
+    region: &PyRegion,
+    url: String,
+    prefix: String,
+    queues: Vec<(String, u32)>,
+    group: String,
+    consumer: String,
+    burst: bool,
+    prefetch: usize,
+    read_count: usize,
+    block_ms: u64,
+    shutdown_timeout_ms: u64,
+    dead_max_length: usize,
+) -> PyResult<Bound<'py, PyDict>> {
+    let config = DispatcherConfig {
+        url,
+        prefix,
+        queues,
+        group,
+        consumer,
+        burst,
+        prefetch: prefetch.max(1),
+        read_count: read_count.max(1),
+        block_ms,
+        shutdown_timeout_ms,
+        dead_max_length,
+    };
+    let inner = region.region();
+    let report = py.detach(|| dispatcher::run(inner, config));
+    let report = report.map_err(|failure| match failure {
+        DispatchError::Queue(failure) => error(py, "InvalidTask", failure.to_string()),
+        DispatchError::Redis(failure) => error(py, "ConfigError", failure.to_string()),
+        DispatchError::Setup(failure) => error(py, "EngineError", failure.to_string()),
+    })?;
+    let dict = PyDict::new(py);
+    dict.set_item("processed", report.processed)?;
+    dict.set_item("failed", report.failed)?;
+    dict.set_item("dead", report.dead)?;
+    dict.set_item("left_pending", report.left_pending)?;
+    Ok(dict)
+}
+
+pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    module.add_function(wrap_pyfunction!(run_dispatcher, module)?)
+}

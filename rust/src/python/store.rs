@@ -1,0 +1,144 @@
+//! `Store`: the client's synchronous Redis access.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use super::errors::{error, redis_error};
+use crate::dispatcher::now_ms;
+use crate::envelope::NewTask;
+use crate::keys::validate_queue;
+use crate::streams::SyncStore;
+
+/// A new random task id: 32 lowercase hex digits (a UUID4 without dashes).
+fn new_task_id() -> String {
+    let mut value = fastrand::u128(..);
+    value = (value & !(0xf << 76)) | (0x4 << 76);
+    value = (value & !(0x3 << 62)) | (0x2 << 62);
+    format!("{value:032x}")
+}
+
+/// Synchronous Redis access for `flumeq.Client`.
+#[pyclass(module = "flumeq._core", name = "Store", frozen)]
+pub struct Store {
+    inner: Mutex<SyncStore>,
+}
+
+impl Store {
+    fn with<T: Send>(
+        &self,
+        py: Python<'_>,
+        call: impl FnOnce(&mut SyncStore) -> redis::RedisResult<T> + Send,
+    ) -> PyResult<T> {
+        let result = py.detach(|| {
+            let mut store = self
+                .inner
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            call(&mut store)
+        });
+        result.map_err(|failure| redis_error(py, &failure))
+    }
+}
+
+#[pymethods]
+impl Store {
+    #[new]
+    #[pyo3(signature = (url, prefix = "flumeq", timeout = 5.0))]
+    fn new(py: Python<'_>, url: &str, prefix: &str, timeout: f64) -> PyResult<Self> {
+        let store = SyncStore::new(url, prefix, Duration::from_secs_f64(timeout.max(0.001)))
+            .map_err(|failure| error(py, "ConfigError", format!("bad redis URL: {failure}")))?;
+        Ok(Self {
+            inner: Mutex::new(store),
+        })
+    }
+
+    /// Round trip to Redis.
+    fn ping(&self, py: Python<'_>) -> PyResult<()> {
+        self.with(py, SyncStore::ping)
+    }
+
+    /// Appends tasks to `queue`. `items` are `(type, payload_json, task_id or
+    /// None)`; the other options apply to all of them. Returns `(task_id,
+    /// entry_id)` pairs in order.
+    #[pyo3(signature = (queue, items, max_retry, timeout_ms, deadline_ms = None, labels = None, unique_key = None))]
+    #[expect(clippy::too_many_arguments, reason = "mirrors Client.enqueue's options")]
+    fn enqueue(
+        &self,
+        py: Python<'_>,
+        queue: &str,
+        items: Vec<(String, Vec<u8>, Option<String>)>,
+        max_retry: u32,
+        timeout_ms: u64,
+        deadline_ms: Option<u64>,
+        labels: Option<Vec<u8>>,
+        unique_key: Option<String>,
+    ) -> PyResult<Vec<(String, String)>> {
+        validate_queue(queue).map_err(|failure| error(py, "InvalidTask", failure.to_string()))?;
+        let ids: Vec<String> = items
+            .iter()
+            .map(|(_, _, id)| id.clone().unwrap_or_else(new_task_id))
+            .collect();
+        let enqueued_at_ms = now_ms();
+        let entries = self.with(py, |store| {
+            let tasks: Vec<NewTask<'_>> = items
+                .iter()
+                .zip(&ids)
+                .map(|((kind, payload, _), id)| NewTask {
+                    id,
+                    kind,
+                    payload,
+                    max_retry,
+                    timeout_ms,
+                    enqueued_at_ms,
+                    deadline_ms,
+                    labels: labels.as_deref(),
+                    unique_key: unique_key.as_deref(),
+                })
+                .collect();
+            store.enqueue(queue, &tasks)
+        })?;
+        Ok(ids.into_iter().zip(entries).collect())
+    }
+
+    /// Sizes and counters of `queue` for consumer group `group`.
+    fn stats<'py>(&self, py: Python<'py>, queue: &str, group: &str) -> PyResult<Bound<'py, PyDict>> {
+        let stats = self.with(py, |store| store.stats(queue, group))?;
+        let dict = PyDict::new(py);
+        dict.set_item("ready", stats.ready)?;
+        dict.set_item("in_flight", stats.in_flight)?;
+        dict.set_item("delayed", stats.delayed)?;
+        dict.set_item("dead", stats.dead)?;
+        dict.set_item("processed", stats.processed)?;
+        dict.set_item("failed", stats.failed)?;
+        Ok(dict)
+    }
+
+    /// Drops the connection (a new one is made on the next call).
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        self.with(py, |store| {
+            store.disconnect();
+            Ok(())
+        })
+    }
+}
+
+pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    module.add_class::<Store>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::new_task_id;
+
+    #[test]
+    fn task_ids_are_uuid4_hex() {
+        let id = new_task_id();
+        assert_eq!(id.len(), 32);
+        assert_eq!(&id[12..13], "4");
+        assert!(matches!(&id[16..17], "8" | "9" | "a" | "b"));
+        assert_ne!(new_task_id(), id);
+    }
+}
