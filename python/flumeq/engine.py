@@ -54,8 +54,11 @@ def _queue_weights(queues: Queues) -> list[tuple[str, int]]:
     if not pairs:
         raise ConfigError("queues must name at least one queue")
     for name, weight in pairs:
-        if not isinstance(name, str) or not name:
-            raise ConfigError(f"queue names must be non-empty strings, got {name!r}")
+        if not isinstance(name, str):
+            raise ConfigError(f"queue names must be strings, got {name!r}")
+        problem = _core.queue_problem(name)
+        if problem:
+            raise ConfigError(problem)
         if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
             raise ConfigError(f"queue {name!r}: weight must be an integer >= 1, got {weight!r}")
     return pairs

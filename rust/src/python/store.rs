@@ -125,8 +125,15 @@ impl Store {
     }
 }
 
+/// Why `name` cannot be a queue name, or `None` when it can.
+#[pyfunction]
+fn queue_problem(name: &str) -> Option<String> {
+    validate_queue(name).err().map(|failure| failure.to_string())
+}
+
 pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
-    module.add_class::<Store>()
+    module.add_class::<Store>()?;
+    module.add_function(wrap_pyfunction!(queue_problem, module)?)
 }
 
 #[cfg(test)]

@@ -1,0 +1,78 @@
+"""Fixtures: a real redis-server on a free loopback port, started by the tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import redis
+
+from flumeq.redis_server import RedisServer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """URL of the shared test server, flushed before each test."""
+    redis.Redis.from_url(redis_server.url).flushall()
+    return redis_server.url
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+_per_process: dict[tuple[int, str], redis.Redis] = {}
+
+
+def process_redis(url: str) -> redis.Redis:
+    """A redis-py client for the current process (actors are forked)."""
+    key = (os.getpid(), url)
+    if key not in _per_process:
+        _per_process[key] = redis.Redis.from_url(url)
+    return _per_process[key]
+
+
+def counting_handler(url: str) -> Callable[[Any], None]:
+    """A handler that counts each run of each task id in the hash `runs`."""
+
+    def handler(task: Any) -> None:
+        process_redis(url).hincrby("runs", task.id, 1)
+
+    return handler
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(interval)
+
+
+def spawn_script(source: str, *args: str) -> subprocess.Popen[bytes]:
+    """Runs a Python script in a fresh interpreter (its own process group)."""
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(source), *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )

@@ -1,0 +1,131 @@
+"""Client: entries on a real Redis, URL resolution, validation before any write."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import redis
+
+import flumeq
+from flumeq.redis_server import free_port
+
+STREAM = "flumeq:{default}:stream"
+
+
+def fields(r: redis.Redis, stream: str = STREAM) -> list[dict[str, str]]:
+    return [
+        {key.decode(): value.decode() for key, value in entry.items()}
+        for _, entry in r.xrange(stream)
+    ]
+
+
+def test_enqueue_writes_plain_readable_fields(redis_url: str, r: redis.Redis) -> None:
+    before = time.time()
+    deadline = datetime.now(timezone.utc) + timedelta(hours=1)
+    with flumeq.Client(redis_url) as client:
+        info = client.enqueue(
+            "email:send",
+            {"to": "a@example.com"},
+            max_retry=3,
+            timeout=2.5,
+            deadline=deadline,
+            unique_key="welcome:42",
+            labels={"tenant": "acme"},
+        )
+    [entry] = fields(r)
+    assert entry["id"] == info.id and len(info.id) == 32
+    assert entry["type"] == "email:send"
+    assert json.loads(entry["payload"]) == {"to": "a@example.com"}
+    assert entry["attempt"] == "0"
+    assert entry["max_retry"] == "3"
+    assert entry["timeout"] == "2.5"
+    assert before * 1000 - 5 <= int(entry["enqueued_at"]) <= time.time() * 1000 + 5
+    assert int(entry["deadline"]) == int(deadline.timestamp() * 1000)
+    assert entry["unique_key"] == "welcome:42"
+    assert json.loads(entry["labels"]) == {"tenant": "acme"}
+    assert info.queue == "default" and info.type == "email:send"
+    assert r.sismember("flumeq:queues", "default")
+
+
+def test_defaults_and_custom_task_id(redis_url: str, r: redis.Redis) -> None:
+    client = flumeq.Client(redis_url)
+    info = client.enqueue("noop", task_id="order-17", queue="billing")
+    [entry] = fields(r, "flumeq:{billing}:stream")
+    assert info.id == "order-17"
+    assert entry["payload"] == "null"
+    assert entry["max_retry"] == str(flumeq.DEFAULT_MAX_RETRY) == "25"
+    assert entry["timeout"] == "30"
+    assert "labels" not in entry and "deadline" not in entry
+
+
+def test_enqueue_many_keeps_order_and_gives_unique_ids(redis_url: str, r: redis.Redis) -> None:
+    client = flumeq.Client(redis_url)
+    items = [("count", {"n": n}) for n in range(4500)] + [("count", {"n": -1}, "fixed-id")]
+    infos = client.enqueue_many(items, queue="bulk", max_retry=1, timeout=None)
+    assert len(infos) == 4501
+    assert len({info.id for info in infos}) == 4501
+    assert infos[-1].id == "fixed-id"
+    stored = fields(r, "flumeq:{bulk}:stream")
+    assert [json.loads(entry["payload"])["n"] for entry in stored[:4500]] == list(range(4500))
+    assert [entry["id"] for entry in stored] == [info.id for info in infos]
+    assert stored[0]["timeout"] == "0" and stored[0]["max_retry"] == "1"
+    assert client.enqueue_many([]) == []
+
+
+def test_url_comes_from_argument_then_env_then_default(
+    monkeypatch: pytest.MonkeyPatch, redis_url: str
+) -> None:
+    monkeypatch.setenv("FLUMEQ_URL", redis_url)
+    assert flumeq.Client().url == redis_url
+    assert flumeq.Client("redis://example.invalid:1/2").url == "redis://example.invalid:1/2"
+    monkeypatch.delenv("FLUMEQ_URL")
+    assert flumeq.Client().url == flumeq.DEFAULT_URL == "redis://127.0.0.1:6379/0"
+    flumeq.Client().close()
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda c: c.enqueue("t", {"x": object()}), "payload is not JSON-serialisable"),
+        (lambda c: c.enqueue("t", delay=-1), "delay must not be negative"),
+        (lambda c: c.enqueue("t", delay="soon"), "delay must be seconds or a timedelta"),
+        (lambda c: c.enqueue("t", at="tomorrow"), "at must be a datetime"),
+        (lambda c: c.enqueue("t", priority=3), "unknown option(s) priority"),
+        (lambda c: c.enqueue("t", queue="a{b}"), "would break the Redis Cluster hash tag"),
+        (lambda c: c.enqueue("t", labels={"a": 1}), "labels must be a mapping of str to str"),
+        (lambda c: c.enqueue("t", max_retry=-2), "max_retry must be an integer >= 0"),
+        (lambda c: c.enqueue("", {}), "task type must be a non-empty string"),
+        (lambda c: c.enqueue_many([("t", {}), ("t", {1j})]), "item 1 (task 't'): payload is not JSON"),
+        (lambda c: c.enqueue_many([("t",)]), "item 0: expected (type, payload)"),
+    ],
+)
+def test_bad_input_raises_before_any_write(
+    redis_url: str, r: redis.Redis, call: object, message: str
+) -> None:
+    client = flumeq.Client(redis_url)
+    with pytest.raises(flumeq.InvalidTask) as raised:
+        call(client)  # type: ignore[operator]
+    assert message in str(raised.value)
+    assert isinstance(raised.value, ValueError)
+    assert r.dbsize() == 0
+
+
+def test_stats_counts_ready_tasks(redis_url: str) -> None:
+    client = flumeq.Client(redis_url)
+    assert client.stats("empty") == {
+        "ready": 0, "in_flight": 0, "delayed": 0, "dead": 0, "processed": 0, "failed": 0,
+    }
+    client.enqueue_many([("t", n) for n in range(7)])
+    assert client.stats()["ready"] == 7
+
+
+def test_unreachable_redis_is_a_clear_error() -> None:
+    client = flumeq.Client(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
+    with pytest.raises(flumeq.RedisUnavailable) as raised:
+        client.enqueue("t", {})
+    assert isinstance(raised.value, ConnectionError)
+    with pytest.raises(flumeq.ConfigError):
+        flumeq.Client("notaurl://x")
