@@ -59,7 +59,9 @@ def counting_handler(url: str) -> Callable[[Any], None]:
     return handler
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, interval: float = 0.05) -> None:
+def wait_until(
+    predicate: Callable[[], bool], timeout: float = 20.0, interval: float = 0.05
+) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:

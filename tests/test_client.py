@@ -98,7 +98,10 @@ def test_url_comes_from_argument_then_env_then_default(
         (lambda c: c.enqueue("t", labels={"a": 1}), "labels must be a mapping of str to str"),
         (lambda c: c.enqueue("t", max_retry=-2), "max_retry must be an integer >= 0"),
         (lambda c: c.enqueue("", {}), "task type must be a non-empty string"),
-        (lambda c: c.enqueue_many([("t", {}), ("t", {1j})]), "item 1 (task 't'): payload is not JSON"),
+        (
+            lambda c: c.enqueue_many([("t", {}), ("t", {1j})]),
+            "item 1 (task 't'): payload is not JSON",
+        ),
         (lambda c: c.enqueue_many([("t",)]), "item 0: expected (type, payload)"),
     ],
 )
@@ -116,7 +119,12 @@ def test_bad_input_raises_before_any_write(
 def test_stats_counts_ready_tasks(redis_url: str) -> None:
     client = flumeq.Client(redis_url)
     assert client.stats("empty") == {
-        "ready": 0, "in_flight": 0, "delayed": 0, "dead": 0, "processed": 0, "failed": 0,
+        "ready": 0,
+        "in_flight": 0,
+        "delayed": 0,
+        "dead": 0,
+        "processed": 0,
+        "failed": 0,
     }
     client.enqueue_many([("t", n) for n in range(7)])
     assert client.stats()["ready"] == 7

@@ -11,9 +11,10 @@ from typing import Any
 import psutil
 import pytest
 import redis
-from conftest import counting_handler, process_redis, spawn_script, wait_until
 
 import flumeq
+from conftest import counting_handler, process_redis, spawn_script, wait_until
+from flumeq.redis_server import RedisServer, free_port
 
 STREAM = "flumeq:{default}:stream"
 DEAD = "flumeq:{default}:dead"
@@ -39,22 +40,45 @@ def test_each_task_runs_exactly_once_and_streams_end_empty(redis_url: str, r: re
 
 def test_handler_sees_the_task_as_enqueued(redis_url: str, r: redis.Redis) -> None:
     client = flumeq.Client(redis_url)
-    info = client.enqueue("look", {"to": "a@example.com"}, queue="mail", max_retry=4,
-                          timeout=9, labels={"tenant": "acme"})
+    info = client.enqueue(
+        "look",
+        {"to": "a@example.com"},
+        queue="mail",
+        max_retry=4,
+        timeout=9,
+        labels={"tenant": "acme"},
+    )
 
     def look(task: flumeq.Task) -> None:
-        process_redis(redis_url).set("seen", json.dumps({
-            "id": task.id, "type": task.type, "queue": task.queue, "payload": task.payload,
-            "attempt": task.attempt, "max_retry": task.max_retry, "labels": task.labels,
-            "timeout": task.timeout, "age": time.time() - task.enqueued_at,
-        }))
+        process_redis(redis_url).set(
+            "seen",
+            json.dumps(
+                {
+                    "id": task.id,
+                    "type": task.type,
+                    "queue": task.queue,
+                    "payload": task.payload,
+                    "attempt": task.attempt,
+                    "max_retry": task.max_retry,
+                    "labels": task.labels,
+                    "timeout": task.timeout,
+                    "age": time.time() - task.enqueued_at,
+                }
+            ),
+        )
 
     flumeq.Engine({"look": look}, redis_url, queues=["mail"]).run(processes=1, burst=True)
     seen = json.loads(r.get("seen"))
     assert seen.pop("age") < 30
     assert seen == {
-        "id": info.id, "type": "look", "queue": "mail", "payload": {"to": "a@example.com"},
-        "attempt": 0, "max_retry": 4, "labels": {"tenant": "acme"}, "timeout": 9.0,
+        "id": info.id,
+        "type": "look",
+        "queue": "mail",
+        "payload": {"to": "a@example.com"},
+        "attempt": 0,
+        "max_retry": 4,
+        "labels": {"tenant": "acme"},
+        "timeout": 9.0,
     }
 
 
@@ -62,8 +86,11 @@ def test_weighted_queues_are_all_served(redis_url: str, r: redis.Redis) -> None:
     client = flumeq.Client(redis_url)
     for queue in ("critical", "default", "low"):
         client.enqueue_many([("count", {}) for _ in range(300)], queue=queue)
-    engine = flumeq.Engine({"count": counting_handler(redis_url)}, redis_url,
-                           queues={"critical": 6, "default": 3, "low": 1})
+    engine = flumeq.Engine(
+        {"count": counting_handler(redis_url)},
+        redis_url,
+        queues={"critical": 6, "default": 3, "low": 1},
+    )
     assert engine.run(processes=2, burst=True)["processed"] == 900
     assert r.hlen("runs") == 900
 
@@ -105,15 +132,18 @@ def test_failures_and_unknown_types_go_to_dead_letters(redis_url: str, r: redis.
     def explode(task: flumeq.Task) -> None:
         raise ValueError(f"cannot handle {task.payload['why']}")
 
-    report = flumeq.Engine({"count": counting_handler(redis_url), "explode": explode},
-                           redis_url).run(processes=2, burst=True)
+    report = flumeq.Engine(
+        {"count": counting_handler(redis_url), "explode": explode}, redis_url
+    ).run(processes=2, burst=True)
     assert r.hlen("runs") == len(ok)
     dead = {entry["id"]: entry for entry in dead_letters(r)}
     assert set(dead) == {bad.id, unknown.id}
     assert dead[bad.id]["error"] == "ValueError: cannot handle test"
     assert "Traceback" in dead[bad.id]["traceback"] and "explode" in dead[bad.id]["traceback"]
     assert dead[bad.id]["reason"] == "error"
-    assert dead[bad.id]["type"] == "explode" and json.loads(dead[bad.id]["payload"]) == {"why": "test"}
+    assert dead[bad.id]["type"] == "explode" and json.loads(dead[bad.id]["payload"]) == {
+        "why": "test"
+    }
     assert dead[unknown.id]["reason"] == "unknown_type"
     assert "no handler registered for task type 'no-such-type'" in dead[unknown.id]["error"]
     assert r.xlen(STREAM) == 0
@@ -134,7 +164,11 @@ def test_garbage_entries_are_dead_lettered_with_the_field_named(
     assert r.hlen("runs") == 2
     errors = [(entry.get("id"), entry["reason"], entry["error"]) for entry in dead_letters(r)]
     assert (None, "invalid", "field 'id': missing") in errors
-    assert ("x2", "invalid", "field 'attempt': expected a non-negative integer, got 'many'") in errors
+    assert (
+        "x2",
+        "invalid",
+        "field 'attempt': expected a non-negative integer, got 'many'",
+    ) in errors
     assert ("x3", "invalid", "field 'labels': expected a JSON object, got '[]'") in errors
     [payload_error] = [error for id_, _, error in errors if id_ == "x1"]
     assert payload_error.startswith("task x1: field 'payload':")
@@ -149,8 +183,9 @@ def test_killed_actor_is_replaced_and_nothing_is_lost(redis_url: str, r: redis.R
     def die(task: flumeq.Task) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
-    report = flumeq.Engine({"count": counting_handler(redis_url), "die": die},
-                           redis_url).run(processes=2, burst=True)
+    report = flumeq.Engine({"count": counting_handler(redis_url), "die": die}, redis_url).run(
+        processes=2, burst=True
+    )
     runs = {key.decode() for key in r.hkeys("runs")}
     assert runs == {info.id for info in infos}
     [dead] = dead_letters(r)
@@ -170,8 +205,9 @@ def test_hard_timeout_kills_the_actor_and_the_engine_goes_on(
         time.sleep(60)
 
     started = time.monotonic()
-    flumeq.Engine({"count": counting_handler(redis_url), "hang": hang},
-                  redis_url).run(processes=1, burst=True)
+    flumeq.Engine({"count": counting_handler(redis_url), "hang": hang}, redis_url).run(
+        processes=1, burst=True
+    )
     assert time.monotonic() - started < 10
     assert {key.decode() for key in r.hkeys("runs")} == {info.id for info in infos}
     [dead] = dead_letters(r)
@@ -252,8 +288,6 @@ def test_bad_engine_settings_are_clear_errors(redis_url: str) -> None:
 
 
 def test_engine_waits_for_redis_that_starts_late(tmp_path: Any) -> None:
-    from flumeq.redis_server import RedisServer, free_port
-
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     script = """

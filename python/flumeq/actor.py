@@ -55,7 +55,17 @@ def run_batch(
     failures: list[Failure] = []
     start = 0
     last_flush = monotonic()
-    for index, (task_id, type_, queue, payload, attempt, max_retry, enqueued_at, timeout, labels) in enumerate(tasks):
+    for index, (
+        task_id,
+        type_,
+        queue,
+        payload,
+        attempt,
+        max_retry,
+        enqueued_at,
+        timeout,
+        labels,
+    ) in enumerate(tasks):
         handler = handlers.get(type_)
         if handler is None:
             failures.append(
@@ -64,7 +74,15 @@ def run_batch(
             continue
         try:
             task = Task(
-                task_id, type_, queue, loads(payload), attempt, max_retry, enqueued_at, timeout, _labels(labels)
+                task_id,
+                type_,
+                queue,
+                loads(payload),
+                attempt,
+                max_retry,
+                enqueued_at,
+                timeout,
+                _labels(labels),
             )
         except (orjson.JSONDecodeError, ValueError) as error:
             field = "payload" if isinstance(error, orjson.JSONDecodeError) else "labels"

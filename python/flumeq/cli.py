@@ -27,8 +27,12 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--tasks", "-n", default=100_000, show_default=True, help="Tasks to enqueue and drain.")
-@click.option("--processes", "-p", type=int, default=None, help="Actor processes [default: CPU count].")
+@click.option(
+    "--tasks", "-n", default=100_000, show_default=True, help="Tasks to enqueue and drain."
+)
+@click.option(
+    "--processes", "-p", type=int, default=None, help="Actor processes [default: CPU count]."
+)
 @click.option("--url", default=None, help="Use this Redis instead of starting a private one.")
 def demo(tasks: int, processes: int | None, url: str | None) -> None:
     """Enqueue and drain no-op tasks on a private redis-server; print the rates."""
@@ -45,20 +49,28 @@ def demo(tasks: int, processes: int | None, url: str | None) -> None:
             with click.progressbar(length=tasks, label="enqueue") as bar:
                 for offset in range(0, tasks, chunk):
                     size = min(chunk, tasks - offset)
-                    client.enqueue_many([("noop", {"n": offset + i}) for i in range(size)], queue="demo")
+                    client.enqueue_many(
+                        [("noop", {"n": offset + i}) for i in range(size)], queue="demo"
+                    )
                     bar.update(size)
             enqueue_seconds = time.perf_counter() - started
             click.echo(f"draining with {processes} process(es)...")
             started = time.perf_counter()
-            report = Engine({"noop": _noop}, target, queues=("demo",)).run(processes=processes, burst=True)
+            report = Engine({"noop": _noop}, target, queues=("demo",)).run(
+                processes=processes, burst=True
+            )
             drain_seconds = time.perf_counter() - started
             stats = client.stats("demo")
-        click.echo(f"enqueued {tasks} tasks in {enqueue_seconds:.2f}s: {tasks / enqueue_seconds:,.0f} tasks/s")
+        click.echo(
+            f"enqueued {tasks} tasks in {enqueue_seconds:.2f}s: {tasks / enqueue_seconds:,.0f} tasks/s"
+        )
         click.echo(
             f"drained  {report['processed']} tasks in {drain_seconds:.2f}s: "
             f"{report['processed'] / drain_seconds:,.0f} tasks/s"
         )
-        click.echo(f"left: ready={stats['ready']} in_flight={stats['in_flight']} dead={stats['dead']}")
+        click.echo(
+            f"left: ready={stats['ready']} in_flight={stats['in_flight']} dead={stats['dead']}"
+        )
     finally:
         if server:
             server.stop()

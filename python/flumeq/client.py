@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -37,7 +38,7 @@ def _seconds(name: str, value: Seconds, type_: str) -> float:
         value = value.total_seconds()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidTask(f"task {type_!r}: {name} must be seconds or a timedelta, got {value!r}")
-    if value < 0 or value != value:
+    if value < 0 or math.isnan(value):
         raise InvalidTask(f"task {type_!r}: {name} must not be negative, got {value!r}")
     return float(value)
 
@@ -133,7 +134,9 @@ class Client:
         type_ = _check_type(type)
         body = _payload(type_, payload)
         if task_id is not None and (not isinstance(task_id, str) or not task_id):
-            raise InvalidTask(f"task {type_!r}: task_id must be a non-empty string, got {task_id!r}")
+            raise InvalidTask(
+                f"task {type_!r}: task_id must be a non-empty string, got {task_id!r}"
+            )
         timeout_ms = 0 if timeout is None else round(_seconds("timeout", timeout, type_) * 1000)
         if delay is not None and at is not None:
             raise InvalidTask(f"task {type_!r}: give delay or at, not both")

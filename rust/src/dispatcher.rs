@@ -182,9 +182,16 @@ impl<'r> Dispatcher<'r> {
         self.report.processed += 1;
     }
 
-    fn dead(&mut self, taken: Taken, reason: &'static str, error: Vec<u8>, traceback: Vec<u8>, ran: bool) {
-        let attempts = envelope::parse(&taken.entry)
-            .map_or(0, |task| task.attempt + u32::from(ran));
+    fn dead(
+        &mut self,
+        taken: Taken,
+        reason: &'static str,
+        error: Vec<u8>,
+        traceback: Vec<u8>,
+        ran: bool,
+    ) {
+        let attempts =
+            envelope::parse(&taken.entry).map_or(0, |task| task.attempt + u32::from(ran));
         let outcome = &mut self.outcomes[taken.queue as usize];
         outcome.finished.push(taken.entry.entry_id.clone());
         if ran {
@@ -217,7 +224,9 @@ impl<'r> Dispatcher<'r> {
                 return;
             };
             let share = self.backlog.len().div_ceil(eligible.len());
-            let want = share.min(self.config.prefetch - self.outstanding[slot]).max(1);
+            let want = share
+                .min(self.config.prefetch - self.outstanding[slot])
+                .max(1);
             if !self.send_batch(slot, want) {
                 full[slot] = true;
             }
@@ -234,12 +243,15 @@ impl<'r> Dispatcher<'r> {
         let mut tasks: Vec<Option<Taken>> = Vec::with_capacity(want);
         frame::begin_tasks(&mut self.frame, batch_id, 0);
         while tasks.len() < want {
-            let Some(taken) = self.backlog.pop_front() else { break };
+            let Some(taken) = self.backlog.pop_front() else {
+                break;
+            };
             let verdict = match envelope::parse(&taken.entry) {
                 Err(error) => Err(("invalid", error.to_string())),
-                Ok(task) if task.deadline_ms.is_some_and(|deadline| deadline <= now) => {
-                    Err(("expired", "deadline passed before the task could run".to_owned()))
-                }
+                Ok(task) if task.deadline_ms.is_some_and(|deadline| deadline <= now) => Err((
+                    "expired",
+                    "deadline passed before the task could run".to_owned(),
+                )),
                 Ok(task) => {
                     let length = frame::task_record_len(&task);
                     if frame::TASK_FRAME_OVERHEAD + length > max_frame {
@@ -326,7 +338,10 @@ impl<'r> Dispatcher<'r> {
 
     fn apply_results(&mut self, slot: usize, results: &frame::Results<'_>) {
         let Some(batch) = self.batches.get_mut(&results.batch_id) else {
-            warn!("actor {slot} reported results for unknown batch {}", results.batch_id);
+            warn!(
+                "actor {slot} reported results for unknown batch {}",
+                results.batch_id
+            );
             return;
         };
         let mut finished: Vec<(Taken, Option<&frame::Failure<'_>>)> = Vec::new();
@@ -352,8 +367,17 @@ impl<'r> Dispatcher<'r> {
                         FailureKind::Reject => "rejected",
                         FailureKind::Invalid => "invalid",
                     };
-                    let ran = !matches!(failure.kind, FailureKind::UnknownType | FailureKind::Invalid);
-                    self.dead(taken, reason, failure.message.to_vec(), failure.traceback.to_vec(), ran);
+                    let ran = !matches!(
+                        failure.kind,
+                        FailureKind::UnknownType | FailureKind::Invalid
+                    );
+                    self.dead(
+                        taken,
+                        reason,
+                        failure.message.to_vec(),
+                        failure.traceback.to_vec(),
+                        ran,
+                    );
                 }
             }
         }
@@ -383,12 +407,19 @@ impl<'r> Dispatcher<'r> {
                 .collect();
             let mut returned = Vec::new();
             for id in ids {
-                let Some(batch) = self.batches.remove(&id) else { continue };
+                let Some(batch) = self.batches.remove(&id) else {
+                    continue;
+                };
                 for (index, taken) in batch.tasks.into_iter().enumerate() {
                     let Some(taken) = taken else { continue };
-                    if running_index > 0 && id == running_batch && index as u32 + 1 == running_index {
+                    if running_index > 0 && id == running_batch && index as u32 + 1 == running_index
+                    {
                         warn!("task {} died with its actor: {reason}", task_label(&taken));
-                        let kind = if reason.starts_with("timeout") { "timeout" } else { "crashed" };
+                        let kind = if reason.starts_with("timeout") {
+                            "timeout"
+                        } else {
+                            "crashed"
+                        };
                         self.dead(taken, kind, reason.clone().into_bytes(), Vec::new(), true);
                     } else {
                         returned.push((id, index, taken));
@@ -411,7 +442,9 @@ impl<'r> Dispatcher<'r> {
         let now = now_ms();
         for slot in 0..self.outstanding.len() {
             let header = self.region.slot(slot);
-            if header.state.load(Ordering::SeqCst) != SLOT_RUNNING || self.timed_out.contains_key(&slot) {
+            if header.state.load(Ordering::SeqCst) != SLOT_RUNNING
+                || self.timed_out.contains_key(&slot)
+            {
                 continue;
             }
             let deadline = header.running_deadline_ms.load(Ordering::SeqCst);
@@ -423,7 +456,10 @@ impl<'r> Dispatcher<'r> {
             let limit = deadline.saturating_sub(since);
             self.timed_out.insert(
                 slot,
-                format!("timeout: the handler ran longer than {}", envelope::format_seconds(limit) + "s"),
+                format!(
+                    "timeout: the handler ran longer than {}",
+                    envelope::format_seconds(limit) + "s"
+                ),
             );
             warn!("actor {slot} (pid {pid}) passed its task timeout; killing it");
             if pid > 0 {
@@ -560,7 +596,10 @@ async fn connect_forever(url: &str, timeout: Duration) -> Result<ConnectionManag
     }
 }
 
-#[expect(clippy::too_many_lines, reason = "the event loop reads best in one piece")]
+#[expect(
+    clippy::too_many_lines,
+    reason = "the event loop reads best in one piece"
+)]
 async fn serve(region: &Region, config: DispatcherConfig) -> Result<Report, DispatchError> {
     let keys = Keys::new(&config.prefix);
     let queues: Vec<QueueSpec> = config
@@ -602,11 +641,15 @@ async fn serve(region: &Region, config: DispatcherConfig) -> Result<Report, Disp
 
     loop {
         if stopping_since.is_none() && region.stop_requested() {
-            info!("stop requested: taking no new tasks, finishing {} in flight", state.in_flight());
+            info!(
+                "stop requested: taking no new tasks, finishing {} in flight",
+                state.in_flight()
+            );
             stopping_since = Some(Instant::now());
         }
         let idle = state.in_flight() == 0;
-        if read.is_none() && idle && (stopping_since.is_some() || (config.burst && last_read_empty)) {
+        if read.is_none() && idle && (stopping_since.is_some() || (config.burst && last_read_empty))
+        {
             break;
         }
         if let Some(since) = stopping_since {
@@ -622,7 +665,8 @@ async fn serve(region: &Region, config: DispatcherConfig) -> Result<Report, Disp
         let may_read = read_retry_at.is_none_or(|at| Instant::now() >= at);
         if read.is_none() && stopping_since.is_none() && may_read {
             if !ready_groups {
-                match streams::ensure_groups(&mut reader, &keys, &state.queues, &config.group).await {
+                match streams::ensure_groups(&mut reader, &keys, &state.queues, &config.group).await
+                {
                     Ok(()) => ready_groups = true,
                     Err(error) => {
                         if !read_failing {
@@ -639,13 +683,20 @@ async fn serve(region: &Region, config: DispatcherConfig) -> Result<Report, Disp
                 let count = credit.min(config.read_count);
                 // Burst mode with nothing in flight asks without blocking, so
                 // it can tell "empty" at once; otherwise block (never spin).
-                let block = if config.burst && idle { 0 } else if config.burst { 100 } else { config.block_ms };
+                let block = if config.burst && idle {
+                    0
+                } else if config.burst {
+                    100
+                } else {
+                    config.block_ms
+                };
                 let mut connection = reader.clone();
                 let queues = Arc::clone(&state.queues);
                 let group = config.group.clone();
                 let consumer = config.consumer.clone();
                 read = Some(Box::pin(async move {
-                    streams::read_new(&mut connection, &queues, &group, &consumer, count, block).await
+                    streams::read_new(&mut connection, &queues, &group, &consumer, count, block)
+                        .await
                 }));
             }
         }

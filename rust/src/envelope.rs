@@ -168,7 +168,10 @@ fn seconds_ms(value: &[u8], name: &'static str) -> Result<u64, EnvelopeError> {
         .filter(|seconds| seconds.is_finite() && *seconds >= 0.0)
         .ok_or_else(|| EnvelopeError {
             field: name,
-            problem: format!("expected seconds as a non-negative number, got {}", shown(value)),
+            problem: format!(
+                "expected seconds as a non-negative number, got {}",
+                shown(value)
+            ),
         })?;
     Ok((seconds * 1000.0).round() as u64)
 }
@@ -176,7 +179,7 @@ fn seconds_ms(value: &[u8], name: &'static str) -> Result<u64, EnvelopeError> {
 /// Formats ms as seconds text, the inverse of the parser above.
 #[must_use]
 pub fn format_seconds(ms: u64) -> String {
-    if ms % 1000 == 0 {
+    if ms.is_multiple_of(1000) {
         (ms / 1000).to_string()
     } else {
         format!("{}.{:03}", ms / 1000, ms % 1000)
@@ -337,7 +340,10 @@ mod tests {
     fn minimal_hand_written_entry_is_valid() {
         let raw = entry(&[("id", "t1"), ("type", "noop"), ("payload", "null")]);
         let parsed = parse(&raw).expect("valid");
-        assert_eq!((parsed.attempt, parsed.max_retry, parsed.timeout_ms), (0, 0, 0));
+        assert_eq!(
+            (parsed.attempt, parsed.max_retry, parsed.timeout_ms),
+            (0, 0, 0)
+        );
     }
 
     #[test]
@@ -356,15 +362,30 @@ mod tests {
                 "field 'payload': missing",
             ),
             (
-                entry(&[("id", "t"), ("type", "x"), ("payload", "1"), ("attempt", "-1")]),
+                entry(&[
+                    ("id", "t"),
+                    ("type", "x"),
+                    ("payload", "1"),
+                    ("attempt", "-1"),
+                ]),
                 "field 'attempt': expected a non-negative integer, got '-1'",
             ),
             (
-                entry(&[("id", "t"), ("type", "x"), ("payload", "1"), ("timeout", "soon")]),
+                entry(&[
+                    ("id", "t"),
+                    ("type", "x"),
+                    ("payload", "1"),
+                    ("timeout", "soon"),
+                ]),
                 "field 'timeout': expected seconds as a non-negative number, got 'soon'",
             ),
             (
-                entry(&[("id", "t"), ("type", "x"), ("payload", "1"), ("labels", "[1]")]),
+                entry(&[
+                    ("id", "t"),
+                    ("type", "x"),
+                    ("payload", "1"),
+                    ("labels", "[1]"),
+                ]),
                 "field 'labels': expected a JSON object, got '[1]'",
             ),
         ];

@@ -47,11 +47,18 @@ impl<'a> Reader<'a> {
     }
 
     fn take(&mut self, len: usize) -> Result<&'a [u8], FrameError> {
-        let end = self.at.checked_add(len).filter(|end| *end <= self.bytes.len());
+        let end = self
+            .at
+            .checked_add(len)
+            .filter(|end| *end <= self.bytes.len());
         let Some(end) = end else {
             return Err(FrameError {
                 what: self.what,
-                detail: format!("needs {len} bytes at offset {}, has {}", self.at, self.bytes.len()),
+                detail: format!(
+                    "needs {len} bytes at offset {}, has {}",
+                    self.at,
+                    self.bytes.len()
+                ),
             });
         };
         let slice = &self.bytes[self.at..end];
@@ -354,7 +361,8 @@ mod tests {
         for (queue, task) in tasks.iter().enumerate() {
             push_task(&mut buffer, queue as u16, task);
         }
-        let expected_len: usize = TASK_FRAME_OVERHEAD + tasks.iter().map(task_record_len).sum::<usize>();
+        let expected_len: usize =
+            TASK_FRAME_OVERHEAD + tasks.iter().map(task_record_len).sum::<usize>();
         assert_eq!(buffer.len(), expected_len);
         assert!(heap.ring.write_frame(&[&buffer]));
         let decoded = heap
@@ -363,13 +371,28 @@ mod tests {
                 let (batch_id, records) = read_tasks(bytes).expect("valid frame");
                 let summary: Vec<_> = records
                     .iter()
-                    .map(|record| (record.queue, record.id.to_owned(), record.payload.to_vec(), record.labels.map(<[u8]>::to_vec)))
+                    .map(|record| {
+                        (
+                            record.queue,
+                            record.id.to_owned(),
+                            record.payload.to_vec(),
+                            record.labels.map(<[u8]>::to_vec),
+                        )
+                    })
                     .collect();
                 (batch_id, summary, records[1].attempt, records[1].timeout_ms)
             })
             .expect("a frame");
         assert_eq!(decoded.0, 77);
-        assert_eq!(decoded.1[1], (1, "bb".to_owned(), b"[]".to_vec(), Some(br#"{"k":"v"}"#.to_vec())));
+        assert_eq!(
+            decoded.1[1],
+            (
+                1,
+                "bb".to_owned(),
+                b"[]".to_vec(),
+                Some(br#"{"k":"v"}"#.to_vec())
+            )
+        );
         assert_eq!(decoded.1[2].3, Some(b"{}".to_vec()));
         assert_eq!(decoded.1[0].3, None);
         assert_eq!((decoded.2, decoded.3), (2, 30_000));

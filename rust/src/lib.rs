@@ -1,8 +1,8 @@
 //! flumeq's Rust core: Redis Streams I/O, the shared-memory rings between the
 //! dispatcher and the actor processes, the dispatcher loop, and retry math.
 //!
-//! Everything here is plain Rust, testable with `cargo test`; the PyO3
-//! bindings live in `python` behind the `python` feature.
+//! Everything here is plain Rust, testable with `cargo test`; the `PyO3`
+//! bindings live in the `python` module behind the `python` feature.
 
 pub mod dispatcher;
 pub mod envelope;

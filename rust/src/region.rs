@@ -108,7 +108,7 @@ unsafe impl Send for Region {}
 unsafe impl Sync for Region {}
 
 fn ring_size_ok(bytes: usize) -> bool {
-    bytes >= 4096 && bytes % 4096 == 0
+    bytes >= 4096 && bytes.is_multiple_of(4096)
 }
 
 fn new_eventfd() -> io::Result<OwnedFd> {
@@ -132,6 +132,10 @@ pub fn signal_event(fd: RawFd) {
 }
 
 /// Resets an eventfd counter to zero; returns whether it was signalled.
+#[expect(
+    clippy::must_use_candidate,
+    reason = "callers often only want the reset"
+)]
 pub fn drain_event(fd: RawFd) -> bool {
     let mut value: u64 = 0;
     // SAFETY: reads 8 bytes into a live u64; the fd is non-blocking.
@@ -185,6 +189,10 @@ impl Region {
         self.layout
     }
 
+    #[expect(
+        clippy::cast_ptr_alignment,
+        reason = "mmap returns page-aligned memory"
+    )]
     fn control(&self) -> &ControlBlock {
         // SAFETY: the control block sits at the (page-aligned) start.
         unsafe { &*self.base.cast::<ControlBlock>() }
@@ -201,6 +209,10 @@ impl Region {
 
     /// Header of actor slot `slot`.
     #[must_use]
+    #[expect(
+        clippy::cast_ptr_alignment,
+        reason = "slots start at multiples of 64 bytes from a page-aligned base"
+    )]
     pub fn slot(&self, slot: usize) -> &SlotHeader {
         // SAFETY: slot_base is 64-aligned (all sizes are multiples of 64).
         unsafe { &*self.slot_base(slot).cast::<SlotHeader>() }
@@ -293,7 +305,9 @@ impl Region {
     pub fn reclaim(&self, slot: usize) {
         self.task_ring(slot).reset();
         self.result_ring(slot).reset();
-        self.slot(slot).state.store(SLOT_RECLAIMED, Ordering::SeqCst);
+        self.slot(slot)
+            .state
+            .store(SLOT_RECLAIMED, Ordering::SeqCst);
     }
 
     /// Dispatcher, at the end: tells every actor there is no more work.

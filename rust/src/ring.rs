@@ -89,7 +89,7 @@ impl Ring {
     /// producer and one consumer may use them at a time. `capacity` must be a
     /// multiple of 8 and at least 64.
     pub unsafe fn from_raw(header: *const RingHeader, data: *mut u8, capacity: usize) -> Self {
-        debug_assert!(capacity % ALIGN == 0 && capacity >= 64);
+        debug_assert!(capacity.is_multiple_of(ALIGN) && capacity >= 64);
         Self {
             header,
             data,
@@ -131,6 +131,11 @@ impl Ring {
     ///
     /// # Panics
     /// If the frame can never fit (`len > max_frame()`); callers check first.
+    #[expect(
+        clippy::cast_ptr_alignment,
+        reason = "frames start at 8-byte offsets of a 64-byte aligned data area"
+    )]
+    #[must_use]
     pub fn write_frame(&self, parts: &[&[u8]]) -> bool {
         let len: usize = parts.iter().map(|part| part.len()).sum();
         assert!(len <= self.max_frame(), "frame larger than the ring");
@@ -171,6 +176,10 @@ impl Ring {
 
     /// Consumer: hands the next frame to `read` and then releases its bytes.
     /// Returns `None` when the ring is empty.
+    #[expect(
+        clippy::cast_ptr_alignment,
+        reason = "frames start at 8-byte offsets of a 64-byte aligned data area"
+    )]
     pub fn read_frame<R>(&self, read: impl FnOnce(&[u8]) -> R) -> Option<R> {
         let header = self.header();
         let mut tail = header.tail.load(Ordering::Relaxed);
@@ -225,6 +234,7 @@ impl Ring {
     }
 
     /// Consumer: sleeps until a frame is there, the ring is closed, or `timeout`.
+    #[must_use]
     pub fn wait_for_frame(&self, timeout: Option<Duration>) -> Wait {
         let header = self.header();
         self.wait_until(
@@ -236,6 +246,7 @@ impl Ring {
     }
 
     /// Producer: sleeps until `len` more bytes could fit, the ring is closed, or `timeout`.
+    #[must_use]
     pub fn wait_for_space(&self, len: usize, timeout: Option<Duration>) -> Wait {
         let header = self.header();
         let need = Self::padded(len) * 2;
@@ -319,11 +330,12 @@ pub(crate) mod tests {
         pub(crate) fn new(capacity: usize) -> Self {
             let blocks = (RingHeader::SIZE + capacity).div_ceil(64);
             let mut memory = vec![Block([0; 64]); blocks];
-            let base = memory.as_mut_ptr().cast::<u8>();
+            let blocks_start = memory.as_mut_ptr();
+            let base = blocks_start.cast::<u8>();
             // SAFETY: the vector holds header + capacity bytes, 64-aligned.
             let ring = unsafe {
                 Ring::from_raw(
-                    base.cast::<RingHeader>(),
+                    blocks_start.cast::<RingHeader>(),
                     base.add(RingHeader::SIZE),
                     capacity,
                 )
@@ -420,14 +432,16 @@ pub(crate) mod tests {
         let consumer = std::thread::spawn(move || {
             let mut expected = 0u32;
             while expected < total {
-                match ring.read_frame(|body| u32::from_le_bytes(body[..4].try_into().unwrap_or([0; 4]))) {
+                match ring
+                    .read_frame(|body| u32::from_le_bytes(body[..4].try_into().unwrap_or([0; 4])))
+                {
                     Some(value) => {
                         assert_eq!(value, expected);
                         expected += 1;
                         ring.notify_producer();
                     }
                     None => {
-                        ring.wait_for_frame(Some(Duration::from_millis(100)));
+                        let _ = ring.wait_for_frame(Some(Duration::from_millis(100)));
                     }
                 }
             }
@@ -435,7 +449,7 @@ pub(crate) mod tests {
         for value in 0..total {
             let padding = vec![0u8; (value % 50) as usize];
             while !ring.write_frame(&[&value.to_le_bytes(), &padding]) {
-                ring.wait_for_space(4 + padding.len(), Some(Duration::from_millis(100)));
+                let _ = ring.wait_for_space(4 + padding.len(), Some(Duration::from_millis(100)));
             }
             ring.notify_consumer();
         }

@@ -20,6 +20,7 @@ const ENQUEUE_CHUNK: usize = 2000;
 
 /// Parses an XREAD/XREADGROUP reply into `(stream key, entry)` pairs.
 /// RESP2 returns nested arrays, RESP3 a map; a timed-out block returns nil.
+#[must_use]
 pub fn parse_read_reply(reply: Value) -> Vec<(Vec<u8>, RawEntry)> {
     let streams: Vec<(Value, Value)> = match reply {
         Value::Array(items) => items
@@ -37,7 +38,9 @@ pub fn parse_read_reply(reply: Value) -> Vec<(Vec<u8>, RawEntry)> {
     };
     let mut out = Vec::new();
     for (key, entries) in streams {
-        let Value::BulkString(key) = key else { continue };
+        let Value::BulkString(key) = key else {
+            continue;
+        };
         let Value::Array(entries) = entries else {
             continue;
         };
@@ -61,6 +64,7 @@ fn bulk(value: Value) -> Option<Vec<u8>> {
 
 /// Parses one `[id, [field, value, ...]]` stream entry. Entries whose fields
 /// are nil (deleted while pending) yield an entry with no fields.
+#[must_use]
 pub fn parse_entry(entry: Value) -> Option<RawEntry> {
     let Value::Array(parts) = entry else {
         return None;
@@ -352,7 +356,11 @@ pub async fn ensure_groups(
 
 fn xreadgroup(group: &str, consumer: &str, count: usize, block_ms: Option<u64>) -> Cmd {
     let mut cmd = redis::cmd("XREADGROUP");
-    cmd.arg("GROUP").arg(group).arg(consumer).arg("COUNT").arg(count);
+    cmd.arg("GROUP")
+        .arg(group)
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(count);
     if let Some(block) = block_ms {
         cmd.arg("BLOCK").arg(block);
     }
@@ -490,7 +498,9 @@ pub async fn write_outcomes(
                 .arg(dead_max_length)
                 .arg("*");
             for (name, value) in &dead.entry.fields {
-                let own = DEAD_OWN_FIELDS.iter().any(|own| own.as_bytes() == name.as_slice());
+                let own = DEAD_OWN_FIELDS
+                    .iter()
+                    .any(|own| own.as_bytes() == name.as_slice());
                 if !own {
                     cmd.arg(name.as_slice()).arg(value.as_slice());
                 }
@@ -554,7 +564,12 @@ mod tests {
             Value::Array(vec![
                 Value::Array(vec![
                     bulk_value("1-0"),
-                    Value::Array(vec![bulk_value("id"), bulk_value("a"), bulk_value("type"), bulk_value("t")]),
+                    Value::Array(vec![
+                        bulk_value("id"),
+                        bulk_value("a"),
+                        bulk_value("type"),
+                        bulk_value("t"),
+                    ]),
                 ]),
                 Value::Array(vec![bulk_value("2-0"), Value::Nil]),
             ]),
@@ -575,8 +590,18 @@ mod tests {
     #[test]
     fn group_pending_picks_the_named_group() {
         let reply = Value::Array(vec![
-            Value::Array(vec![bulk_value("name"), bulk_value("other"), bulk_value("pending"), Value::Int(7)]),
-            Value::Array(vec![bulk_value("name"), bulk_value("flumeq"), bulk_value("pending"), Value::Int(3)]),
+            Value::Array(vec![
+                bulk_value("name"),
+                bulk_value("other"),
+                bulk_value("pending"),
+                Value::Int(7),
+            ]),
+            Value::Array(vec![
+                bulk_value("name"),
+                bulk_value("flumeq"),
+                bulk_value("pending"),
+                Value::Int(3),
+            ]),
         ]);
         assert_eq!(group_pending(reply.clone(), "flumeq"), 3);
         assert_eq!(group_pending(reply, "missing"), 0);

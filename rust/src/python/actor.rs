@@ -27,13 +27,19 @@ pub struct PyRegion {
 impl PyRegion {
     #[new]
     #[pyo3(signature = (processes, task_ring_bytes = 8 << 20, result_ring_bytes = 1 << 20))]
-    fn new(py: Python<'_>, processes: usize, task_ring_bytes: usize, result_ring_bytes: usize) -> PyResult<Self> {
+    fn new(
+        py: Python<'_>,
+        processes: usize,
+        task_ring_bytes: usize,
+        result_ring_bytes: usize,
+    ) -> PyResult<Self> {
         let layout = RegionLayout {
             slots: processes,
             task_ring_bytes,
             result_ring_bytes,
         };
-        let inner = Region::new(layout).map_err(|failure| error(py, "ConfigError", failure.to_string()))?;
+        let inner =
+            Region::new(layout).map_err(|failure| error(py, "ConfigError", failure.to_string()))?;
         Ok(Self {
             inner: Arc::new(inner),
         })
@@ -184,6 +190,10 @@ impl ActorEnd {
     /// `failures` lists `(index, kind, delay_ms, message, traceback)` for the
     /// ones that did not succeed. Waits (GIL released) if the ring is full.
     #[pyo3(signature = (batch_id, start, count, failures))]
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "PyO3 extracts arguments as owned values"
+    )]
     fn finish(
         &self,
         py: Python<'_>,
@@ -222,7 +232,9 @@ impl ActorEnd {
         }
         while !ring.write_frame(&[&buffer]) {
             let length = buffer.len();
-            if py.detach(|| ring.wait_for_space(length, Some(Duration::from_millis(200)))) == Wait::Closed {
+            if py.detach(|| ring.wait_for_space(length, Some(Duration::from_millis(200))))
+                == Wait::Closed
+            {
                 break;
             }
             py.check_signals()?;
@@ -260,8 +272,12 @@ impl ActorEnd {
                     PyBytes::new(py, record.payload).into_any(),
                     record.attempt.into_pyobject(py)?.into_any(),
                     record.max_retry.into_pyobject(py)?.into_any(),
-                    (record.enqueued_at_ms as f64 / 1000.0).into_pyobject(py)?.into_any(),
-                    (record.timeout_ms as f64 / 1000.0).into_pyobject(py)?.into_any(),
+                    (record.enqueued_at_ms as f64 / 1000.0)
+                        .into_pyobject(py)?
+                        .into_any(),
+                    (record.timeout_ms as f64 / 1000.0)
+                        .into_pyobject(py)?
+                        .into_any(),
                     labels,
                 ],
             )?;

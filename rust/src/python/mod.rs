@@ -1,4 +1,4 @@
-//! The PyO3 module `flumeq._core`: exports only. Each submodule registers its
+//! The `PyO3` module `flumeq._core`: exports only. Each submodule registers its
 //! classes and functions.
 
 use pyo3::prelude::*;
@@ -12,8 +12,7 @@ mod store;
 #[pymodule]
 fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     // Route the core's `log` records to Python's `logging` (logger "flumeq.core").
-    let _ = pyo3_log::Logger::new(module.py(), pyo3_log::Caching::LoggersAndLevels)?
-        .install();
+    let _ = pyo3_log::Logger::new(module.py(), pyo3_log::Caching::LoggersAndLevels)?.install();
     store::register(module)?;
     actor::register(module)?;
     dispatch::register(module)?;

@@ -64,7 +64,14 @@ impl Store {
     /// None)`; the other options apply to all of them. Returns `(task_id,
     /// entry_id)` pairs in order.
     #[pyo3(signature = (queue, items, max_retry, timeout_ms, deadline_ms = None, labels = None, unique_key = None))]
-    #[expect(clippy::too_many_arguments, reason = "mirrors Client.enqueue's options")]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "mirrors Client.enqueue's options"
+    )]
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "PyO3 extracts arguments as owned values"
+    )]
     fn enqueue(
         &self,
         py: Python<'_>,
@@ -73,8 +80,8 @@ impl Store {
         max_retry: u32,
         timeout_ms: u64,
         deadline_ms: Option<u64>,
-        labels: Option<Vec<u8>>,
-        unique_key: Option<String>,
+        labels: Option<&[u8]>,
+        unique_key: Option<&str>,
     ) -> PyResult<Vec<(String, String)>> {
         validate_queue(queue).map_err(|failure| error(py, "InvalidTask", failure.to_string()))?;
         let ids: Vec<String> = items
@@ -94,8 +101,8 @@ impl Store {
                     timeout_ms,
                     enqueued_at_ms,
                     deadline_ms,
-                    labels: labels.as_deref(),
-                    unique_key: unique_key.as_deref(),
+                    labels,
+                    unique_key,
                 })
                 .collect();
             store.enqueue(queue, &tasks)
@@ -104,7 +111,12 @@ impl Store {
     }
 
     /// Sizes and counters of `queue` for consumer group `group`.
-    fn stats<'py>(&self, py: Python<'py>, queue: &str, group: &str) -> PyResult<Bound<'py, PyDict>> {
+    fn stats<'py>(
+        &self,
+        py: Python<'py>,
+        queue: &str,
+        group: &str,
+    ) -> PyResult<Bound<'py, PyDict>> {
         let stats = self.with(py, |store| store.stats(queue, group))?;
         let dict = PyDict::new(py);
         dict.set_item("ready", stats.ready)?;
@@ -128,7 +140,9 @@ impl Store {
 /// Why `name` cannot be a queue name, or `None` when it can.
 #[pyfunction]
 fn queue_problem(name: &str) -> Option<String> {
-    validate_queue(name).err().map(|failure| failure.to_string())
+    validate_queue(name)
+        .err()
+        .map(|failure| failure.to_string())
 }
 
 pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {

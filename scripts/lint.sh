@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# ruff, mypy, cargo fmt --check, clippy -D warnings. Expects scripts/setup.sh lint.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. .venv/bin/activate
+ruff check python tests benches
+ruff format --check python tests benches
+mypy
+cargo fmt --all --check
+cargo clippy --all-targets --features python -q -- -D warnings
