@@ -19,7 +19,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::{info, warn};
 use redis::aio::ConnectionManager;
-use redis::RedisResult;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::mpsc;
@@ -28,7 +27,8 @@ use crate::envelope::{self, RawEntry};
 use crate::frame::{self, FailureKind};
 use crate::keys::Keys;
 use crate::region::{self, Region, SLOT_LOST, SLOT_RUNNING, SLOT_STARTING};
-use crate::streams::{self, DeadLetter, QueueOutcomes, QueueSpec};
+use crate::streams::reader::{self, Reader};
+use crate::streams::{writer as store, DeadLetter, QueueOutcomes, QueueSpec};
 
 /// How the dispatcher runs; built by the engine from its arguments.
 #[derive(Debug, Clone)]
@@ -82,6 +82,9 @@ pub enum DispatchError {
     /// Redis refused the configuration (bad URL, ...).
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// The read connection cannot serve this URL.
+    #[error("redis: {0}")]
+    Config(String),
 }
 
 /// Milliseconds since the Unix epoch.
@@ -121,7 +124,8 @@ fn watch(fd: RawFd) -> std::io::Result<AsyncFd<OwnedFd>> {
         .map_err(|error| error.into_parts().1)
 }
 
-type ReadFuture = Pin<Box<dyn Future<Output = RedisResult<Vec<(u16, RawEntry)>>> + Send>>;
+type ReadOutcome = (Reader, Result<Vec<(u16, RawEntry)>, reader::ReadError>);
+type ReadFuture = Pin<Box<dyn Future<Output = ReadOutcome> + Send>>;
 
 struct Dispatcher<'r> {
     region: &'r Region,
@@ -487,7 +491,7 @@ fn task_label(taken: &Taken) -> String {
         .get(envelope::field::ID)
         .map(|id| String::from_utf8_lossy(id).into_owned())
         .unwrap_or_default();
-    format!("{id} (entry {})", taken.entry.entry_id)
+    format!("{id} (entry {})", taken.entry.id_text())
 }
 
 /// Text for an actor's exit status as multiprocessing reports it.
@@ -508,7 +512,7 @@ fn describe_exit(status: i32) -> String {
     }
 }
 
-async fn maybe_read(read: &mut Option<ReadFuture>) -> RedisResult<Vec<(u16, RawEntry)>> {
+async fn maybe_read(read: &mut Option<ReadFuture>) -> ReadOutcome {
     match read {
         Some(future) => future.await,
         None => std::future::pending().await,
@@ -533,7 +537,7 @@ async fn writer(
         let mut delay = Duration::from_millis(50);
         let mut failing = false;
         loop {
-            let written = streams::write_outcomes(
+            let written = store::write_outcomes(
                 &mut connection,
                 &keys,
                 &queues,
@@ -579,7 +583,7 @@ async fn connect_forever(url: &str, timeout: Duration) -> Result<ConnectionManag
     let mut delay = Duration::from_millis(100);
     let mut warned = false;
     loop {
-        match streams::connect(url, timeout).await {
+        match store::connect(url, timeout).await {
             Ok(connection) => return Ok(connection),
             Err(error) if error.kind() == redis::ErrorKind::InvalidClientConfig => {
                 return Err(error.into())
@@ -612,8 +616,12 @@ async fn serve(region: &Region, config: DispatcherConfig) -> Result<Report, Disp
         })
         .collect();
     let response_timeout = Duration::from_millis(config.block_ms + 10_000);
-    let mut reader = connect_forever(&config.url, response_timeout).await?;
     let writer_connection = connect_forever(&config.url, response_timeout).await?;
+    let mut group_connection = writer_connection.clone();
+    let mut reader_slot = Some(
+        Reader::new(&config.url, response_timeout)
+            .map_err(|error| DispatchError::Config(error.to_string()))?,
+    );
     let mut ready_groups = false;
 
     let mut state = Dispatcher::new(region, config.clone(), queues);
@@ -665,7 +673,13 @@ async fn serve(region: &Region, config: DispatcherConfig) -> Result<Report, Disp
         let may_read = read_retry_at.is_none_or(|at| Instant::now() >= at);
         if read.is_none() && stopping_since.is_none() && may_read {
             if !ready_groups {
-                match streams::ensure_groups(&mut reader, &keys, &state.queues, &config.group).await
+                match store::ensure_groups(
+                    &mut group_connection,
+                    &keys,
+                    &state.queues,
+                    &config.group,
+                )
+                .await
                 {
                     Ok(()) => ready_groups = true,
                     Err(error) => {
@@ -679,7 +693,7 @@ async fn serve(region: &Region, config: DispatcherConfig) -> Result<Report, Disp
                 }
             }
             let credit = state.credit();
-            if ready_groups && credit > 0 {
+            if ready_groups && credit > 0 && reader_slot.is_some() {
                 let count = credit.min(config.read_count);
                 // Burst mode with nothing in flight asks without blocking, so
                 // it can tell "empty" at once; otherwise block (never spin).
@@ -690,14 +704,23 @@ async fn serve(region: &Region, config: DispatcherConfig) -> Result<Report, Disp
                 } else {
                     config.block_ms
                 };
-                let mut connection = reader.clone();
                 let queues = Arc::clone(&state.queues);
                 let group = config.group.clone();
                 let consumer = config.consumer.clone();
-                read = Some(Box::pin(async move {
-                    streams::read_new(&mut connection, &queues, &group, &consumer, count, block)
-                        .await
-                }));
+                if let Some(mut connection) = reader_slot.take() {
+                    read = Some(Box::pin(async move {
+                        let result = reader::read_new(
+                            &mut connection,
+                            &queues,
+                            &group,
+                            &consumer,
+                            count,
+                            block,
+                        )
+                        .await;
+                        (connection, result)
+                    }));
+                }
             }
         }
 
@@ -716,8 +739,9 @@ async fn serve(region: &Region, config: DispatcherConfig) -> Result<Report, Disp
                 state.collect_results();
                 state.pump();
             }
-            result = maybe_read(&mut read) => {
+            (connection, result) = maybe_read(&mut read) => {
                 read = None;
+                reader_slot = Some(connection);
                 match result {
                     Ok(entries) => {
                         if read_failing {
@@ -731,7 +755,7 @@ async fn serve(region: &Region, config: DispatcherConfig) -> Result<Report, Disp
                         state.pump();
                     }
                     Err(error) => {
-                        if error.code() == Some("NOGROUP") {
+                        if error.is_missing_group() {
                             // The stream or group vanished (FLUSHALL, a Redis
                             // restart without persistence): create them again.
                             ready_groups = false;

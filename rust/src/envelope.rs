@@ -20,6 +20,8 @@
 
 use std::fmt;
 
+use bytes::Bytes;
+
 /// Field names, in one place.
 pub mod field {
     /// Task id.
@@ -46,13 +48,14 @@ pub mod field {
     pub const ERROR: &str = "error";
 }
 
-/// A stream entry as read from Redis: its stream id and raw fields.
+/// A stream entry as read from Redis: its stream id and raw fields. The
+/// bytes are views into the read buffer (no copy per field).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RawEntry {
     /// Stream entry id (`<ms>-<seq>`).
-    pub entry_id: String,
+    pub entry_id: Bytes,
     /// Field/value pairs in stream order.
-    pub fields: Vec<(Vec<u8>, Vec<u8>)>,
+    pub fields: Vec<(Bytes, Bytes)>,
 }
 
 impl RawEntry {
@@ -62,7 +65,13 @@ impl RawEntry {
         self.fields
             .iter()
             .find(|(key, _)| key == name.as_bytes())
-            .map(|(_, value)| value.as_slice())
+            .map(|(_, value)| value.as_ref())
+    }
+
+    /// The entry id as text (ids are ASCII `<ms>-<seq>`).
+    #[must_use]
+    pub fn id_text(&self) -> &str {
+        std::str::from_utf8(&self.entry_id).unwrap_or("?")
     }
 }
 
@@ -118,19 +127,62 @@ fn shown(value: &[u8]) -> String {
     }
 }
 
-fn text<'a>(entry: &'a RawEntry, name: &'static str) -> Result<&'a str, EnvelopeError> {
-    let value = entry.get(name).ok_or_else(|| EnvelopeError {
+/// The fields a task has, found in one pass over the entry.
+#[derive(Default)]
+struct Found<'a> {
+    id: Option<&'a [u8]>,
+    kind: Option<&'a [u8]>,
+    payload: Option<&'a [u8]>,
+    attempt: Option<&'a [u8]>,
+    max_retry: Option<&'a [u8]>,
+    timeout: Option<&'a [u8]>,
+    enqueued_at: Option<&'a [u8]>,
+    deadline: Option<&'a [u8]>,
+    labels: Option<&'a [u8]>,
+    unique_key: Option<&'a [u8]>,
+}
+
+impl<'a> Found<'a> {
+    fn scan(entry: &'a RawEntry) -> Self {
+        let mut found = Self::default();
+        for (name, value) in &entry.fields {
+            let slot = match name.as_ref() {
+                b"id" => &mut found.id,
+                b"type" => &mut found.kind,
+                b"payload" => &mut found.payload,
+                b"attempt" => &mut found.attempt,
+                b"max_retry" => &mut found.max_retry,
+                b"timeout" => &mut found.timeout,
+                b"enqueued_at" => &mut found.enqueued_at,
+                b"deadline" => &mut found.deadline,
+                b"labels" => &mut found.labels,
+                b"unique_key" => &mut found.unique_key,
+                _ => continue,
+            };
+            if slot.is_none() {
+                *slot = Some(value.as_ref());
+            }
+        }
+        found
+    }
+}
+
+fn required<'a>(value: Option<&'a [u8]>, name: &'static str) -> Result<&'a [u8], EnvelopeError> {
+    value.ok_or_else(|| EnvelopeError {
         field: name,
         problem: "missing".to_owned(),
-    })?;
+    })
+}
+
+fn text<'a>(value: &'a [u8], name: &'static str) -> Result<&'a str, EnvelopeError> {
     std::str::from_utf8(value).map_err(|_| EnvelopeError {
         field: name,
         problem: format!("expected UTF-8 text, got {}", shown(value)),
     })
 }
 
-fn non_empty<'a>(entry: &'a RawEntry, name: &'static str) -> Result<&'a str, EnvelopeError> {
-    let value = text(entry, name)?;
+fn non_empty<'a>(value: Option<&'a [u8]>, name: &'static str) -> Result<&'a str, EnvelopeError> {
+    let value = text(required(value, name)?, name)?;
     if value.is_empty() {
         return Err(EnvelopeError {
             field: name,
@@ -151,13 +203,11 @@ fn integer<T: std::str::FromStr>(value: &[u8], name: &'static str) -> Result<T, 
 }
 
 fn optional_integer<T: std::str::FromStr>(
-    entry: &RawEntry,
+    value: Option<&[u8]>,
     name: &'static str,
     default: T,
 ) -> Result<T, EnvelopeError> {
-    entry
-        .get(name)
-        .map_or(Ok(default), |value| integer(value, name))
+    value.map_or(Ok(default), |value| integer(value, name))
 }
 
 /// Parses seconds as decimal text ("30", "2.5") into ms.
@@ -188,20 +238,17 @@ pub fn format_seconds(ms: u64) -> String {
     }
 }
 
-/// Validates `entry` as a task.
+/// Validates `entry` as a task, in one pass over its fields.
 pub fn parse(entry: &RawEntry) -> Result<TaskRef<'_>, EnvelopeError> {
-    let id = non_empty(entry, field::ID)?;
-    let kind = non_empty(entry, field::TYPE)?;
-    let payload = entry.get(field::PAYLOAD).ok_or_else(|| EnvelopeError {
-        field: field::PAYLOAD,
-        problem: "missing".to_owned(),
-    })?;
-    let timeout_ms = match entry.get(field::TIMEOUT) {
+    let found = Found::scan(entry);
+    let id = non_empty(found.id, field::ID)?;
+    let kind = non_empty(found.kind, field::TYPE)?;
+    let payload = required(found.payload, field::PAYLOAD)?;
+    let timeout_ms = match found.timeout {
         Some(value) => seconds_ms(value, field::TIMEOUT)?,
         None => 0,
     };
-    let labels = entry.get(field::LABELS);
-    if let Some(labels) = labels {
+    if let Some(labels) = found.labels {
         if labels.first() != Some(&b'{') {
             return Err(EnvelopeError {
                 field: field::LABELS,
@@ -209,23 +256,23 @@ pub fn parse(entry: &RawEntry) -> Result<TaskRef<'_>, EnvelopeError> {
             });
         }
     }
-    let unique_key = match entry.get(field::UNIQUE_KEY) {
-        Some(_) => Some(text(entry, field::UNIQUE_KEY)?),
+    let unique_key = match found.unique_key {
+        Some(value) => Some(text(value, field::UNIQUE_KEY)?),
         None => None,
     };
     Ok(TaskRef {
         id,
         kind,
         payload,
-        attempt: optional_integer(entry, field::ATTEMPT, 0)?,
-        max_retry: optional_integer(entry, field::MAX_RETRY, 0)?,
+        attempt: optional_integer(found.attempt, field::ATTEMPT, 0)?,
+        max_retry: optional_integer(found.max_retry, field::MAX_RETRY, 0)?,
         timeout_ms,
-        enqueued_at_ms: optional_integer(entry, field::ENQUEUED_AT, 0)?,
-        deadline_ms: match entry.get(field::DEADLINE) {
+        enqueued_at_ms: optional_integer(found.enqueued_at, field::ENQUEUED_AT, 0)?,
+        deadline_ms: match found.deadline {
             Some(value) => Some(integer(value, field::DEADLINE)?),
             None => None,
         },
-        labels,
+        labels: found.labels,
         unique_key,
     })
 }
@@ -289,21 +336,26 @@ mod tests {
 
     fn entry(fields: &[(&str, &str)]) -> RawEntry {
         RawEntry {
-            entry_id: "1-0".to_owned(),
+            entry_id: Bytes::from_static(b"1-0"),
             fields: fields
                 .iter()
-                .map(|(key, value)| (key.as_bytes().to_vec(), value.as_bytes().to_vec()))
+                .map(|(key, value)| {
+                    (
+                        Bytes::copy_from_slice(key.as_bytes()),
+                        Bytes::copy_from_slice(value.as_bytes()),
+                    )
+                })
                 .collect(),
         }
     }
 
     fn round_trip(task: &NewTask<'_>) -> RawEntry {
         RawEntry {
-            entry_id: "5-0".to_owned(),
+            entry_id: Bytes::from_static(b"5-0"),
             fields: task
                 .to_fields()
                 .into_iter()
-                .map(|(key, value)| (key.as_bytes().to_vec(), value))
+                .map(|(key, value)| (Bytes::from_static(key.as_bytes()), Bytes::from(value)))
                 .collect(),
         }
     }

@@ -45,6 +45,7 @@ fn run_dispatcher<'py>(
     let report = report.map_err(|failure| match failure {
         DispatchError::Queue(failure) => error(py, "InvalidTask", failure.to_string()),
         DispatchError::Redis(failure) => error(py, "ConfigError", failure.to_string()),
+        DispatchError::Config(failure) => error(py, "ConfigError", failure),
         DispatchError::Setup(failure) => error(py, "EngineError", failure.to_string()),
     })?;
     let dict = PyDict::new(py);

@@ -10,7 +10,7 @@ use super::errors::{error, redis_error};
 use crate::dispatcher::now_ms;
 use crate::envelope::NewTask;
 use crate::keys::validate_queue;
-use crate::streams::SyncStore;
+use crate::streams::client::SyncStore;
 
 /// A new random task id: 32 lowercase hex digits (a UUID4 without dashes).
 fn new_task_id() -> String {

@@ -1,0 +1,293 @@
+//! The synchronous store behind `flumeq.Client`.
+//!
+//! Synchronous on purpose: a `Client` starts no thread, so a process that
+//! enqueues may still fork (the engine forks its actors).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use redis::{Cmd, Pipeline, RedisResult, Value};
+
+use crate::envelope::NewTask;
+use crate::keys::Keys;
+
+/// Entries per pipeline when enqueueing many tasks: large enough to amortise
+/// the round trip, small enough to keep Redis' query buffer modest.
+const ENQUEUE_CHUNK: usize = 2000;
+
+fn bulk(value: Value) -> Option<Vec<u8>> {
+    match value {
+        Value::BulkString(bytes) => Some(bytes),
+        Value::SimpleString(text) => Some(text.into_bytes()),
+        Value::Int(number) => Some(number.to_string().into_bytes()),
+        _ => None,
+    }
+}
+
+/// Adds `XADD stream * field value ...` for `task` to `pipe`.
+fn push_xadd(pipe: &mut Pipeline, stream: &str, task: &NewTask<'_>) {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(stream).arg("*");
+    for (name, value) in task.to_fields() {
+        cmd.arg(name).arg(value);
+    }
+    pipe.add_command(cmd);
+}
+
+/// Reads `count` XADD replies (entry ids) into `ids`.
+fn read_ids(
+    connection: &mut redis::Connection,
+    count: usize,
+    ids: &mut Vec<String>,
+) -> RedisResult<()> {
+    for _ in 0..count {
+        ids.push(redis::from_redis_value(connection.recv_response()?)?);
+    }
+    Ok(())
+}
+
+/// Counters and sizes of one queue, as `Client.stats` reports them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Entries not yet delivered to the group.
+    pub ready: u64,
+    /// Entries delivered and not yet acknowledged.
+    pub in_flight: u64,
+    /// Scheduled or retrying tasks.
+    pub delayed: u64,
+    /// Dead letters.
+    pub dead: u64,
+    /// Tasks done successfully.
+    pub processed: u64,
+    /// Failed runs.
+    pub failed: u64,
+}
+
+fn as_u64(value: &Value) -> u64 {
+    match value {
+        Value::Int(number) => (*number).max(0) as u64,
+        Value::BulkString(bytes) => std::str::from_utf8(bytes)
+            .ok()
+            .and_then(|text| text.parse().ok())
+            .unwrap_or(0),
+        _ => 0,
+    }
+}
+
+fn pairs(value: Value) -> Vec<(Vec<u8>, Value)> {
+    match value {
+        Value::Array(items) => {
+            let mut out = Vec::new();
+            let mut items = items.into_iter();
+            while let (Some(name), Some(value)) = (items.next(), items.next()) {
+                if let Some(name) = bulk(name) {
+                    out.push((name, value));
+                }
+            }
+            out
+        }
+        Value::Map(items) => items
+            .into_iter()
+            .filter_map(|(name, value)| Some((bulk(name)?, value)))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Pending count of `group` from an `XINFO GROUPS` reply.
+fn group_pending(reply: Value, group: &str) -> u64 {
+    let Value::Array(groups) = reply else {
+        return 0;
+    };
+    for info in groups {
+        let info = pairs(info);
+        let name = info
+            .iter()
+            .find(|(key, _)| key == b"name")
+            .and_then(|(_, value)| bulk(value.clone()));
+        if name.as_deref() == Some(group.as_bytes()) {
+            return info
+                .iter()
+                .find(|(key, _)| key == b"pending")
+                .map_or(0, |(_, value)| as_u64(value));
+        }
+    }
+    0
+}
+
+/// The synchronous store the client uses.
+pub struct SyncStore {
+    client: redis::Client,
+    connection: Option<redis::Connection>,
+    keys: Keys,
+    timeout: Duration,
+}
+
+impl SyncStore {
+    /// A store for `url`; connects lazily.
+    pub fn new(url: &str, prefix: &str, timeout: Duration) -> RedisResult<Self> {
+        Ok(Self {
+            client: redis::Client::open(url)?,
+            connection: None,
+            keys: Keys::new(prefix),
+            timeout,
+        })
+    }
+
+    /// The key builder.
+    #[must_use]
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    fn run<T>(
+        &mut self,
+        call: impl FnOnce(&mut redis::Connection, &Keys) -> RedisResult<T>,
+    ) -> RedisResult<T> {
+        if self.connection.is_none() {
+            let connection = self.client.get_connection_with_timeout(self.timeout)?;
+            connection.set_read_timeout(Some(self.timeout))?;
+            connection.set_write_timeout(Some(self.timeout))?;
+            self.connection = Some(connection);
+        }
+        let Some(connection) = self.connection.as_mut() else {
+            unreachable!("connection set above");
+        };
+        let result = call(connection, &self.keys);
+        if let Err(error) = &result {
+            // A broken or timed-out connection may hold half a reply: drop it
+            // and start clean next time.
+            if error.is_io_error() || error.is_timeout() || error.is_connection_dropped() {
+                self.connection = None;
+            }
+        }
+        result
+    }
+
+    /// Drops the connection; the next call makes a new one.
+    pub fn disconnect(&mut self) {
+        self.connection = None;
+    }
+
+    /// Round trip check.
+    pub fn ping(&mut self) -> RedisResult<()> {
+        self.run(|connection, _| redis::cmd("PING").query::<()>(connection))
+    }
+
+    /// Appends `tasks` to `queue`'s stream; returns their entry ids.
+    ///
+    /// Chunks of `ENQUEUE_CHUNK` commands are sent back to back: chunk k+1 is
+    /// packed and written while Redis still works on chunk k, and chunk k's
+    /// replies are read only then, so client and server work overlap.
+    pub fn enqueue(&mut self, queue: &str, tasks: &[NewTask<'_>]) -> RedisResult<Vec<String>> {
+        self.run(|connection, keys| {
+            let stream = keys.stream(queue);
+            let mut ids = Vec::with_capacity(tasks.len());
+            let mut register = redis::cmd("SADD");
+            register.arg(keys.queues()).arg(queue);
+            connection.send_packed_command(&register.get_packed_command())?;
+            let mut unread_register = true;
+            let mut unread: Option<usize> = None;
+            for chunk in tasks.chunks(ENQUEUE_CHUNK) {
+                let mut pipe = redis::pipe();
+                for task in chunk {
+                    push_xadd(&mut pipe, &stream, task);
+                }
+                connection.send_packed_command(&pipe.get_packed_pipeline())?;
+                if unread_register {
+                    redis::from_redis_value::<Value>(connection.recv_response()?)?;
+                    unread_register = false;
+                }
+                if let Some(count) = unread.replace(chunk.len()) {
+                    read_ids(connection, count, &mut ids)?;
+                }
+            }
+            if unread_register {
+                redis::from_redis_value::<Value>(connection.recv_response()?)?;
+            }
+            if let Some(count) = unread {
+                read_ids(connection, count, &mut ids)?;
+            }
+            Ok(ids)
+        })
+    }
+
+    /// Sizes and counters of `queue` as seen by consumer group `group`.
+    pub fn stats(&mut self, queue: &str, group: &str) -> RedisResult<QueueStats> {
+        self.run(|connection, keys| {
+            let stream = keys.stream(queue);
+            let (length, groups, delayed, dead, counters): (u64, Value, u64, u64, Value) =
+                redis::pipe()
+                    .cmd("XLEN")
+                    .arg(&stream)
+                    .cmd("EVAL")
+                    .arg(XINFO_GROUPS_OR_EMPTY)
+                    .arg(1)
+                    .arg(&stream)
+                    .cmd("ZCARD")
+                    .arg(keys.delayed(queue))
+                    .cmd("XLEN")
+                    .arg(keys.dead(queue))
+                    .cmd("HGETALL")
+                    .arg(keys.stats(queue))
+                    .query(connection)?;
+            let in_flight = group_pending(groups, group);
+            let counters: HashMap<Vec<u8>, u64> = pairs(counters)
+                .into_iter()
+                .map(|(name, value)| (name, as_u64(&value)))
+                .collect();
+            let counter = |name: &str| counters.get(name.as_bytes()).copied().unwrap_or(0);
+            Ok(QueueStats {
+                // Done entries are deleted, so the stream holds exactly the
+                // undelivered and the pending ones.
+                ready: length.saturating_sub(in_flight),
+                in_flight,
+                delayed,
+                dead,
+                processed: counter("processed"),
+                failed: counter("failed"),
+            })
+        })
+    }
+
+    /// Runs an arbitrary command (tests and tools).
+    pub fn command(&mut self, command: &Cmd) -> RedisResult<Value> {
+        self.run(|connection, _| command.query(connection))
+    }
+}
+
+/// KEYS[1] = stream. Returns `XINFO GROUPS` of the stream, or an empty array
+/// when the stream does not exist yet (plain XINFO would be an error).
+const XINFO_GROUPS_OR_EMPTY: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
+return redis.call('XINFO', 'GROUPS', KEYS[1])
+";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk_value(text: &str) -> Value {
+        Value::BulkString(text.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn group_pending_picks_the_named_group() {
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                bulk_value("name"),
+                bulk_value("other"),
+                bulk_value("pending"),
+                Value::Int(7),
+            ]),
+            Value::Array(vec![
+                bulk_value("name"),
+                bulk_value("flumeq"),
+                bulk_value("pending"),
+                Value::Int(3),
+            ]),
+        ]);
+        assert_eq!(group_pending(reply.clone(), "flumeq"), 3);
+        assert_eq!(group_pending(reply, "missing"), 0);
+    }
+}

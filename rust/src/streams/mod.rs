@@ -1,0 +1,71 @@
+//! Everything that speaks to Redis.
+//!
+//! - [`client`]: the synchronous store behind `flumeq.Client` (no threads, so a
+//!   process that enqueues may still fork its actors safely);
+//! - [`reader`]: the dispatcher's read connection, the hot path: commands packed
+//!   by redis-rs, replies decoded zero-copy by `redis-protocol`;
+//! - [`writer`]: the dispatcher's write connection (redis-rs
+//!   `ConnectionManager`, reconnecting by itself): groups, acks, dead letters;
+//! - [`reply`]: turning stream replies into entries.
+
+pub mod client;
+pub mod reader;
+pub mod reply;
+pub mod writer;
+
+use crate::envelope::RawEntry;
+
+/// A queue as the dispatcher serves it.
+#[derive(Debug, Clone)]
+pub struct QueueSpec {
+    /// Queue name.
+    pub name: String,
+    /// Share of each read when several queues have work.
+    pub weight: u32,
+    /// Its stream key.
+    pub stream: String,
+}
+
+/// A task to move to the dead-letter stream.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// The entry as read.
+    pub entry: RawEntry,
+    /// Short cause: `error`, `unknown_type`, `invalid`, `rejected`, ...
+    pub reason: &'static str,
+    /// Error text.
+    pub error: Vec<u8>,
+    /// Formatted traceback (may be empty).
+    pub traceback: Vec<u8>,
+    /// Runs made, including the last one.
+    pub attempts: u32,
+}
+
+/// What one queue's finished tasks need written back.
+#[derive(Debug, Default, Clone)]
+pub struct QueueOutcomes {
+    /// Entries to acknowledge and delete (done or dead-lettered).
+    pub finished: Vec<bytes::Bytes>,
+    /// Entries to copy to the dead-letter stream first.
+    pub dead: Vec<DeadLetter>,
+    /// Successful runs.
+    pub processed: u64,
+    /// Failed runs.
+    pub failed: u64,
+}
+
+impl QueueOutcomes {
+    /// Whether there is nothing to write.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.finished.is_empty() && self.dead.is_empty() && self.processed == 0 && self.failed == 0
+    }
+
+    /// Adds `other` to `self`.
+    pub fn merge(&mut self, other: Self) {
+        self.finished.extend(other.finished);
+        self.dead.extend(other.dead);
+        self.processed += other.processed;
+        self.failed += other.failed;
+    }
+}
