@@ -181,7 +181,7 @@ impl Reader {
         for _ in commands {
             match read_frame(socket, &mut self.buffer).await? {
                 BytesFrame::Error(message) => {
-                    failure = Some(ReadError::Server(message.to_string()))
+                    failure = Some(ReadError::Server(message.to_string()));
                 }
                 frame => frames.push(frame),
             }
