@@ -31,7 +31,15 @@ def test_each_task_runs_exactly_once_and_streams_end_empty(redis_url: str, r: re
     report = engine.run(processes=2, burst=True)
     runs = {key.decode(): int(value) for key, value in r.hgetall("runs").items()}
     assert runs == {info.id: 1 for info in infos}
-    assert report == {"processed": 5000, "failed": 0, "dead": 0, "left_pending": 0}
+    assert report == {
+        "processed": 5000,
+        "failed": 0,
+        "retried": 0,
+        "dead": 0,
+        "skipped": 0,
+        "handed_back": 0,
+        "left_pending": 0,
+    }
     assert r.xlen(STREAM) == 0
     assert r.xpending(STREAM, "flumeq")["pending"] == 0
     stats = client.stats()
@@ -126,7 +134,7 @@ def test_two_engines_on_one_group_share_work_without_duplicates(
 def test_failures_and_unknown_types_go_to_dead_letters(redis_url: str, r: redis.Redis) -> None:
     client = flumeq.Client(redis_url)
     ok = client.enqueue_many([("count", {}) for _ in range(50)])
-    bad = client.enqueue("explode", {"why": "test"})
+    bad = client.enqueue("explode", {"why": "test"}, max_retry=0)
     unknown = client.enqueue("no-such-type", {})
 
     def explode(task: flumeq.Task) -> None:
@@ -178,7 +186,7 @@ def test_garbage_entries_are_dead_lettered_with_the_field_named(
 def test_killed_actor_is_replaced_and_nothing_is_lost(redis_url: str, r: redis.Redis) -> None:
     client = flumeq.Client(redis_url)
     infos = client.enqueue_many([("count", {"n": n}) for n in range(400)])
-    killer = client.enqueue("die", {})
+    killer = client.enqueue("die", {}, max_retry=0)
 
     def die(task: flumeq.Task) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -191,6 +199,7 @@ def test_killed_actor_is_replaced_and_nothing_is_lost(redis_url: str, r: redis.R
     [dead] = dead_letters(r)
     assert dead["id"] == killer.id
     assert "killed by signal 9" in dead["error"]
+    assert dead["reason"] == "crashed" and dead["attempts"] == "1"
     assert report["processed"] == 400 and r.xlen(STREAM) == 0
 
 
@@ -198,7 +207,7 @@ def test_hard_timeout_kills_the_actor_and_the_engine_goes_on(
     redis_url: str, r: redis.Redis
 ) -> None:
     client = flumeq.Client(redis_url)
-    slow = client.enqueue("hang", {}, timeout=0.3)
+    slow = client.enqueue("hang", {}, timeout=0.3, max_retry=0)
     infos = client.enqueue_many([("count", {}) for _ in range(20)])
 
     def hang(task: flumeq.Task) -> None:

@@ -26,6 +26,7 @@ UNKNOWN_TYPE = 2
 REJECT = 3
 RETRY = 4
 INVALID = 5
+NOT_STARTED = 6
 
 #: Results of a long batch are reported at least this often (seconds), so a
 #: slow batch does not hold back the acks of its finished tasks.
@@ -88,7 +89,10 @@ def run_batch(
             field = "payload" if isinstance(error, orjson.JSONDecodeError) else "labels"
             failures.append((index, INVALID, 0, f"task {task_id}: field '{field}': {error}", ""))
             continue
-        end.begin(batch_id, index, timeout)
+        if not end.begin(batch_id, index, timeout):
+            # The engine is stopping: hand this task and the rest back unrun.
+            failures.extend((rest, NOT_STARTED, 0, "", "") for rest in range(index, len(tasks)))
+            break
         try:
             handler(task)
         except Retry as retry:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -140,14 +142,17 @@ class Client:
         timeout_ms = 0 if timeout is None else round(_seconds("timeout", timeout, type_) * 1000)
         if delay is not None and at is not None:
             raise InvalidTask(f"task {type_!r}: give delay or at, not both")
+        due_ms = 0
         if delay is not None:
-            _seconds("delay", delay, type_)
+            seconds = _seconds("delay", delay, type_)
+            if seconds > 0:
+                due_ms = int(time.time() * 1000 + seconds * 1000)
         if at is not None:
-            _epoch_ms("at", at, type_)
+            due_ms = _epoch_ms("at", at, type_)
         deadline_ms = None if deadline is None else _epoch_ms("deadline", deadline, type_)
         if unique_key is not None and (not isinstance(unique_key, str) or not unique_key):
             raise InvalidTask(f"task {type_!r}: unique_key must be a non-empty string")
-        _seconds("unique_ttl", unique_ttl, type_)
+        ttl_ms = round(_seconds("unique_ttl", unique_ttl, type_) * 1000)
         [(id_, entry_id)] = self._store.enqueue(
             _queue(queue),
             [(type_, body, task_id)],
@@ -156,8 +161,10 @@ class Client:
             deadline_ms,
             _labels(type_, labels),
             unique_key,
+            max(ttl_ms, 1),
+            due_ms,
         )
-        return TaskInfo(id_, type_, queue, entry_id)
+        return TaskInfo(id_, type_, queue, entry_id or None)
 
     def enqueue_many(
         self,
@@ -172,7 +179,9 @@ class Client:
 
         ``items`` are ``(type, payload)`` or ``(type, payload, task_id)``; the
         keyword options apply to all of them. Every item is checked before
-        anything is written.
+        anything is written. A given ``task_id`` makes that task idempotent:
+        once it completed, deliveries of the same id within the engine's
+        ``processed_ttl`` are acknowledged without running.
         """
         prepared: list[tuple[str, bytes, Optional[str]]] = []
         dumps = orjson.dumps
@@ -208,6 +217,51 @@ class Client:
             TaskInfo(id_, item[0], queue, entry_id)
             for (id_, entry_id), item in zip(pairs, prepared)
         ]
+
+    def dead_letters(self, queue: str = "default", limit: int = 100) -> list[dict[str, Any]]:
+        """The newest dead letters of ``queue``, newest first.
+
+        Each is a dict with the task's fields (``id``, ``type``, ``payload``
+        decoded from JSON when it is valid, ``labels``...) and why it died:
+        ``reason`` (error, rejected, timeout, crashed, poison, unknown_type,
+        invalid, expired, too_large), ``error``, ``traceback``, ``attempts``
+        (runs made), ``failed_at`` (seconds since the epoch) and ``dead_id``
+        (its entry in the dead-letter stream).
+        """
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise InvalidTask(f"limit must be an integer >= 1, got {limit!r}")
+        letters = []
+        for dead_id, fields in self._store.dead_letters(_queue(queue), limit):
+            letter: dict[str, Any] = dict(fields)
+            letter["dead_id"] = dead_id
+            for name in ("payload", "labels"):
+                if name in letter:
+                    # A text that is not JSON stays as it is: it is why the task died.
+                    with contextlib.suppress(orjson.JSONDecodeError):
+                        letter[name] = orjson.loads(letter[name])
+            for name in ("attempts", "attempt", "max_retry"):
+                if name in letter and letter[name].isdigit():
+                    letter[name] = int(letter[name])
+            if letter.get("failed_at", "").isdigit():
+                letter["failed_at"] = int(letter["failed_at"]) / 1000
+            letters.append(letter)
+        return letters
+
+    def requeue_dead(self, queue: str = "default", ids: Optional[Iterable[str]] = None) -> int:
+        """Moves dead letters back to ``queue`` as fresh tasks (attempt 0).
+
+        ``ids`` are task ids; ``None`` requeues them all. Returns the count moved.
+        """
+        if ids is None:
+            return self._store.requeue_dead(_queue(queue), None)
+        wanted = [ids] if isinstance(ids, str) else list(ids)
+        if not wanted:
+            return 0
+        return self._store.requeue_dead(_queue(queue), wanted)
+
+    def purge_dead(self, queue: str = "default") -> int:
+        """Deletes every dead letter of ``queue``; returns how many there were."""
+        return self._store.purge_dead(_queue(queue))
 
     def stats(self, queue: str = "default", *, group: str = "flumeq") -> dict[str, int]:
         """Counts for ``queue``: ready, in_flight, delayed, dead, processed, failed."""

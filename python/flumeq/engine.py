@@ -155,6 +155,10 @@ class Engine:
             "block_ms": round(self.block * 1000),
             "shutdown_timeout_ms": round(self.shutdown_timeout * 1000),
             "dead_max_length": self.dead_max_length,
+            "claim_stale_after_ms": max(1, round(self.claim_stale_after * 1000)),
+            "retry_base_ms": round(self.retry_base * 1000),
+            "retry_max_ms": round(self.retry_max * 1000),
+            "processed_ttl_ms": max(1, round(self.processed_ttl * 1000)),
         }
 
     def stop(self) -> None:
@@ -172,7 +176,8 @@ class Engine:
 
     def run(self, processes: Optional[int] = None, burst: bool = False) -> dict[str, int]:
         """Serves tasks until SIGINT/SIGTERM (or, with ``burst``, until no task
-        is left), then returns counts: processed, failed, dead, left_pending."""
+        is ready, in flight or delayed), then returns counts: processed,
+        failed, retried, dead, skipped, handed_back, left_pending."""
         count = processes if processes is not None else (os.cpu_count() or 1)
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ConfigError(f"processes must be an integer >= 1, got {processes!r}")

@@ -61,11 +61,11 @@ class TaskInfo:
 
     __slots__ = ("entry_id", "id", "queue", "type")
 
-    def __init__(self, id: str, type: str, queue: str, entry_id: str) -> None:
+    def __init__(self, id: str, type: str, queue: str, entry_id: Optional[str]) -> None:
         self.id = id
         self.type = type
         self.queue = queue
-        #: The Redis stream entry id (``<ms>-<seq>``).
+        #: The Redis stream entry id (``<ms>-<seq>``); ``None`` while scheduled.
         self.entry_id = entry_id
 
     def __repr__(self) -> str:

@@ -15,6 +15,7 @@
 //! | `labels`     | optional, JSON object of strings                 |
 //! | `unique_key` | optional                                         |
 //! | `error`      | optional, the last failure's text                |
+//! | `idempotent` | optional, "1" when `id` is the caller's own      |
 //!
 //! Unknown fields are kept as they are.
 
@@ -46,6 +47,8 @@ pub mod field {
     pub const UNIQUE_KEY: &str = "unique_key";
     /// Last error text.
     pub const ERROR: &str = "error";
+    /// "1" when the id is the caller's (then a done marker guards re-runs).
+    pub const IDEMPOTENT: &str = "idempotent";
 }
 
 /// A stream entry as read from Redis: its stream id and raw fields. The
@@ -115,6 +118,8 @@ pub struct TaskRef<'a> {
     pub labels: Option<&'a [u8]>,
     /// Uniqueness key.
     pub unique_key: Option<&'a str>,
+    /// Whether a done marker guards this id against re-runs.
+    pub idempotent: bool,
 }
 
 fn shown(value: &[u8]) -> String {
@@ -140,6 +145,7 @@ struct Found<'a> {
     deadline: Option<&'a [u8]>,
     labels: Option<&'a [u8]>,
     unique_key: Option<&'a [u8]>,
+    idempotent: Option<&'a [u8]>,
 }
 
 impl<'a> Found<'a> {
@@ -157,6 +163,7 @@ impl<'a> Found<'a> {
                 b"deadline" => &mut found.deadline,
                 b"labels" => &mut found.labels,
                 b"unique_key" => &mut found.unique_key,
+                b"idempotent" => &mut found.idempotent,
                 _ => continue,
             };
             if slot.is_none() {
@@ -274,6 +281,7 @@ pub fn parse(entry: &RawEntry) -> Result<TaskRef<'_>, EnvelopeError> {
         },
         labels: found.labels,
         unique_key,
+        idempotent: found.idempotent == Some(b"1"),
     })
 }
 
@@ -298,6 +306,8 @@ pub struct NewTask<'a> {
     pub labels: Option<&'a [u8]>,
     /// Uniqueness key.
     pub unique_key: Option<&'a str>,
+    /// Whether `id` is the caller's own (guarded by a done marker).
+    pub idempotent: bool,
 }
 
 impl NewTask<'_> {
@@ -326,8 +336,65 @@ impl NewTask<'_> {
         if let Some(key) = self.unique_key {
             fields.push((field::UNIQUE_KEY, key.as_bytes().to_vec()));
         }
+        if self.idempotent {
+            fields.push((field::IDEMPOTENT, b"1".to_vec()));
+        }
         fields
     }
+}
+
+/// Fields that describe a failure, never carried into a new run.
+const FAILURE_FIELDS: [&str; 8] = [
+    field::ATTEMPT,
+    field::ERROR,
+    "traceback",
+    "reason",
+    "failed_at",
+    "attempts",
+    "origin_id",
+    "raw",
+];
+
+/// The fields of the next run of `entry`: everything it had, with `attempt`
+/// set and `error` holding the last failure (retry state travels with the task).
+#[must_use]
+pub fn next_run_fields(entry: &RawEntry, attempt: u32, error: &[u8]) -> Vec<(Bytes, Bytes)> {
+    let mut fields: Vec<(Bytes, Bytes)> = entry
+        .fields
+        .iter()
+        .filter(|(name, _)| {
+            !FAILURE_FIELDS
+                .iter()
+                .any(|own| own.as_bytes() == name.as_ref())
+        })
+        .cloned()
+        .collect();
+    fields.push((
+        Bytes::from_static(field::ATTEMPT.as_bytes()),
+        Bytes::from(attempt.to_string()),
+    ));
+    if !error.is_empty() {
+        fields.push((
+            Bytes::from_static(field::ERROR.as_bytes()),
+            Bytes::copy_from_slice(error),
+        ));
+    }
+    fields
+}
+
+/// A task's fields as a delayed-ZSET member: a JSON array of strings.
+#[must_use]
+pub fn delayed_member<'a>(fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> String {
+    let flat: Vec<std::borrow::Cow<'a, str>> = fields
+        .into_iter()
+        .flat_map(|(name, value)| {
+            [
+                String::from_utf8_lossy(name),
+                String::from_utf8_lossy(value),
+            ]
+        })
+        .collect();
+    serde_json::to_string(&flat).unwrap_or_else(|_| "[]".to_owned())
 }
 
 #[cfg(test)]
@@ -372,6 +439,7 @@ mod tests {
             deadline_ms: Some(1_700_000_100_000),
             labels: Some(br#"{"tenant":"x"}"#),
             unique_key: Some("u1"),
+            idempotent: true,
         };
         let raw = round_trip(&task);
         assert_eq!(raw.get("timeout"), Some(&b"2.5"[..]));

@@ -211,6 +211,8 @@ pub enum FailureKind {
     Retry = 4,
     /// The task could not be decoded (bad payload JSON, bad labels).
     Invalid = 5,
+    /// The actor did not start it because the engine is stopping.
+    NotStarted = 6,
 }
 
 impl FailureKind {
@@ -223,6 +225,7 @@ impl FailureKind {
             3 => Self::Reject,
             4 => Self::Retry,
             5 => Self::Invalid,
+            6 => Self::NotStarted,
             _ => return None,
         })
     }
@@ -345,6 +348,7 @@ mod tests {
             deadline_ms: None,
             labels,
             unique_key: None,
+            idempotent: false,
         }
     }
 

@@ -82,6 +82,18 @@ impl Keys {
         self.queue_key(queue, "stats")
     }
 
+    /// The lock a `unique_key` holds while its task lives.
+    #[must_use]
+    pub fn unique(&self, queue: &str, key: &str) -> String {
+        self.queue_key(queue, &format!("unique:{key}"))
+    }
+
+    /// The "done" marker of a task id (idempotency, kept `processed_ttl`).
+    #[must_use]
+    pub fn done(&self, queue: &str, task_id: &str) -> String {
+        self.queue_key(queue, &format!("done:{task_id}"))
+    }
+
     /// The set of every queue ever enqueued to or served.
     #[must_use]
     pub fn queues(&self) -> String {
@@ -101,6 +113,8 @@ mod tests {
         assert_eq!(keys.delayed("mail"), "flumeq:{mail}:delayed");
         assert_eq!(keys.stats("mail"), "flumeq:{mail}:stats");
         assert_eq!(Keys::new("app").queues(), "app:queues");
+        assert_eq!(keys.unique("mail", "u:1"), "flumeq:{mail}:unique:u:1");
+        assert_eq!(keys.done("mail", "order-7"), "flumeq:{mail}:done:order-7");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! Everything here is plain Rust, testable with `cargo test`; the `PyO3`
 //! bindings live in the `python` module behind the `python` feature.
 
+pub mod backoff;
 pub mod dispatcher;
 pub mod envelope;
 pub mod frame;
@@ -11,6 +12,7 @@ pub mod futex;
 pub mod keys;
 pub mod region;
 pub mod ring;
+pub mod scripts;
 pub mod streams;
 
 #[cfg(feature = "python")]

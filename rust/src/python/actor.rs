@@ -172,7 +172,11 @@ impl ActorEnd {
     }
 
     /// Records that task `index` of `batch_id` starts now, with its timeout.
-    fn begin(&self, batch_id: u64, index: u32, timeout: f64) {
+    /// Returns `False` when the engine is stopping: the task must not start.
+    fn begin(&self, batch_id: u64, index: u32, timeout: f64) -> bool {
+        if self.region.stop_requested() {
+            return false;
+        }
         let header = self.region.slot(self.slot);
         let now = now_ms();
         header.running_batch.store(batch_id, Ordering::SeqCst);
@@ -184,6 +188,7 @@ impl ActorEnd {
         };
         header.running_deadline_ms.store(deadline, Ordering::SeqCst);
         header.running_index.store(index + 1, Ordering::SeqCst);
+        true
     }
 
     /// Reports tasks `start .. start + count` of `batch_id` finished.

@@ -10,7 +10,7 @@ use crate::dispatcher::{self, DispatchError, DispatcherConfig};
 /// Runs the dispatcher on `region` until stopped (or drained, with `burst`).
 /// Blocks without holding the GIL; returns a report dict.
 #[pyfunction]
-#[pyo3(signature = (region, *, url, prefix, queues, group, consumer, burst, prefetch, read_count, block_ms, shutdown_timeout_ms, dead_max_length))]
+#[pyo3(signature = (region, *, url, prefix, queues, group, consumer, burst, prefetch, read_count, block_ms, shutdown_timeout_ms, dead_max_length, claim_stale_after_ms, retry_base_ms, retry_max_ms, processed_ttl_ms))]
 #[expect(clippy::too_many_arguments, reason = "one keyword per engine setting")]
 fn run_dispatcher<'py>(
     py: Python<'py>,
@@ -26,6 +26,10 @@ fn run_dispatcher<'py>(
     block_ms: u64,
     shutdown_timeout_ms: u64,
     dead_max_length: usize,
+    claim_stale_after_ms: u64,
+    retry_base_ms: u64,
+    retry_max_ms: u64,
+    processed_ttl_ms: u64,
 ) -> PyResult<Bound<'py, PyDict>> {
     let config = DispatcherConfig {
         url,
@@ -39,6 +43,10 @@ fn run_dispatcher<'py>(
         block_ms,
         shutdown_timeout_ms,
         dead_max_length,
+        claim_stale_after_ms: claim_stale_after_ms.max(1),
+        retry_base_ms,
+        retry_max_ms,
+        processed_ttl_ms,
     };
     let inner = region.region();
     let report = py.detach(|| dispatcher::run(inner, config));
@@ -51,7 +59,10 @@ fn run_dispatcher<'py>(
     let dict = PyDict::new(py);
     dict.set_item("processed", report.processed)?;
     dict.set_item("failed", report.failed)?;
+    dict.set_item("retried", report.retried)?;
     dict.set_item("dead", report.dead)?;
+    dict.set_item("skipped", report.skipped)?;
+    dict.set_item("handed_back", report.handed_back)?;
     dict.set_item("left_pending", report.left_pending)?;
     Ok(dict)
 }

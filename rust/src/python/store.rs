@@ -60,10 +60,12 @@ impl Store {
         self.with(py, SyncStore::ping)
     }
 
-    /// Appends tasks to `queue`. `items` are `(type, payload_json, task_id or
-    /// None)`; the other options apply to all of them. Returns `(task_id,
-    /// entry_id)` pairs in order.
-    #[pyo3(signature = (queue, items, max_retry, timeout_ms, deadline_ms = None, labels = None, unique_key = None))]
+    /// Appends tasks to `queue` (or schedules them for `due_ms`). `items` are
+    /// `(type, payload_json, task_id or None)`; a given task id makes the task
+    /// idempotent. The other options apply to all items. Returns `(task_id,
+    /// entry_id)` pairs in order (entry id `""` when scheduled). With
+    /// `unique_key` (one item only) raises `DuplicateTask` when the key is held.
+    #[pyo3(signature = (queue, items, max_retry, timeout_ms, deadline_ms = None, labels = None, unique_key = None, unique_ttl_ms = 3_600_000, due_ms = 0))]
     #[expect(
         clippy::too_many_arguments,
         reason = "mirrors Client.enqueue's options"
@@ -82,32 +84,96 @@ impl Store {
         deadline_ms: Option<u64>,
         labels: Option<&[u8]>,
         unique_key: Option<&str>,
+        unique_ttl_ms: u64,
+        due_ms: u64,
     ) -> PyResult<Vec<(String, String)>> {
         validate_queue(queue).map_err(|failure| error(py, "InvalidTask", failure.to_string()))?;
+        if unique_key.is_some() && items.len() != 1 {
+            return Err(error(
+                py,
+                "InvalidTask",
+                "unique_key applies to one task at a time".to_owned(),
+            ));
+        }
         let ids: Vec<String> = items
             .iter()
             .map(|(_, _, id)| id.clone().unwrap_or_else(new_task_id))
             .collect();
         let enqueued_at_ms = now_ms();
-        let entries = self.with(py, |store| {
-            let tasks: Vec<NewTask<'_>> = items
-                .iter()
-                .zip(&ids)
-                .map(|((kind, payload, _), id)| NewTask {
-                    id,
-                    kind,
-                    payload,
-                    max_retry,
-                    timeout_ms,
-                    enqueued_at_ms,
-                    deadline_ms,
-                    labels,
-                    unique_key,
-                })
-                .collect();
-            store.enqueue(queue, &tasks)
-        })?;
+        let tasks: Vec<NewTask<'_>> = items
+            .iter()
+            .zip(&ids)
+            .map(|((kind, payload, custom), id)| NewTask {
+                id,
+                kind,
+                payload,
+                max_retry,
+                timeout_ms,
+                enqueued_at_ms,
+                deadline_ms,
+                labels,
+                unique_key,
+                idempotent: custom.is_some(),
+            })
+            .collect();
+        let entries: Vec<String> = if let Some(key) = unique_key {
+            match self.with(py, |store| {
+                store.enqueue_unique(queue, &tasks[0], key, unique_ttl_ms, due_ms)
+            })? {
+                Some(entry) => vec![entry],
+                None => {
+                    return Err(error(
+                        py,
+                        "DuplicateTask",
+                        format!(
+                        "task {:?}: unique_key {key:?} is held by a live task in queue {queue:?}",
+                        tasks[0].kind
+                    ),
+                    ))
+                }
+            }
+        } else if due_ms > 0 {
+            self.with(py, |store| store.schedule(queue, &tasks, due_ms))?;
+            vec![String::new(); tasks.len()]
+        } else {
+            self.with(py, |store| store.enqueue(queue, &tasks))?
+        };
         Ok(ids.into_iter().zip(entries).collect())
+    }
+
+    /// The newest `limit` dead letters of `queue` as `(dead_entry_id, {field: value})`.
+    fn dead_letters<'py>(
+        &self,
+        py: Python<'py>,
+        queue: &str,
+        limit: usize,
+    ) -> PyResult<Vec<(String, Bound<'py, PyDict>)>> {
+        let letters = self.with(py, |store| store.dead_letters(queue, limit))?;
+        letters
+            .into_iter()
+            .map(|(id, fields)| {
+                let dict = PyDict::new(py);
+                for (name, value) in fields {
+                    dict.set_item(
+                        String::from_utf8_lossy(&name),
+                        String::from_utf8_lossy(&value),
+                    )?;
+                }
+                Ok((id, dict))
+            })
+            .collect()
+    }
+
+    /// Moves dead letters back to the stream (all, or those with these task ids).
+    #[pyo3(signature = (queue, ids = None))]
+    fn requeue_dead(&self, py: Python<'_>, queue: &str, ids: Option<Vec<String>>) -> PyResult<u64> {
+        let ids = ids.unwrap_or_default();
+        self.with(py, |store| store.requeue_dead(queue, &ids))
+    }
+
+    /// Deletes all dead letters of `queue`; returns how many there were.
+    fn purge_dead(&self, py: Python<'_>, queue: &str) -> PyResult<u64> {
+        self.with(py, |store| store.purge_dead(queue))
     }
 
     /// Sizes and counters of `queue` for consumer group `group`.

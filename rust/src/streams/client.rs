@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use redis::{Cmd, Pipeline, RedisResult, Value};
 
-use crate::envelope::NewTask;
+use crate::envelope::{delayed_member, NewTask};
 use crate::keys::Keys;
+use crate::scripts;
 
 /// Entries per pipeline when enqueueing many tasks: large enough to amortise
 /// the round trip, small enough to keep Redis' query buffer modest.
@@ -33,6 +34,9 @@ fn push_xadd(pipe: &mut Pipeline, stream: &str, task: &NewTask<'_>) {
     }
     pipe.add_command(cmd);
 }
+
+/// A dead letter as stored: its entry id and its fields.
+pub type DeadLetterFields = (String, Vec<(Vec<u8>, Vec<u8>)>);
 
 /// Reads `count` XADD replies (entry ids) into `ids`.
 fn read_ids(
@@ -209,6 +213,129 @@ impl SyncStore {
                 read_ids(connection, count, &mut ids)?;
             }
             Ok(ids)
+        })
+    }
+
+    /// Schedules `tasks` for `due_ms` (ms since the epoch) in the queue's
+    /// delayed ZSET; the dispatcher's mover appends them to the stream then.
+    pub fn schedule(&mut self, queue: &str, tasks: &[NewTask<'_>], due_ms: u64) -> RedisResult<()> {
+        self.run(|connection, keys| {
+            let delayed = keys.delayed(queue);
+            for chunk in tasks.chunks(ENQUEUE_CHUNK) {
+                let mut pipe = redis::pipe();
+                pipe.cmd("SADD").arg(keys.queues()).arg(queue).ignore();
+                let mut zadd = redis::cmd("ZADD");
+                zadd.arg(&delayed);
+                for task in chunk {
+                    let fields = task.to_fields();
+                    let member = delayed_member(
+                        fields
+                            .iter()
+                            .map(|(name, value)| (name.as_bytes(), value.as_slice())),
+                    );
+                    zadd.arg(due_ms).arg(member);
+                }
+                pipe.add_command(zadd).ignore();
+                pipe.query::<()>(connection)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Enqueues (or, with `due_ms > 0`, schedules) one task holding a unique
+    /// key, in one script: nothing is written when the key is held. Returns
+    /// the entry id (`""` when scheduled), or `None` for a duplicate.
+    pub fn enqueue_unique(
+        &mut self,
+        queue: &str,
+        task: &NewTask<'_>,
+        key: &str,
+        ttl_ms: u64,
+        due_ms: u64,
+    ) -> RedisResult<Option<String>> {
+        self.run(|connection, keys| {
+            let fields = task.to_fields();
+            let member = delayed_member(
+                fields
+                    .iter()
+                    .map(|(name, value)| (name.as_bytes(), value.as_slice())),
+            );
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(scripts::ENQUEUE_UNIQUE)
+                .arg(3)
+                .arg(keys.unique(queue, key))
+                .arg(keys.stream(queue))
+                .arg(keys.delayed(queue))
+                .arg(task.id)
+                .arg(ttl_ms.max(1))
+                .arg(due_ms)
+                .arg(member);
+            for (name, value) in &fields {
+                cmd.arg(*name).arg(value.as_slice());
+            }
+            let (reply,): (Option<String>,) = redis::pipe()
+                .cmd("SADD")
+                .arg(keys.queues())
+                .arg(queue)
+                .ignore()
+                .add_command(cmd)
+                .query(connection)?;
+            Ok(reply)
+        })
+    }
+
+    /// The newest `limit` dead letters of `queue`, newest first, as
+    /// (dead entry id, fields).
+    pub fn dead_letters(
+        &mut self,
+        queue: &str,
+        limit: usize,
+    ) -> RedisResult<Vec<DeadLetterFields>> {
+        self.run(|connection, keys| {
+            redis::cmd("XREVRANGE")
+                .arg(keys.dead(queue))
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(limit)
+                .query(connection)
+        })
+    }
+
+    /// Moves dead letters back to the stream with attempt 0: those whose task
+    /// id is in `ids`, or all when `ids` is empty. Walks the dead-letter stream
+    /// in steps of 500 so Redis is never blocked long. Returns the count moved.
+    pub fn requeue_dead(&mut self, queue: &str, ids: &[String]) -> RedisResult<u64> {
+        self.run(|connection, keys| {
+            let mut cursor = "-".to_owned();
+            let mut moved = 0;
+            loop {
+                let (count, next): (u64, String) = redis::cmd("EVAL")
+                    .arg(scripts::REQUEUE_DEAD)
+                    .arg(2)
+                    .arg(keys.dead(queue))
+                    .arg(keys.stream(queue))
+                    .arg(&cursor)
+                    .arg(500)
+                    .arg(ids)
+                    .query(connection)?;
+                moved += count;
+                if next.is_empty() {
+                    return Ok(moved);
+                }
+                cursor = next;
+            }
+        })
+    }
+
+    /// Deletes every dead letter of `queue`; returns how many there were.
+    pub fn purge_dead(&mut self, queue: &str) -> RedisResult<u64> {
+        self.run(|connection, keys| {
+            redis::cmd("EVAL")
+                .arg(scripts::PURGE_DEAD)
+                .arg(1)
+                .arg(keys.dead(queue))
+                .query(connection)
         })
     }
 

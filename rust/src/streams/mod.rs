@@ -41,31 +41,64 @@ pub struct DeadLetter {
     pub attempts: u32,
 }
 
-/// What one queue's finished tasks need written back.
+/// What one queue's finished tasks need written back. Everything here is
+/// written in one MULTI/EXEC per queue, so a task is never both acked and
+/// missing from where it went next.
 #[derive(Debug, Default, Clone)]
 pub struct QueueOutcomes {
-    /// Entries to acknowledge and delete (done or dead-lettered).
+    /// Entries to acknowledge and delete (done, dead-lettered, retried, requeued).
     pub finished: Vec<bytes::Bytes>,
     /// Entries to copy to the dead-letter stream first.
     pub dead: Vec<DeadLetter>,
+    /// Next runs to schedule: (due time in ms, task as a delayed member).
+    pub delayed: Vec<(u64, String)>,
+    /// Tasks to append to the stream again (retry now, or handed back
+    /// unstarted at a graceful stop): their fields.
+    pub append: Vec<Vec<(bytes::Bytes, bytes::Bytes)>>,
+    /// Done markers to set (task ids of idempotent tasks that succeeded).
+    pub done_ids: Vec<bytes::Bytes>,
+    /// Unique-key locks to release: (lock key, owning task id).
+    pub unlock: Vec<(String, bytes::Bytes)>,
+    /// Our own pending entries to keep fresh (so nobody claims them).
+    pub refresh: Vec<bytes::Bytes>,
     /// Successful runs.
     pub processed: u64,
     /// Failed runs.
     pub failed: u64,
+    /// Failed runs that will run again.
+    pub retried: u64,
+    /// Deliveries skipped because the task id was already done.
+    pub skipped: u64,
 }
 
 impl QueueOutcomes {
     /// Whether there is nothing to write.
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.finished.is_empty() && self.dead.is_empty() && self.processed == 0 && self.failed == 0
+        self.finished.is_empty()
+            && self.dead.is_empty()
+            && self.delayed.is_empty()
+            && self.append.is_empty()
+            && self.done_ids.is_empty()
+            && self.unlock.is_empty()
+            && self.refresh.is_empty()
+            && self.processed == 0
+            && self.failed == 0
+            && self.skipped == 0
     }
 
     /// Adds `other` to `self`.
     pub fn merge(&mut self, other: Self) {
         self.finished.extend(other.finished);
         self.dead.extend(other.dead);
+        self.delayed.extend(other.delayed);
+        self.append.extend(other.append);
+        self.done_ids.extend(other.done_ids);
+        self.unlock.extend(other.unlock);
+        self.refresh.extend(other.refresh);
         self.processed += other.processed;
         self.failed += other.failed;
+        self.retried += other.retried;
+        self.skipped += other.skipped;
     }
 }

@@ -283,3 +283,77 @@ pub async fn read_new(
         .map(reply::read_reply)
         .unwrap_or_default()))
 }
+
+/// Reads a page of this consumer's own pending entries (left by an earlier
+/// life of the same consumer name), after `after[i]` in each queue; advances
+/// `after`. Entries deleted meanwhile come back with no fields.
+pub async fn read_own_pending(
+    reader: &mut Reader,
+    queues: &[QueueSpec],
+    group: &str,
+    consumer: &str,
+    count: usize,
+    after: &mut [bytes::Bytes],
+) -> Result<Vec<(u16, RawEntry)>, ReadError> {
+    let mut cmd = xreadgroup(group, consumer, count, None);
+    for queue in queues {
+        cmd.arg(&queue.stream);
+    }
+    for id in after.iter() {
+        cmd.arg(id.as_ref());
+    }
+    let mut replies = reader.query(std::slice::from_ref(&cmd)).await?;
+    let mut out = Vec::new();
+    for (key, entry) in replies.pop().map(reply::read_reply).unwrap_or_default() {
+        if let Some(index) = queues
+            .iter()
+            .position(|queue| queue.stream.as_bytes() == key.as_ref())
+        {
+            after[index] = entry.entry_id.clone();
+            out.push((index as u16, entry));
+        }
+    }
+    Ok(out)
+}
+
+/// Splits `entries` into those to run and those whose task id already has a
+/// done marker (idempotent tasks that completed within `processed_ttl`).
+/// Costs a round trip only when some entry is idempotent.
+pub async fn split_done(
+    reader: &mut Reader,
+    keys: &crate::keys::Keys,
+    queues: &[QueueSpec],
+    entries: Vec<(u16, RawEntry)>,
+) -> Result<(Vec<(u16, RawEntry)>, Vec<(u16, RawEntry)>), ReadError> {
+    use crate::envelope::field;
+    let checks: Vec<(usize, Cmd)> = entries
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, entry))| entry.get(field::IDEMPOTENT) == Some(b"1"))
+        .filter_map(|(position, (queue, entry))| {
+            let id = String::from_utf8_lossy(entry.get(field::ID)?).into_owned();
+            let mut cmd = redis::cmd("EXISTS");
+            cmd.arg(keys.done(&queues[*queue as usize].name, &id));
+            Some((position, cmd))
+        })
+        .collect();
+    if checks.is_empty() {
+        return Ok((entries, Vec::new()));
+    }
+    let commands: Vec<Cmd> = checks.iter().map(|(_, cmd)| cmd.clone()).collect();
+    let replies = reader.query(&commands).await?;
+    let mut done = vec![false; entries.len()];
+    for ((position, _), reply) in checks.iter().zip(replies) {
+        done[*position] = matches!(reply, BytesFrame::Integer(count) if count > 0);
+    }
+    let mut run = Vec::with_capacity(entries.len());
+    let mut skipped = Vec::new();
+    for (entry, is_done) in entries.into_iter().zip(done) {
+        if is_done {
+            skipped.push(entry);
+        } else {
+            run.push(entry);
+        }
+    }
+    Ok((run, skipped))
+}

@@ -4,11 +4,12 @@
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{RedisResult, Value};
+use redis::{Cmd, RedisResult, Value};
 
 use super::{QueueOutcomes, QueueSpec};
 use crate::envelope::field;
 use crate::keys::Keys;
+use crate::scripts;
 
 /// Connects the dispatcher's async connection (reconnecting by itself).
 pub async fn connect(url: &str, response_timeout: Duration) -> RedisResult<ConnectionManager> {
@@ -62,16 +63,62 @@ const DEAD_OWN_FIELDS: [&str; 6] = [
     "origin_id",
 ];
 
-/// Writes the outcomes of every queue in one pipeline: dead letters first,
-/// then `XACK` + `XDEL` of the finished entries, then the counters. If the
-/// connection drops halfway, a task may be dead-lettered twice but never lost.
+/// Entries delivered and not yet acknowledged, over `queues`, in `group`.
+pub async fn group_pending(
+    connection: &mut ConnectionManager,
+    queues: &[QueueSpec],
+    group: &str,
+) -> RedisResult<u64> {
+    let mut pipe = redis::pipe();
+    for queue in queues {
+        pipe.cmd("XPENDING").arg(&queue.stream).arg(group);
+    }
+    let replies: Vec<Value> = pipe.query_async(connection).await?;
+    Ok(replies
+        .iter()
+        .map(|reply| match reply {
+            Value::Array(summary) => match summary.first() {
+                Some(Value::Int(count)) => (*count).max(0) as u64,
+                _ => 0,
+            },
+            _ => 0,
+        })
+        .sum())
+}
+
+/// How outcomes are written: settings of the engine.
+#[derive(Debug, Clone)]
+pub struct WriteSettings {
+    /// Consumer group.
+    pub group: String,
+    /// This engine's consumer name (for refreshing its own entries).
+    pub consumer: String,
+    /// Approximate bound of each dead-letter stream.
+    pub dead_max_length: usize,
+    /// How long done markers live, ms.
+    pub processed_ttl_ms: u64,
+}
+
+fn add_fields<'a>(cmd: &mut Cmd, fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) {
+    for (name, value) in fields {
+        cmd.arg(name).arg(value);
+    }
+}
+
+#[expect(
+    clippy::too_many_lines,
+    reason = "one MULTI block per queue, in the order Redis must apply it"
+)]
+/// Writes the outcomes of every queue in one pipeline: per queue one
+/// MULTI/EXEC holding dead letters, scheduled retries, re-appended tasks,
+/// `XACK` + `XDEL` of the finished entries, counters, done markers and
+/// released unique keys. Either all of a queue's block happens or none.
 pub async fn write_outcomes(
     connection: &mut ConnectionManager,
     keys: &Keys,
     queues: &[QueueSpec],
-    group: &str,
+    settings: &WriteSettings,
     outcomes: &[QueueOutcomes],
-    dead_max_length: usize,
     now_ms: u64,
 ) -> RedisResult<()> {
     let mut pipe = redis::pipe();
@@ -79,22 +126,27 @@ pub async fn write_outcomes(
         if outcome.is_empty() {
             continue;
         }
+        pipe.cmd("MULTI").ignore();
         let dead_key = keys.dead(&queue.name);
         for dead in &outcome.dead {
             let mut cmd = redis::cmd("XADD");
             cmd.arg(&dead_key)
                 .arg("MAXLEN")
                 .arg("~")
-                .arg(dead_max_length)
+                .arg(settings.dead_max_length)
                 .arg("*");
-            for (name, value) in &dead.entry.fields {
-                let own = DEAD_OWN_FIELDS
+            add_fields(
+                &mut cmd,
+                dead.entry
+                    .fields
                     .iter()
-                    .any(|own| own.as_bytes() == name.as_ref());
-                if !own {
-                    cmd.arg(name.as_ref()).arg(value.as_ref());
-                }
-            }
+                    .filter(|(name, _)| {
+                        !DEAD_OWN_FIELDS
+                            .iter()
+                            .any(|own| own.as_bytes() == name.as_ref())
+                    })
+                    .map(|(name, value)| (name.as_ref(), value.as_ref())),
+            );
             cmd.arg("reason")
                 .arg(dead.reason)
                 .arg(field::ERROR)
@@ -109,30 +161,78 @@ pub async fn write_outcomes(
                 .arg(dead.entry.entry_id.as_ref());
             pipe.add_command(cmd).ignore();
         }
+        if !outcome.delayed.is_empty() {
+            let mut cmd = redis::cmd("ZADD");
+            cmd.arg(keys.delayed(&queue.name));
+            for (due, member) in &outcome.delayed {
+                cmd.arg(*due).arg(member);
+            }
+            pipe.add_command(cmd).ignore();
+        }
+        for fields in &outcome.append {
+            let mut cmd = redis::cmd("XADD");
+            cmd.arg(&queue.stream).arg("*");
+            add_fields(
+                &mut cmd,
+                fields
+                    .iter()
+                    .map(|(name, value)| (name.as_ref(), value.as_ref())),
+            );
+            pipe.add_command(cmd).ignore();
+        }
         if !outcome.finished.is_empty() {
             let ids: Vec<&[u8]> = outcome.finished.iter().map(AsRef::as_ref).collect();
             pipe.cmd("XACK")
                 .arg(&queue.stream)
-                .arg(group)
+                .arg(&settings.group)
                 .arg(&ids)
                 .ignore();
             pipe.cmd("XDEL").arg(&queue.stream).arg(&ids).ignore();
         }
+        if !outcome.refresh.is_empty() {
+            let ids: Vec<&[u8]> = outcome.refresh.iter().map(AsRef::as_ref).collect();
+            pipe.cmd("EVAL")
+                .arg(scripts::REFRESH_OWN)
+                .arg(1)
+                .arg(&queue.stream)
+                .arg(&settings.group)
+                .arg(&settings.consumer)
+                .arg(&ids)
+                .ignore();
+        }
         let stats = keys.stats(&queue.name);
-        if outcome.processed > 0 {
-            pipe.cmd("HINCRBY")
-                .arg(&stats)
-                .arg("processed")
-                .arg(outcome.processed)
+        for (name, count) in [
+            ("processed", outcome.processed),
+            ("failed", outcome.failed),
+            ("retried", outcome.retried),
+            ("skipped", outcome.skipped),
+        ] {
+            if count > 0 {
+                pipe.cmd("HINCRBY")
+                    .arg(&stats)
+                    .arg(name)
+                    .arg(count)
+                    .ignore();
+            }
+        }
+        for id in &outcome.done_ids {
+            let key = keys.done(&queue.name, &String::from_utf8_lossy(id));
+            pipe.cmd("SET")
+                .arg(key)
+                .arg(1)
+                .arg("PX")
+                .arg(settings.processed_ttl_ms.max(1))
                 .ignore();
         }
-        if outcome.failed > 0 {
-            pipe.cmd("HINCRBY")
-                .arg(&stats)
-                .arg("failed")
-                .arg(outcome.failed)
+        for (key, owner) in &outcome.unlock {
+            pipe.cmd("EVAL")
+                .arg(scripts::RELEASE_UNIQUE)
+                .arg(1)
+                .arg(key)
+                .arg(owner.as_ref())
                 .ignore();
         }
+        pipe.cmd("EXEC").ignore();
     }
     pipe.query_async::<()>(connection).await
 }

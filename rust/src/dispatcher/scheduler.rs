@@ -1,0 +1,117 @@
+//! The delayed-task mover: moves due tasks from each queue's delayed ZSET to
+//! its stream with one atomic Lua script (`scripts::MOVE_DUE`), then sleeps
+//! until the next task is due, but at most `POLL`, so tasks scheduled by
+//! clients meanwhile are seen within ~100 ms.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use log::{info, warn};
+use redis::aio::ConnectionManager;
+use redis::RedisResult;
+use tokio::task::JoinHandle;
+
+use super::now_ms;
+use crate::keys::Keys;
+use crate::scripts;
+use crate::streams::QueueSpec;
+
+/// Longest sleep between two passes.
+const POLL: Duration = Duration::from_millis(100);
+/// Most tasks one script call moves (bounds the time Redis spends in it).
+const MOVE_AT_MOST: usize = 1000;
+
+/// What the mover tells the dispatcher (for burst mode's "nothing left").
+#[derive(Debug, Default)]
+pub struct DelayedState {
+    /// Delayed tasks left after the last pass, over all queues.
+    pub left: AtomicU64,
+    /// Value of `written` when the last complete pass started.
+    pub pass_after_write: AtomicU64,
+    /// Writes of outcomes done so far (bumped by the writer).
+    pub written: AtomicU64,
+}
+
+/// The mover's parameters.
+pub struct Scheduler {
+    /// Its own handle on the write connection.
+    pub connection: ConnectionManager,
+    /// Key names.
+    pub keys: Keys,
+    /// Queues served.
+    pub queues: Arc<Vec<QueueSpec>>,
+    /// Bound of dead-letter streams (for malformed delayed members).
+    pub dead_max_length: usize,
+    /// Shared progress.
+    pub state: Arc<DelayedState>,
+}
+
+impl Scheduler {
+    /// Starts the mover; abort the handle to stop it (each pass is atomic).
+    #[must_use]
+    pub fn start(self) -> JoinHandle<()> {
+        tokio::spawn(self.run())
+    }
+
+    async fn pass(&mut self) -> RedisResult<(u64, Option<u64>, bool)> {
+        let now = now_ms();
+        let mut left = 0;
+        let mut next_due: Option<u64> = None;
+        let mut more = false;
+        for queue in self.queues.iter() {
+            let (moved, next, remaining): (usize, i64, u64) = redis::cmd("EVAL")
+                .arg(scripts::MOVE_DUE)
+                .arg(3)
+                .arg(self.keys.delayed(&queue.name))
+                .arg(&queue.stream)
+                .arg(self.keys.dead(&queue.name))
+                .arg(now)
+                .arg(MOVE_AT_MOST)
+                .arg(self.dead_max_length)
+                .query_async(&mut self.connection)
+                .await?;
+            left += remaining;
+            more |= moved == MOVE_AT_MOST;
+            if next >= 0 {
+                let next = next as u64;
+                next_due = Some(next_due.map_or(next, |due| due.min(next)));
+            }
+        }
+        Ok((left, next_due, more))
+    }
+
+    async fn run(mut self) {
+        let mut failing = false;
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let written = self.state.written.load(Ordering::SeqCst);
+            match self.pass().await {
+                Ok((left, next_due, more)) => {
+                    if failing {
+                        info!("delayed-task mover: redis is back");
+                        failing = false;
+                        delay = Duration::from_millis(100);
+                    }
+                    self.state.left.store(left, Ordering::SeqCst);
+                    self.state.pass_after_write.store(written, Ordering::SeqCst);
+                    if more {
+                        continue;
+                    }
+                    let sleep = next_due.map_or(POLL, |due| {
+                        Duration::from_millis(due.saturating_sub(now_ms()).max(1)).min(POLL)
+                    });
+                    tokio::time::sleep(sleep).await;
+                }
+                Err(error) => {
+                    if !failing {
+                        warn!("delayed-task mover failed ({error}); retrying with backoff");
+                        failing = true;
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
