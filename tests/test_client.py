@@ -131,9 +131,18 @@ def test_stats_counts_ready_tasks(redis_url: str) -> None:
 
 
 def test_unreachable_redis_is_a_clear_error() -> None:
-    client = flumeq.Client(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
+    url = f"redis://user:secret@127.0.0.1:{free_port()}/0"
+    client = flumeq.Client(url, timeout=0.5, buffer_size=0)
     with pytest.raises(flumeq.RedisUnavailable) as raised:
         client.enqueue("t", {})
     assert isinstance(raised.value, ConnectionError)
+    buffering = flumeq.Client(url, timeout=0.5)
+    assert buffering.enqueue("t", {}).entry_id is None
+    with pytest.raises(flumeq.RedisUnavailable) as raised:
+        buffering.close()
+    assert "1 buffered task(s)" in str(raised.value)
+    with pytest.raises(flumeq.BufferFull) as full:
+        flumeq.Client(url, timeout=0.5, buffer_size=1).enqueue_many([("t", 1), ("t", 2)])
+    assert "user:***@127.0.0.1" in str(full.value) and "secret" not in str(full.value)
     with pytest.raises(flumeq.ConfigError):
         flumeq.Client("notaurl://x")

@@ -408,3 +408,56 @@ def test_bad_client_options_raise_before_any_write(redis_url: str, r: redis.Redi
     with pytest.raises(flumeq.InvalidTask, match="limit must be an integer"):
         client.dead_letters(limit=0)
     assert r.dbsize() == 0
+
+
+def test_client_buffers_while_redis_is_down_and_never_drops_silently() -> None:
+    server = RedisServer(appendonly=True).start()
+    try:
+        client = flumeq.Client(server.url, buffer_size=5, timeout=0.5)
+        client.enqueue("t", {"n": 0})
+        server.kill()
+        kept = [client.enqueue("t", {"n": n}) for n in range(1, 4)]
+        many = client.enqueue_many([("t", {"n": 4}), ("t", {"n": 5})])
+        assert all(info.entry_id is None for info in kept + many)
+        assert client.buffered == 5
+        with pytest.raises(flumeq.BufferFull, match="these 1 task"):
+            client.enqueue("t", {"n": 6})
+        with pytest.raises(flumeq.RedisUnavailable):
+            client.enqueue("t", {}, unique_key="never-buffered")
+        with pytest.raises(flumeq.RedisUnavailable, match="5 buffered task"):
+            client.close()
+        server.start()
+        late = client.enqueue("t", {"n": 7})
+        assert client.buffered == 0 and late.entry_id
+        conn = redis.Redis.from_url(server.url)
+        stored = [json.loads(fields[b"payload"]) for _, fields in conn.xrange(STREAM)]
+        assert [payload["n"] for payload in stored] == [0, 1, 2, 3, 4, 5, 7]
+        ids = [fields[b"id"].decode() for _, fields in conn.xrange(STREAM)]
+        assert ids[1:6] == [info.id for info in kept + many]
+        assert all(b"idempotent" not in fields for _, fields in conn.xrange(STREAM))
+        client.close()
+    finally:
+        server.stop()
+
+
+def test_task_running_past_the_shutdown_timeout_is_left_pending_uncounted(
+    redis_url: str, r: redis.Redis
+) -> None:
+    client = flumeq.Client(redis_url)
+    info = client.enqueue("work", {"sleep": 3})
+    script = ENGINE.replace("shutdown_timeout=10", "shutdown_timeout=0.3")
+    engine = spawn_script(script, redis_url, "short-lived", "300", "0")
+    wait_until(lambda: r.hget("started", info.id) is not None)
+    started = time.monotonic()
+    os.kill(engine.pid, signal.SIGTERM)
+    out, _ = engine.communicate(timeout=30)
+    assert engine.returncode == 0 and time.monotonic() - started < 3
+    assert b"'left_pending': 1" in out
+    assert runs(r) == {}
+    [pending] = r.xpending_range(STREAM, "flumeq", "-", "+", 10)
+    [(_, fields)] = r.xrange(STREAM)
+    assert fields[b"attempt"] == b"0"  # the cut-off run is not counted
+    assert pending["consumer"] == b"short-lived"
+    rescuer = start_engine(redis_url, "rescuer", stale=0.3, burst=True)
+    assert rescuer.wait(60) == 0
+    assert runs(r) == {info.id: 1}

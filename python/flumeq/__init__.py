@@ -9,6 +9,7 @@ from __future__ import annotations
 from .client import DEFAULT_MAX_RETRY, DEFAULT_URL, Client
 from .engine import Engine
 from .errors import (
+    BufferFull,
     ConfigError,
     DuplicateTask,
     EngineError,
@@ -36,6 +37,7 @@ __all__ = [
     "InvalidTask",
     "DuplicateTask",
     "RedisUnavailable",
+    "BufferFull",
     "RedisCommandError",
     "EngineError",
     # defaults

@@ -8,7 +8,7 @@ class Store:
     def enqueue(
         self,
         queue: str,
-        items: list[tuple[str, bytes, Optional[str]]],
+        items: list[tuple[str, bytes, Optional[str], bool]],
         max_retry: int,
         timeout_ms: int,
         deadline_ms: Optional[int] = None,
@@ -52,6 +52,7 @@ class ActorEnd:
 
 def die_with_parent() -> None: ...
 def queue_problem(name: str) -> Optional[str]: ...
+def new_task_id() -> str: ...
 def run_dispatcher(
     region: Region,
     *,

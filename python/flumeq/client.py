@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import logging
 import math
 import os
 import time
+import weakref
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
 from . import _core
-from .errors import InvalidTask
+from .errors import BufferFull, InvalidTask, RedisUnavailable
 from .task import TaskInfo
 
 __all__ = ["DEFAULT_MAX_RETRY", "DEFAULT_URL", "Client", "resolve_url"]
@@ -28,6 +33,33 @@ DEFAULT_TIMEOUT = 30.0
 MAX_TYPE_LENGTH = 1024
 
 Seconds = Union[float, int, timedelta]
+Item = tuple[str, bytes, Optional[str], bool]
+
+log = logging.getLogger("flumeq.client")
+
+
+class _Call(NamedTuple):
+    """One enqueue call kept while Redis is unreachable."""
+
+    queue: str
+    items: list[Item]
+    max_retry: int
+    timeout_ms: int
+    deadline_ms: Optional[int]
+    labels: Optional[bytes]
+    due_ms: int
+
+
+def safe_url(url: str) -> str:
+    """``url`` with its password hidden, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit(parts._replace(netloc=user + host))
 
 
 def resolve_url(url: Optional[str]) -> str:
@@ -94,14 +126,108 @@ class Client:
     ``url`` defaults to ``$FLUMEQ_URL``, then ``redis://127.0.0.1:6379/0``.
     The client keeps one connection, made on first use; it starts no thread,
     so a process may enqueue and then run an ``Engine`` (which forks).
+
+    While Redis is unreachable, ``enqueue`` and ``enqueue_many`` keep up to
+    ``buffer_size`` tasks in memory (their ``TaskInfo.entry_id`` is ``None``)
+    and write them, in order, before anything else on the next call that
+    reaches Redis, or on ``flush()`` / ``close()``. A call that would overflow
+    the buffer raises ``BufferFull`` and enqueues nothing; ``close()`` raises
+    ``RedisUnavailable`` while tasks remain buffered. Tasks with a
+    ``unique_key`` are never buffered (their check needs Redis).
+    ``buffer_size=0`` turns buffering off.
     """
 
     def __init__(
-        self, url: Optional[str] = None, *, prefix: str = "flumeq", timeout: float = 5.0
+        self,
+        url: Optional[str] = None,
+        *,
+        prefix: str = "flumeq",
+        timeout: float = 5.0,
+        buffer_size: int = 1000,
     ) -> None:
         self.url = resolve_url(url)
         self.prefix = prefix
+        if isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < 0:
+            raise InvalidTask(f"buffer_size must be an integer >= 0, got {buffer_size!r}")
+        self.buffer_size = buffer_size
         self._store = _core.Store(self.url, prefix, timeout)
+        self._buffer: deque[_Call] = deque()
+        self._buffered = 0
+        atexit.register(_flush_at_exit, weakref.ref(self))
+
+    @property
+    def buffered(self) -> int:
+        """Tasks held in memory because Redis was unreachable."""
+        return self._buffered
+
+    def flush(self) -> int:
+        """Writes the buffered tasks; returns how many. Raises
+        ``RedisUnavailable`` (keeping the rest) if Redis is still away."""
+        written = 0
+        while self._buffer:
+            call = self._buffer[0]
+            self._store.enqueue(
+                call.queue,
+                call.items,
+                call.max_retry,
+                call.timeout_ms,
+                call.deadline_ms,
+                call.labels,
+                None,
+                1,
+                call.due_ms,
+            )
+            self._buffer.popleft()
+            self._buffered -= len(call.items)
+            written += len(call.items)
+        if written:
+            log.warning(
+                "redis at %s is back: wrote %d buffered task(s)", safe_url(self.url), written
+            )
+        return written
+
+    def _send(
+        self, call: _Call, unique_key: Optional[str] = None, unique_ttl_ms: int = 1
+    ) -> list[tuple[str, Optional[str]]]:
+        try:
+            self.flush()
+            pairs = self._store.enqueue(
+                call.queue,
+                call.items,
+                call.max_retry,
+                call.timeout_ms,
+                call.deadline_ms,
+                call.labels,
+                unique_key,
+                unique_ttl_ms,
+                call.due_ms,
+            )
+            return [(id_, entry_id or None) for id_, entry_id in pairs]
+        except RedisUnavailable as error:
+            if unique_key is not None or self.buffer_size == 0:
+                raise
+            return self._keep(call, error)
+
+    def _keep(self, call: _Call, error: RedisUnavailable) -> list[tuple[str, Optional[str]]]:
+        if self._buffered + len(call.items) > self.buffer_size:
+            raise BufferFull(
+                f"redis at {safe_url(self.url)} is unreachable ({error}) and the client buffer "
+                f"holds {self._buffered} of {self.buffer_size} task(s): these {len(call.items)} "
+                "task(s) were not enqueued"
+            ) from error
+        items: list[Item] = [
+            (t, p, id_ or _core.new_task_id(), idem) for t, p, id_, idem in call.items
+        ]
+        if not self._buffer:
+            log.warning(
+                "redis at %s is unreachable (%s): buffering up to %d task(s) in memory",
+                safe_url(self.url),
+                error,
+                self.buffer_size,
+            )
+        self._buffer.append(call._replace(items=items))
+        self._buffered += len(items)
+        return [(item[2] or "", None) for item in items]
 
     def enqueue(
         self,
@@ -153,18 +279,17 @@ class Client:
         if unique_key is not None and (not isinstance(unique_key, str) or not unique_key):
             raise InvalidTask(f"task {type_!r}: unique_key must be a non-empty string")
         ttl_ms = round(_seconds("unique_ttl", unique_ttl, type_) * 1000)
-        [(id_, entry_id)] = self._store.enqueue(
+        call = _Call(
             _queue(queue),
-            [(type_, body, task_id)],
+            [(type_, body, task_id, task_id is not None)],
             _retries(type_, max_retry),
             timeout_ms,
             deadline_ms,
             _labels(type_, labels),
-            unique_key,
-            max(ttl_ms, 1),
             due_ms,
         )
-        return TaskInfo(id_, type_, queue, entry_id or None)
+        [(id_, entry_id)] = self._send(call, unique_key, max(ttl_ms, 1))
+        return TaskInfo(id_, type_, queue, entry_id)
 
     def enqueue_many(
         self,
@@ -183,7 +308,7 @@ class Client:
         once it completed, deliveries of the same id within the engine's
         ``processed_ttl`` are acknowledged without running.
         """
-        prepared: list[tuple[str, bytes, Optional[str]]] = []
+        prepared: list[Item] = []
         dumps = orjson.dumps
         for number, item in enumerate(items):
             if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
@@ -199,20 +324,22 @@ class Client:
                 raise InvalidTask(
                     f"item {number} (task {type_!r}): payload is not JSON-serialisable: {error}"
                 ) from None
-            prepared.append((type_, body, item[2] if len(item) == 3 else None))
+            task_id = item[2] if len(item) == 3 else None
+            prepared.append((type_, body, task_id, task_id is not None))
         if not prepared:
             return []
         first = prepared[0][0]
         timeout_ms = 0 if timeout is None else round(_seconds("timeout", timeout, first) * 1000)
-        pairs = self._store.enqueue(
+        call = _Call(
             _queue(queue),
             prepared,
             _retries(first, max_retry),
             timeout_ms,
             None,
             _labels(first, labels),
-            None,
+            0,
         )
+        pairs = self._send(call)
         return [
             TaskInfo(id_, item[0], queue, entry_id)
             for (id_, entry_id), item in zip(pairs, prepared)
@@ -272,7 +399,17 @@ class Client:
         self._store.ping()
 
     def close(self) -> None:
-        """Closes the connection (the client may still be used; it reconnects)."""
+        """Writes buffered tasks, then closes the connection (the client may
+        still be used; it reconnects). Raises ``RedisUnavailable`` if buffered
+        tasks cannot be written; they stay buffered."""
+        if self._buffer:
+            try:
+                self.flush()
+            except RedisUnavailable as error:
+                raise RedisUnavailable(
+                    f"{self._buffered} buffered task(s) could not be written: {error}; "
+                    "call flush() or close() again once redis is back"
+                ) from error
         self._store.close()
 
     def __enter__(self) -> Client:
@@ -285,3 +422,17 @@ class Client:
         tb: Optional[TracebackType],
     ) -> None:
         self.close()
+
+
+def _flush_at_exit(reference: weakref.ref[Client]) -> None:
+    client = reference()
+    if client is None or not client.buffered:
+        return
+    try:
+        client.flush()
+    except RedisUnavailable:
+        log.error(
+            "exiting with %d task(s) buffered for unreachable redis at %s: they are lost",
+            client.buffered,
+            safe_url(client.url),
+        )

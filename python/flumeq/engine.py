@@ -226,7 +226,19 @@ class Engine:
                 signal.signal(signum, handler)
             self._region = None
             region.close_all()
+            outcome: tuple[str, Any] = (
+                report_reader.recv()
+                if report_reader.poll()
+                else ("error", "dispatcher exited without a report")
+            )
+            report_reader.close()
+            # Tasks the dispatcher left pending (shutdown timeout) must not
+            # finish unrecorded: stop their actors now. Otherwise actors exit
+            # by themselves once they see the closed rings.
+            left = outcome[0] != "ok" or outcome[1].get("left_pending", 0) > 0
             for actor in actors:
+                if left:
+                    actor.kill()
                 actor.join(timeout=5)
                 if actor.is_alive():
                     actor.kill()
@@ -234,13 +246,10 @@ class Engine:
             if dispatcher.is_alive():
                 dispatcher.kill()
                 dispatcher.join()
-        outcome: tuple[str, Any] = (
-            report_reader.recv()
-            if report_reader.poll()
-            else ("error", "dispatcher exited without a report")
-        )
-        report_reader.close()
         if outcome[0] != "ok":
+            if self._signals > 1:
+                log.warning("stopped at once: no report; unfinished tasks stay pending in Redis")
+                return {}
             raise EngineError(
                 f"the dispatcher failed (exit code {dispatcher.exitcode}): {outcome[1]}"
             )

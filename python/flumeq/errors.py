@@ -7,6 +7,7 @@ Children also subclass the stdlib exception a caller would already catch
 from __future__ import annotations
 
 __all__ = [
+    "BufferFull",
     "ConfigError",
     "DuplicateTask",
     "EngineError",
@@ -35,6 +36,11 @@ class DuplicateTask(FlumeqError):
 
 class RedisUnavailable(FlumeqError, ConnectionError):
     """Redis could not be reached or the connection broke."""
+
+
+class BufferFull(RedisUnavailable):
+    """Redis is unreachable and the client's outage buffer has no room left:
+    the tasks of this call were not enqueued."""
 
 
 class RedisCommandError(FlumeqError):

@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import Optional
 
 from . import _core
-from .errors import FlumeqError, RedisUnavailable
+from .errors import FlumeqError, RedisCommandError, RedisUnavailable
 
 __all__ = ["RedisServer", "find_redis_server", "free_port"]
 
@@ -105,7 +105,9 @@ class RedisServer:
             try:
                 store.ping()
                 return self
-            except RedisUnavailable:
+            except (RedisUnavailable, RedisCommandError) as error:
+                if isinstance(error, RedisCommandError) and "loading" not in str(error).lower():
+                    raise
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     log = self.directory / "redis.log"
                     tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""

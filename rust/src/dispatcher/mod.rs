@@ -406,9 +406,10 @@ async fn serve(region: &Region, config: DispatcherConfig) -> Result<Report, Disp
                 pending_checked.is_none_or(|at| at.elapsed() >= Duration::from_millis(100));
             if config.burst && last_read_empty && nothing_delayed && check_due {
                 // Nothing here: but tasks other consumers hold (alive, or dead
-                // and soon claimed by recovery) are still in flight for the queue.
+                // and soon claimed by recovery), or that the mover just made
+                // due, are still in the streams.
                 pending_checked = Some(Instant::now());
-                match store::group_pending(&mut group_connection, &state.queues, &config.group)
+                match store::tasks_in_streams(&mut group_connection, &state.queues, &config.group)
                     .await
                 {
                     Ok(0) => break,

@@ -54,22 +54,22 @@ impl Scheduler {
         tokio::spawn(self.run())
     }
 
-    async fn pass(&mut self) -> RedisResult<(u64, Option<u64>, bool)> {
+    async fn pass(&mut self, script: &redis::Script) -> RedisResult<(u64, Option<u64>, bool)> {
         let now = now_ms();
         let mut left = 0;
         let mut next_due: Option<u64> = None;
         let mut more = false;
         for queue in self.queues.iter() {
-            let (moved, next, remaining): (usize, i64, u64) = redis::cmd("EVAL")
-                .arg(scripts::MOVE_DUE)
-                .arg(3)
-                .arg(self.keys.delayed(&queue.name))
-                .arg(&queue.stream)
-                .arg(self.keys.dead(&queue.name))
+            // EVALSHA (loading the script once): an idle engine runs this
+            // ten times a second per queue.
+            let (moved, next, remaining): (usize, i64, u64) = script
+                .key(self.keys.delayed(&queue.name))
+                .key(&queue.stream)
+                .key(self.keys.dead(&queue.name))
                 .arg(now)
                 .arg(MOVE_AT_MOST)
                 .arg(self.dead_max_length)
-                .query_async(&mut self.connection)
+                .invoke_async(&mut self.connection)
                 .await?;
             left += remaining;
             more |= moved == MOVE_AT_MOST;
@@ -82,11 +82,12 @@ impl Scheduler {
     }
 
     async fn run(mut self) {
+        let script = redis::Script::new(scripts::MOVE_DUE);
         let mut failing = false;
         let mut delay = Duration::from_millis(100);
         loop {
             let written = self.state.written.load(Ordering::SeqCst);
-            match self.pass().await {
+            match self.pass(&script).await {
                 Ok((left, next_due, more)) => {
                     if failing {
                         info!("delayed-task mover: redis is back");

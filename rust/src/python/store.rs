@@ -61,8 +61,8 @@ impl Store {
     }
 
     /// Appends tasks to `queue` (or schedules them for `due_ms`). `items` are
-    /// `(type, payload_json, task_id or None)`; a given task id makes the task
-    /// idempotent. The other options apply to all items. Returns `(task_id,
+    /// `(type, payload_json, task_id or None, idempotent)`; a missing id is
+    /// generated. The other options apply to all items. Returns `(task_id,
     /// entry_id)` pairs in order (entry id `""` when scheduled). With
     /// `unique_key` (one item only) raises `DuplicateTask` when the key is held.
     #[pyo3(signature = (queue, items, max_retry, timeout_ms, deadline_ms = None, labels = None, unique_key = None, unique_ttl_ms = 3_600_000, due_ms = 0))]
@@ -78,7 +78,7 @@ impl Store {
         &self,
         py: Python<'_>,
         queue: &str,
-        items: Vec<(String, Vec<u8>, Option<String>)>,
+        items: Vec<(String, Vec<u8>, Option<String>, bool)>,
         max_retry: u32,
         timeout_ms: u64,
         deadline_ms: Option<u64>,
@@ -97,13 +97,13 @@ impl Store {
         }
         let ids: Vec<String> = items
             .iter()
-            .map(|(_, _, id)| id.clone().unwrap_or_else(new_task_id))
+            .map(|(_, _, id, _)| id.clone().unwrap_or_else(new_task_id))
             .collect();
         let enqueued_at_ms = now_ms();
         let tasks: Vec<NewTask<'_>> = items
             .iter()
             .zip(&ids)
-            .map(|((kind, payload, custom), id)| NewTask {
+            .map(|((kind, payload, _, idempotent), id)| NewTask {
                 id,
                 kind,
                 payload,
@@ -113,7 +113,7 @@ impl Store {
                 deadline_ms,
                 labels,
                 unique_key,
-                idempotent: custom.is_some(),
+                idempotent: *idempotent,
             })
             .collect();
         let entries: Vec<String> = if let Some(key) = unique_key {
@@ -203,6 +203,12 @@ impl Store {
     }
 }
 
+/// A new task id (what the client uses when none is given).
+#[pyfunction(name = "new_task_id")]
+fn py_new_task_id() -> String {
+    new_task_id()
+}
+
 /// Why `name` cannot be a queue name, or `None` when it can.
 #[pyfunction]
 fn queue_problem(name: &str) -> Option<String> {
@@ -213,7 +219,8 @@ fn queue_problem(name: &str) -> Option<String> {
 
 pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<Store>()?;
-    module.add_function(wrap_pyfunction!(queue_problem, module)?)
+    module.add_function(wrap_pyfunction!(queue_problem, module)?)?;
+    module.add_function(wrap_pyfunction!(py_new_task_id, module)?)
 }
 
 #[cfg(test)]

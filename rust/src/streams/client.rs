@@ -144,26 +144,39 @@ impl SyncStore {
         &self.keys
     }
 
-    fn run<T>(
-        &mut self,
-        call: impl FnOnce(&mut redis::Connection, &Keys) -> RedisResult<T>,
-    ) -> RedisResult<T> {
+    fn connection(&mut self) -> RedisResult<&mut redis::Connection> {
         if self.connection.is_none() {
             let connection = self.client.get_connection_with_timeout(self.timeout)?;
             connection.set_read_timeout(Some(self.timeout))?;
             connection.set_write_timeout(Some(self.timeout))?;
             self.connection = Some(connection);
         }
-        let Some(connection) = self.connection.as_mut() else {
-            unreachable!("connection set above");
+        match self.connection.as_mut() {
+            Some(connection) => Ok(connection),
+            None => unreachable!("connection set above"),
+        }
+    }
+
+    /// Runs `call` on the connection. A reused connection found dead (Redis
+    /// restarted, idle socket closed) is replaced and the call made once more
+    /// on a fresh one; a timeout is not retried (the command may be running).
+    fn run<T>(
+        &mut self,
+        mut call: impl FnMut(&mut redis::Connection, &Keys) -> RedisResult<T>,
+    ) -> RedisResult<T> {
+        let reused = self.connection.is_some();
+        let keys = self.keys.clone();
+        let result = call(self.connection()?, &keys);
+        let Err(error) = &result else {
+            return result;
         };
-        let result = call(connection, &self.keys);
-        if let Err(error) = &result {
-            // A broken or timed-out connection may hold half a reply: drop it
-            // and start clean next time.
-            if error.is_io_error() || error.is_timeout() || error.is_connection_dropped() {
-                self.connection = None;
-            }
+        if !(error.is_io_error() || error.is_timeout() || error.is_connection_dropped()) {
+            return result;
+        }
+        // A broken or timed-out connection may hold half a reply: drop it.
+        self.connection = None;
+        if reused && !error.is_timeout() {
+            return call(self.connection()?, &keys);
         }
         result
     }

@@ -63,20 +63,25 @@ const DEAD_OWN_FIELDS: [&str; 6] = [
     "origin_id",
 ];
 
-/// Entries delivered and not yet acknowledged, over `queues`, in `group`.
-pub async fn group_pending(
+/// Tasks still somewhere in `queues`' streams: entries not yet delivered or
+/// delivered and not acknowledged (in `group`, by any consumer). Done entries
+/// are deleted, so `XLEN` counts the first kind and `XPENDING` the second
+/// (including pending entries deleted meanwhile).
+pub async fn tasks_in_streams(
     connection: &mut ConnectionManager,
     queues: &[QueueSpec],
     group: &str,
 ) -> RedisResult<u64> {
     let mut pipe = redis::pipe();
     for queue in queues {
+        pipe.cmd("XLEN").arg(&queue.stream);
         pipe.cmd("XPENDING").arg(&queue.stream).arg(group);
     }
     let replies: Vec<Value> = pipe.query_async(connection).await?;
     Ok(replies
         .iter()
         .map(|reply| match reply {
+            Value::Int(length) => (*length).max(0) as u64,
             Value::Array(summary) => match summary.first() {
                 Some(Value::Int(count)) => (*count).max(0) as u64,
                 _ => 0,
