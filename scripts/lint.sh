@@ -6,5 +6,6 @@ cd "$(dirname "$0")/.."
 ruff check python tests benches
 ruff format --check python tests benches
 mypy
+python -m mypy.stubtest flumeq._core
 cargo fmt --all --check
 cargo clippy --all-targets --features python -q -- -D warnings

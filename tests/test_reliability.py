@@ -138,6 +138,13 @@ def test_delayed_tasks_run_on_time(redis_url: str, r: redis.Redis) -> None:
     assert r.zcard(DELAYED) == 0
 
 
+def test_burst_waits_for_tasks_that_are_only_scheduled(redis_url: str, r: redis.Redis) -> None:
+    client = flumeq.Client(redis_url)
+    info = client.enqueue("count", {}, delay=0.5)
+    flumeq.Engine({"count": counting_handler(redis_url)}, redis_url).run(processes=1, burst=True)
+    assert runs(r) == {info.id: 1}
+
+
 def test_past_deadline_is_not_run(redis_url: str, r: redis.Redis) -> None:
     client = flumeq.Client(redis_url)
     info = client.enqueue("count", {}, deadline=datetime.now(timezone.utc) - timedelta(seconds=1))

@@ -401,7 +401,7 @@ async fn serve(region: &Region, config: DispatcherConfig) -> Result<Report, Disp
             }
             let nothing_delayed = delayed_state.left.load(Ordering::SeqCst) == 0
                 && delayed_state.written.load(Ordering::SeqCst) == sent
-                && delayed_state.pass_after_write.load(Ordering::SeqCst) >= sent;
+                && delayed_state.pass_after_write.load(Ordering::SeqCst) > sent;
             let check_due =
                 pending_checked.is_none_or(|at| at.elapsed() >= Duration::from_millis(100));
             if config.burst && last_read_empty && nothing_delayed && check_due {

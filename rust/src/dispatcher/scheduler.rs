@@ -27,7 +27,8 @@ const MOVE_AT_MOST: usize = 1000;
 pub struct DelayedState {
     /// Delayed tasks left after the last pass, over all queues.
     pub left: AtomicU64,
-    /// Value of `written` when the last complete pass started.
+    /// 1 + the value of `written` when the last complete pass started
+    /// (0 = no pass completed yet).
     pub pass_after_write: AtomicU64,
     /// Writes of outcomes done so far (bumped by the writer).
     pub written: AtomicU64,
@@ -95,7 +96,9 @@ impl Scheduler {
                         delay = Duration::from_millis(100);
                     }
                     self.state.left.store(left, Ordering::SeqCst);
-                    self.state.pass_after_write.store(written, Ordering::SeqCst);
+                    self.state
+                        .pass_after_write
+                        .store(written + 1, Ordering::SeqCst);
                     if more {
                         continue;
                     }
