@@ -468,3 +468,35 @@ def test_task_running_past_the_shutdown_timeout_is_left_pending_uncounted(
     rescuer = start_engine(redis_url, "rescuer", stale=0.3, burst=True)
     assert rescuer.wait(60) == 0
     assert runs(r) == {info.id: 1}
+
+
+def test_tasks_delivered_while_a_reply_was_lost_are_taken_back(
+    redis_url: str, r: redis.Redis
+) -> None:
+    engine = start_engine(redis_url, "steady")  # claim_stale_after: 300 s
+    try:
+
+        def reader() -> dict[str, object] | None:
+            for client in r.client_list():
+                if client.get("name", "").startswith("flumeq:steady:reader:"):
+                    return client
+            return None
+
+        wait_until(lambda: reader() is not None)
+        connection = reader()
+        assert connection is not None
+        dispatcher_pid = int(str(connection["name"]).rsplit(":", 1)[1])
+        os.kill(dispatcher_pid, signal.SIGSTOP)
+        try:
+            r.client_kill_filter(_id=connection["id"])
+            infos = flumeq.Client(redis_url).enqueue_many([("work", {}) for _ in range(5)])
+            # Redis delivers them to the engine's consumer; the engine never sees
+            # the reply (as when Redis dies right after running XREADGROUP).
+            r.xreadgroup("flumeq", "steady", {STREAM: ">"}, count=5)
+        finally:
+            os.kill(dispatcher_pid, signal.SIGCONT)
+        wait_until(lambda: len(runs(r)) == 5, timeout=15)
+        assert runs(r) == {info.id: 1 for info in infos}
+    finally:
+        os.kill(engine.pid, signal.SIGTERM)
+        assert engine.wait(30) == 0

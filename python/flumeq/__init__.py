@@ -6,6 +6,8 @@ worker processes that run your handlers.
 
 from __future__ import annotations
 
+import logging
+
 from .client import DEFAULT_MAX_RETRY, DEFAULT_URL, Client
 from .engine import Engine
 from .errors import (
@@ -21,6 +23,10 @@ from .errors import (
 from .task import Reject, Retry, Task, TaskInfo
 
 __version__ = "0.1.0"
+
+# A library logs; the application decides where to. Records of the Rust core
+# arrive as "flumeq.dispatcher", "flumeq.dispatcher.recovery", ...
+logging.getLogger("flumeq").addHandler(logging.NullHandler())
 
 __all__ = [
     # producing and running

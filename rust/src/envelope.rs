@@ -49,7 +49,31 @@ pub mod field {
     pub const ERROR: &str = "error";
     /// "1" when the id is the caller's (then a done marker guards re-runs).
     pub const IDEMPOTENT: &str = "idempotent";
+    /// Dead letters: why the task died (`error`, `timeout`, `poison`, ...).
+    pub const REASON: &str = "reason";
+    /// Dead letters: the last failure's traceback.
+    pub const TRACEBACK: &str = "traceback";
+    /// Dead letters: runs made.
+    pub const ATTEMPTS: &str = "attempts";
+    /// Dead letters: when the task died, ms.
+    pub const FAILED_AT: &str = "failed_at";
+    /// Dead letters: the task's entry id in its stream.
+    pub const ORIGIN_ID: &str = "origin_id";
+    /// Dead letters: a delayed member that was not a task, as it was.
+    pub const RAW: &str = "raw";
 }
+
+/// Fields a dead letter adds to the task's own; never copied from a task
+/// (they are written anew) nor carried into its next run.
+pub const DEAD_LETTER_FIELDS: [&str; 7] = [
+    field::ERROR,
+    field::TRACEBACK,
+    field::REASON,
+    field::ATTEMPTS,
+    field::FAILED_AT,
+    field::ORIGIN_ID,
+    field::RAW,
+];
 
 /// A stream entry as read from Redis: its stream id and raw fields. The
 /// bytes are views into the read buffer (no copy per field).
@@ -285,32 +309,7 @@ pub fn parse(entry: &RawEntry) -> Result<TaskRef<'_>, EnvelopeError> {
     })
 }
 
-/// A task to enqueue, as the client hands it over.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewTask<'a> {
-    /// Task id.
-    pub id: &'a str,
-    /// Task type.
-    pub kind: &'a str,
-    /// JSON payload text.
-    pub payload: &'a [u8],
-    /// Retries allowed.
-    pub max_retry: u32,
-    /// Hard timeout, ms (0 = none).
-    pub timeout_ms: u64,
-    /// Enqueue time, ms.
-    pub enqueued_at_ms: u64,
-    /// Deadline, ms.
-    pub deadline_ms: Option<u64>,
-    /// Labels JSON text.
-    pub labels: Option<&'a [u8]>,
-    /// Uniqueness key.
-    pub unique_key: Option<&'a str>,
-    /// Whether `id` is the caller's own (guarded by a done marker).
-    pub idempotent: bool,
-}
-
-impl NewTask<'_> {
+impl TaskRef<'_> {
     /// The entry's fields, in the order written to the stream. Entries with
     /// the same field names share them in Redis' stream encoding.
     #[must_use]
@@ -319,7 +318,7 @@ impl NewTask<'_> {
             (field::ID, self.id.as_bytes().to_vec()),
             (field::TYPE, self.kind.as_bytes().to_vec()),
             (field::PAYLOAD, self.payload.to_vec()),
-            (field::ATTEMPT, b"0".to_vec()),
+            (field::ATTEMPT, self.attempt.to_string().into_bytes()),
             (field::MAX_RETRY, self.max_retry.to_string().into_bytes()),
             (field::TIMEOUT, format_seconds(self.timeout_ms).into_bytes()),
             (
@@ -343,18 +342,6 @@ impl NewTask<'_> {
     }
 }
 
-/// Fields that describe a failure, never carried into a new run.
-const FAILURE_FIELDS: [&str; 8] = [
-    field::ATTEMPT,
-    field::ERROR,
-    "traceback",
-    "reason",
-    "failed_at",
-    "attempts",
-    "origin_id",
-    "raw",
-];
-
 /// The fields of the next run of `entry`: everything it had, with `attempt`
 /// set and `error` holding the last failure (retry state travels with the task).
 #[must_use]
@@ -363,9 +350,10 @@ pub fn next_run_fields(entry: &RawEntry, attempt: u32, error: &[u8]) -> Vec<(Byt
         .fields
         .iter()
         .filter(|(name, _)| {
-            !FAILURE_FIELDS
-                .iter()
-                .any(|own| own.as_bytes() == name.as_ref())
+            name.as_ref() != field::ATTEMPT.as_bytes()
+                && !DEAD_LETTER_FIELDS
+                    .iter()
+                    .any(|own| own.as_bytes() == name.as_ref())
         })
         .cloned()
         .collect();
@@ -416,7 +404,7 @@ mod tests {
         }
     }
 
-    fn round_trip(task: &NewTask<'_>) -> RawEntry {
+    fn round_trip(task: &TaskRef<'_>) -> RawEntry {
         RawEntry {
             entry_id: Bytes::from_static(b"5-0"),
             fields: task
@@ -429,10 +417,11 @@ mod tests {
 
     #[test]
     fn new_task_fields_parse_back_to_the_same_task() {
-        let task = NewTask {
+        let task = TaskRef {
             id: "abc",
             kind: "email:send",
             payload: br#"{"to":"a@example.com"}"#,
+            attempt: 0,
             max_retry: 3,
             timeout_ms: 2500,
             enqueued_at_ms: 1_700_000_000_123,
@@ -454,6 +443,8 @@ mod tests {
         assert_eq!(parsed.deadline_ms, Some(1_700_000_100_000));
         assert_eq!(parsed.labels, task.labels);
         assert_eq!(parsed.unique_key, Some("u1"));
+        assert!(parsed.idempotent);
+        assert_eq!(parsed, task);
     }
 
     #[test]
@@ -523,5 +514,43 @@ mod tests {
         }
         assert_eq!(format_seconds(30_000), "30");
         assert_eq!(format_seconds(1500), "1.5");
+    }
+
+    #[test]
+    fn next_run_keeps_the_task_and_carries_the_retry_state() {
+        let raw = entry(&[
+            ("id", "t"),
+            ("type", "x"),
+            ("payload", "{}"),
+            ("attempt", "1"),
+            ("error", "old"),
+            ("reason", "error"),
+            ("custom", "kept"),
+        ]);
+        let fields = next_run_fields(&raw, 2, b"ValueError: new");
+        let next = RawEntry {
+            entry_id: Bytes::from_static(b"9-0"),
+            fields,
+        };
+        assert_eq!(next.get("attempt"), Some(&b"2"[..]));
+        assert_eq!(next.get("error"), Some(&b"ValueError: new"[..]));
+        assert_eq!(next.get("custom"), Some(&b"kept"[..]));
+        assert_eq!(next.get("reason"), None);
+        assert_eq!(
+            next.fields
+                .iter()
+                .filter(|(name, _)| name == "attempt")
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn delayed_member_is_a_json_array_of_the_fields() {
+        let member = delayed_member([
+            (&b"id"[..], &b"a\"b"[..]),
+            (&b"payload"[..], &br#"{"k":[1]}"#[..]),
+        ]);
+        assert_eq!(member, r#"["id","a\"b","payload","{\"k\":[1]}"]"#);
     }
 }

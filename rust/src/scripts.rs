@@ -61,7 +61,8 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 ";
 
-/// Moves dead letters back to the stream as fresh tasks (attempt 0).
+/// Moves dead letters back to the stream as fresh tasks (attempt 0). The
+/// fields it drops are `envelope::DEAD_LETTER_FIELDS` plus `attempt`.
 ///
 /// KEYS[1] dead-letter stream, KEYS[2] stream.
 /// ARGV[1] start id (exclusive cursor; '-' for the beginning), ARGV[2] batch

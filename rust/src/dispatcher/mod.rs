@@ -25,7 +25,7 @@ mod state;
 use std::future::Future;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -140,12 +140,18 @@ fn watch(fd: RawFd) -> std::io::Result<AsyncFd<OwnedFd>> {
         .map_err(|error| error.into_parts().1)
 }
 
-/// A finished read: the connection back, the entries to run and those whose
-/// id is already done.
-type ReadOutcome = (
-    Reader,
-    Result<(Vec<(u16, RawEntry)>, Vec<(u16, RawEntry)>), ReadError>,
-);
+/// What one read brought.
+struct Fetched {
+    /// Our own pending entries, re-read after a lost reply (some we hold).
+    own: Vec<(u16, RawEntry)>,
+    /// New entries to run.
+    new: Vec<(u16, RawEntry)>,
+    /// New entries whose task id is already done.
+    done: Vec<(u16, RawEntry)>,
+}
+
+/// A finished read: the connection back, and what it brought.
+type ReadOutcome = (Reader, Result<Fetched, ReadError>);
 type ReadFuture = Pin<Box<dyn Future<Output = ReadOutcome> + Send>>;
 
 async fn maybe_read(read: &mut Option<ReadFuture>) -> ReadOutcome {
@@ -275,12 +281,13 @@ async fn serve(region: &Region, config: DispatcherConfig) -> Result<Report, Disp
         })
         .collect();
     let response_timeout = Duration::from_millis(config.block_ms + 10_000);
-    let make_reader = || {
-        Reader::new(&config.url, response_timeout)
+    let make_reader = |role: &str| {
+        let name = format!("flumeq:{}:{role}:{}", config.consumer, std::process::id());
+        Reader::new(&config.url, response_timeout, &name)
             .map_err(|error| DispatchError::Config(error.to_string()))
     };
-    let mut reader = make_reader()?;
-    let recovery_reader = make_reader()?;
+    let mut reader = make_reader("reader")?;
+    let recovery_reader = make_reader("recovery")?;
     // Fail fast on a malformed URL; otherwise wait for Redis as long as it takes.
     redis::Client::open(config.url.as_str())?;
     let mut patience = Patience::new("connecting to redis");
@@ -360,6 +367,7 @@ async fn serve(region: &Region, config: DispatcherConfig) -> Result<Report, Disp
     }
     .start();
     let (claim_sender, mut claims) = mpsc::channel::<Vec<Claimed>>(1);
+    let lost_reply = Arc::new(AtomicBool::new(false));
     let recovery_task = Recovery {
         reader: recovery_reader,
         queues: Arc::clone(&state.queues),
@@ -367,6 +375,7 @@ async fn serve(region: &Region, config: DispatcherConfig) -> Result<Report, Disp
         consumer: config.consumer.clone(),
         stale_ms: config.claim_stale_after_ms,
         sender: claim_sender,
+        lost_reply: Arc::clone(&lost_reply),
     }
     .start();
 
@@ -431,6 +440,11 @@ async fn serve(region: &Region, config: DispatcherConfig) -> Result<Report, Disp
         let may_read = read_retry_at.is_none_or(|at| Instant::now() >= at);
         let credit = state.credit();
         if read.is_none() && stopping_since.is_none() && may_read && credit > 0 {
+            // After a lost reply, re-read our own pending entries, but only
+            // once every outcome is written (else a finished task whose ack
+            // is still queued would look like one to run again).
+            let recover = delayed_state.written.load(Ordering::SeqCst) == sent
+                && lost_reply.swap(false, Ordering::SeqCst);
             if let Some(mut connection) = reader_slot.take() {
                 let count = credit.min(config.read_count);
                 // Burst mode with nothing in flight asks without blocking, so
@@ -448,6 +462,25 @@ async fn serve(region: &Region, config: DispatcherConfig) -> Result<Report, Disp
                 let keys = keys.clone();
                 read = Some(Box::pin(async move {
                     let result = async {
+                        let mut own = Vec::new();
+                        if recover {
+                            let mut after = vec![Bytes::from_static(b"0"); queues.len()];
+                            loop {
+                                let page = reader::read_own_pending(
+                                    &mut connection,
+                                    &queues,
+                                    &group,
+                                    &consumer,
+                                    500,
+                                    &mut after,
+                                )
+                                .await?;
+                                if page.is_empty() {
+                                    break;
+                                }
+                                own.extend(page);
+                            }
+                        }
                         let entries = reader::read_new(
                             &mut connection,
                             &queues,
@@ -457,7 +490,9 @@ async fn serve(region: &Region, config: DispatcherConfig) -> Result<Report, Disp
                             block,
                         )
                         .await?;
-                        reader::split_done(&mut connection, &keys, &queues, entries).await
+                        let (new, done) =
+                            reader::split_done(&mut connection, &keys, &queues, entries).await?;
+                        Ok(Fetched { own, new, done })
                     }
                     .await;
                     (connection, result)
@@ -484,21 +519,31 @@ async fn serve(region: &Region, config: DispatcherConfig) -> Result<Report, Disp
                 read = None;
                 reader_slot = Some(connection);
                 match result {
-                    Ok((entries, done)) => {
+                    Ok(Fetched { own, new, done }) => {
                         if read_failing {
                             info!("redis is back; reading again");
                             read_failing = false;
                         }
                         read_delay = Duration::from_millis(100);
                         read_retry_at = None;
-                        last_read_empty = entries.is_empty() && done.is_empty();
+                        last_read_empty = new.is_empty() && done.is_empty();
+                        if !own.is_empty() {
+                            let taken = state.take_back_unheld(own);
+                            if taken > 0 {
+                                info!("took back {taken} task(s) delivered to us while a reply was lost");
+                                last_read_empty = false;
+                            }
+                        }
                         for (queue, entry) in done {
                             state.skip_done(Taken::new(queue, entry));
                         }
-                        state.backlog.extend(entries.into_iter().map(|(queue, entry)| Taken::new(queue, entry)));
+                        state.backlog.extend(new.into_iter().map(|(queue, entry)| Taken::new(queue, entry)));
                         state.pump();
                     }
                     Err(error) => {
+                        if error.reply_may_be_lost() {
+                            lost_reply.store(true, Ordering::SeqCst);
+                        }
                         if error.is_missing_group() {
                             // The stream or group vanished (FLUSHALL, a Redis
                             // restart without persistence): create them again.

@@ -11,6 +11,7 @@
 //! Once a minute it also removes consumers that have nothing pending and
 //! have been idle for more than twice `claim_stale_after`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -46,6 +47,10 @@ pub struct Recovery {
     pub stale_ms: u64,
     /// Where claimed pages go.
     pub sender: mpsc::Sender<Vec<Claimed>>,
+    /// Raised when a claim's reply may have been lost (it may have made
+    /// entries ours that we never saw); the dispatcher then re-reads its own
+    /// pending entries.
+    pub lost_reply: Arc<AtomicBool>,
 }
 
 fn bulk(frame: &BytesFrame) -> Option<&Bytes> {
@@ -94,6 +99,9 @@ impl Recovery {
                 // The dispatcher is gone: stop.
                 Ok(false) => return,
                 Err(error) => {
+                    if error.reply_may_be_lost() {
+                        self.lost_reply.store(true, Ordering::SeqCst);
+                    }
                     if !failing {
                         warn!("recovery of stale tasks failed ({error}); will retry");
                         failing = true;

@@ -143,6 +143,29 @@ impl<'r> Dispatcher<'r> {
         self.backlog.len() + self.batches.values().map(|batch| batch.left).sum::<usize>()
     }
 
+    /// Takes `entries` (our own pending entries, re-read after a lost
+    /// reply) except those we already hold; returns how many were new.
+    pub fn take_back_unheld(&mut self, entries: Vec<(u16, RawEntry)>) -> usize {
+        let held: std::collections::HashSet<Bytes> = self
+            .backlog
+            .iter()
+            .chain(
+                self.batches
+                    .values()
+                    .flat_map(|batch| batch.tasks.iter().flatten()),
+            )
+            .map(|taken| taken.entry.entry_id.clone())
+            .collect();
+        let before = self.backlog.len();
+        self.backlog.extend(
+            entries
+                .into_iter()
+                .filter(|(_, entry)| !held.contains(&entry.entry_id))
+                .map(|(queue, entry)| Taken::new(queue, entry)),
+        );
+        self.backlog.len() - before
+    }
+
     fn queue_name(&self, queue: u16) -> &str {
         &self.queues[queue as usize].name
     }

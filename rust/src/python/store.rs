@@ -8,7 +8,7 @@ use pyo3::types::PyDict;
 
 use super::errors::{error, redis_error};
 use crate::dispatcher::now_ms;
-use crate::envelope::NewTask;
+use crate::envelope::TaskRef;
 use crate::keys::validate_queue;
 use crate::streams::client::SyncStore;
 
@@ -100,13 +100,14 @@ impl Store {
             .map(|(_, _, id, _)| id.clone().unwrap_or_else(new_task_id))
             .collect();
         let enqueued_at_ms = now_ms();
-        let tasks: Vec<NewTask<'_>> = items
+        let tasks: Vec<TaskRef<'_>> = items
             .iter()
             .zip(&ids)
-            .map(|((kind, payload, _, idempotent), id)| NewTask {
+            .map(|((kind, payload, _, idempotent), id)| TaskRef {
                 id,
                 kind,
                 payload,
+                attempt: 0,
                 max_retry,
                 timeout_ms,
                 enqueued_at_ms,

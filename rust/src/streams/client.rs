@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use redis::{Cmd, Pipeline, RedisResult, Value};
 
-use crate::envelope::{delayed_member, NewTask};
+use crate::envelope::{delayed_member, TaskRef};
 use crate::keys::Keys;
 use crate::scripts;
 
@@ -26,7 +26,7 @@ fn bulk(value: Value) -> Option<Vec<u8>> {
 }
 
 /// Adds `XADD stream * field value ...` for `task` to `pipe`.
-fn push_xadd(pipe: &mut Pipeline, stream: &str, task: &NewTask<'_>) {
+fn push_xadd(pipe: &mut Pipeline, stream: &str, task: &TaskRef<'_>) {
     let mut cmd = redis::cmd("XADD");
     cmd.arg(stream).arg("*");
     for (name, value) in task.to_fields() {
@@ -196,7 +196,7 @@ impl SyncStore {
     /// Chunks of `ENQUEUE_CHUNK` commands are sent back to back: chunk k+1 is
     /// packed and written while Redis still works on chunk k, and chunk k's
     /// replies are read only then, so client and server work overlap.
-    pub fn enqueue(&mut self, queue: &str, tasks: &[NewTask<'_>]) -> RedisResult<Vec<String>> {
+    pub fn enqueue(&mut self, queue: &str, tasks: &[TaskRef<'_>]) -> RedisResult<Vec<String>> {
         self.run(|connection, keys| {
             let stream = keys.stream(queue);
             let mut ids = Vec::with_capacity(tasks.len());
@@ -231,7 +231,7 @@ impl SyncStore {
 
     /// Schedules `tasks` for `due_ms` (ms since the epoch) in the queue's
     /// delayed ZSET; the dispatcher's mover appends them to the stream then.
-    pub fn schedule(&mut self, queue: &str, tasks: &[NewTask<'_>], due_ms: u64) -> RedisResult<()> {
+    pub fn schedule(&mut self, queue: &str, tasks: &[TaskRef<'_>], due_ms: u64) -> RedisResult<()> {
         self.run(|connection, keys| {
             let delayed = keys.delayed(queue);
             for chunk in tasks.chunks(ENQUEUE_CHUNK) {
@@ -261,7 +261,7 @@ impl SyncStore {
     pub fn enqueue_unique(
         &mut self,
         queue: &str,
-        task: &NewTask<'_>,
+        task: &TaskRef<'_>,
         key: &str,
         ttl_ms: u64,
         due_ms: u64,

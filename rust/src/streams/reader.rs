@@ -49,6 +49,14 @@ impl ReadError {
     pub fn is_missing_group(&self) -> bool {
         matches!(self, Self::Server(message) if message.starts_with("NOGROUP"))
     }
+
+    /// Whether the command may have run without its reply reaching us (the
+    /// connection broke or timed out): a read may have delivered entries
+    /// that we never saw.
+    #[must_use]
+    pub fn reply_may_be_lost(&self) -> bool {
+        matches!(self, Self::Io(_) | Self::Timeout(_) | Self::Protocol(_))
+    }
 }
 
 enum Socket {
@@ -75,6 +83,7 @@ impl Socket {
 /// One request/response connection with zero-copy reply decoding.
 pub struct Reader {
     info: ConnectionInfo,
+    name: String,
     socket: Option<Socket>,
     buffer: BytesMut,
     packed: Vec<u8>,
@@ -82,8 +91,9 @@ pub struct Reader {
 }
 
 impl Reader {
-    /// A reader for `url`; connects on first use.
-    pub fn new(url: &str, timeout: Duration) -> Result<Self, ReadError> {
+    /// A reader for `url`; connects on first use and names its connection
+    /// `name` (`CLIENT SETNAME`, shown by `CLIENT LIST`).
+    pub fn new(url: &str, timeout: Duration, name: &str) -> Result<Self, ReadError> {
         let info = url
             .into_connection_info()
             .map_err(|error| ReadError::Config(format!("bad redis URL: {error}")))?;
@@ -97,6 +107,7 @@ impl Reader {
         }
         Ok(Self {
             info,
+            name: name.replace(' ', "_"),
             socket: None,
             buffer: BytesMut::with_capacity(256 * 1024),
             packed: Vec::with_capacity(4096),
@@ -128,7 +139,8 @@ impl Reader {
         if settings.db() != 0 {
             handshake.push(redis::cmd("SELECT").arg(settings.db()).clone());
         }
-        if !handshake.is_empty() {
+        handshake.push(redis::cmd("CLIENT").arg("SETNAME").arg(&self.name).clone());
+        {
             let mut packed = Vec::new();
             for cmd in &handshake {
                 cmd.write_packed_command(&mut packed);

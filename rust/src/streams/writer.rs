@@ -7,7 +7,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, RedisResult, Value};
 
 use super::{QueueOutcomes, QueueSpec};
-use crate::envelope::field;
+use crate::envelope::{field, DEAD_LETTER_FIELDS};
 use crate::keys::Keys;
 use crate::scripts;
 
@@ -52,16 +52,6 @@ pub async fn ensure_groups(
     }
     Ok(())
 }
-
-/// Fields never copied from a task into its dead letter (they are rewritten).
-const DEAD_OWN_FIELDS: [&str; 6] = [
-    field::ERROR,
-    "traceback",
-    "reason",
-    "failed_at",
-    "attempts",
-    "origin_id",
-];
 
 /// Tasks still somewhere in `queues`' streams: entries not yet delivered or
 /// delivered and not acknowledged (in `group`, by any consumer). Done entries
@@ -146,23 +136,23 @@ pub async fn write_outcomes(
                     .fields
                     .iter()
                     .filter(|(name, _)| {
-                        !DEAD_OWN_FIELDS
+                        !DEAD_LETTER_FIELDS
                             .iter()
                             .any(|own| own.as_bytes() == name.as_ref())
                     })
                     .map(|(name, value)| (name.as_ref(), value.as_ref())),
             );
-            cmd.arg("reason")
+            cmd.arg(field::REASON)
                 .arg(dead.reason)
                 .arg(field::ERROR)
                 .arg(dead.error.as_slice())
-                .arg("traceback")
+                .arg(field::TRACEBACK)
                 .arg(dead.traceback.as_slice())
-                .arg("attempts")
+                .arg(field::ATTEMPTS)
                 .arg(dead.attempts)
-                .arg("failed_at")
+                .arg(field::FAILED_AT)
                 .arg(now_ms)
-                .arg("origin_id")
+                .arg(field::ORIGIN_ID)
                 .arg(dead.entry.entry_id.as_ref());
             pipe.add_command(cmd).ignore();
         }
