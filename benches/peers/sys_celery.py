@@ -1,0 +1,60 @@
+"""Celery 5 with the Redis broker: task.delay(); `celery worker` prefork or solo."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import common
+from celery import Celery
+
+NAME = "celery"
+POOL = os.environ.get("BENCH_CELERY_POOL", "prefork")
+SETTINGS = "Redis broker, ignore_result, defaults otherwise (prefetch x4); --without-gossip/mingle/heartbeat"
+BULK = None
+ASYNC = False
+
+app = Celery("bench", broker=common.URL)
+app.conf.update(
+    task_ignore_result=True,
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+)
+
+
+@app.task(name="bench.work")
+def work_task(payload: dict[str, Any]) -> None:
+    common.work()
+    common.finish(payload)
+
+
+class Producer:
+    def __init__(self) -> None:
+        work_task.delay  # noqa: B018 (the app connects on first send)
+
+    def send(self, payloads: list[dict[str, Any]], bulk: bool) -> None:
+        for payload in payloads:
+            work_task.delay(payload)
+
+    def close(self) -> None:
+        pass
+
+
+def worker(procs: int) -> list[list[str]]:
+    base = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "sys_celery",
+        "worker",
+        "--loglevel",
+        "WARNING",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
+    if POOL == "solo":
+        return [[*base, "-P", "solo", "-n", f"solo{i}@%h"] for i in range(procs)]
+    return [[*base, "-P", "prefork", "-c", str(procs)]]

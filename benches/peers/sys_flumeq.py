@@ -1,0 +1,48 @@
+"""flumeq: Client.enqueue / enqueue_many; Engine.run(processes=P)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import common
+
+import flumeq
+
+NAME = "flumeq"
+SETTINGS = "Engine defaults (prefetch 512 per actor, read 1000)"
+BULK = "enqueue_many"
+ASYNC = False
+
+
+def work_task(task: flumeq.Task) -> None:
+    common.work()
+    common.finish(task.payload)
+
+
+class Producer:
+    def __init__(self) -> None:
+        self.client = flumeq.Client(common.URL)
+        self.client.ping()
+
+    def send(self, payloads: list[dict[str, Any]], bulk: bool) -> None:
+        if bulk:
+            for offset in range(0, len(payloads), 5000):
+                chunk = payloads[offset : offset + 5000]
+                self.client.enqueue_many([("work", p) for p in chunk], queue="bench")
+        else:
+            for payload in payloads:
+                self.client.enqueue("work", payload, queue="bench")
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def worker(procs: int) -> list[list[str]]:
+    return [[sys.executable, __file__, str(procs)]]
+
+
+if __name__ == "__main__":
+    flumeq.Engine({"work": work_task}, common.URL, queues=("bench",)).run(
+        processes=int(sys.argv[1])
+    )
