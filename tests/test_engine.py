@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -311,3 +312,46 @@ def test_engine_waits_for_redis_that_starts_late(tmp_path: Any) -> None:
         out, err = engine.communicate(timeout=30)
         assert engine.returncode == 0, err.decode()
         assert b"'processed': 1" in out
+
+
+def test_async_handlers_run_concurrently_with_retries_and_timeouts(
+    redis_url: str, r: redis.Redis
+) -> None:
+    client = flumeq.Client(redis_url)
+    infos = client.enqueue_many([("wait", {"n": n}) for n in range(200)])
+    flaky = client.enqueue("flaky", {}, max_retry=2)
+    slow = client.enqueue("slow", {}, timeout=0.2, max_retry=0)
+    plain = client.enqueue("count", {})
+
+    async def wait(task: flumeq.Task) -> None:
+        await asyncio.sleep(0.05)
+        process_redis(redis_url).hincrby("runs", task.id, 1)
+
+    async def flaky_handler(task: flumeq.Task) -> None:
+        process_redis(redis_url).hincrby("runs", task.id, 1)
+        if task.attempt == 0:
+            raise ValueError("first try fails")
+
+    async def slow_handler(task: flumeq.Task) -> None:
+        await asyncio.sleep(5)
+
+    started = time.monotonic()
+    report = flumeq.Engine(
+        {
+            "wait": wait,
+            "flaky": flaky_handler,
+            "slow": slow_handler,
+            "count": counting_handler(redis_url),
+        },
+        redis_url,
+        retry_base=0.02,
+        retry_max=0.05,
+        concurrency=50,
+    ).run(processes=1, burst=True)
+    elapsed = time.monotonic() - started
+    runs = {key.decode(): int(value) for key, value in r.hgetall("runs").items()}
+    assert runs == {**{info.id: 1 for info in infos}, flaky.id: 2, plain.id: 1}
+    assert elapsed < 3  # 200 tasks of 50 ms one after another would take 10 s
+    [dead] = dead_letters(r)
+    assert dead["id"] == slow.id and "longer than 0.2s" in dead["error"]
+    assert report["retried"] == 1 and report["dead"] == 1

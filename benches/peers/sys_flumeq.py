@@ -10,13 +10,18 @@ import common
 import flumeq
 
 NAME = "flumeq"
-SETTINGS = "Engine defaults (prefetch 512 per actor, read 1000)"
+SETTINGS = "Engine defaults (prefetch 512 per actor, read 1000, async concurrency 100); async handler for I/O-bound"
 BULK = "enqueue_many"
-ASYNC = False
+ASYNC = True
 
 
 def work_task(task: flumeq.Task) -> None:
     common.work()
+    common.finish(task.payload)
+
+
+async def work_task_async(task: flumeq.Task) -> None:
+    await common.work_async()
     common.finish(task.payload)
 
 
@@ -43,6 +48,6 @@ def worker(procs: int) -> list[list[str]]:
 
 
 if __name__ == "__main__":
-    flumeq.Engine({"work": work_task}, common.URL, queues=("bench",)).run(
-        processes=int(sys.argv[1])
-    )
+    handler = work_task_async if common.KIND == "io" else work_task
+    engine = flumeq.Engine({"work": handler}, common.URL, queues=("bench",))
+    engine.run(processes=int(sys.argv[1]))

@@ -77,9 +77,11 @@ def _dispatcher_main(region: _core.Region, settings: dict[str, Any], report: Any
 class Engine:
     """Runs handlers for the tasks of some queues.
 
-    ``handlers`` maps task types to callables taking a ``Task``. ``queues`` is
-    a sequence of names, or a mapping of name to weight: when several queues
-    have work, each read takes from them in proportion to their weights.
+    ``handlers`` maps task types to callables taking a ``Task``, plain or
+    ``async def`` (async tasks of a batch run concurrently in each actor, at
+    most ``concurrency`` at once). ``queues`` is a sequence of names, or a
+    mapping of name to weight: when several queues have work, each read takes
+    from them in proportion to their weights.
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class Engine:
         block: float = 0.5,
         ring_bytes: int = 8 << 20,
         dead_max_length: int = 100_000,
+        concurrency: int = 100,
     ) -> None:
         if not isinstance(handlers, Mapping):
             raise ConfigError("handlers must be a mapping of task type to callable")
@@ -119,6 +122,8 @@ class Engine:
         ):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"{name} must be a number of seconds >= 0, got {value!r}")
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ConfigError(f"concurrency must be an integer >= 1, got {concurrency!r}")
         if ring_bytes < 65536 or ring_bytes % 4096:
             raise ConfigError(
                 f"ring_bytes must be a multiple of 4096 and >= 65536, got {ring_bytes}"
@@ -139,6 +144,7 @@ class Engine:
         self.block = block
         self.ring_bytes = ring_bytes
         self.dead_max_length = dead_max_length
+        self.concurrency = concurrency
         self._region: Optional[_core.Region] = None
         self._signals = 0
 
@@ -191,7 +197,7 @@ class Engine:
             region.mark_starting(slot)
             process = context.Process(
                 target=actor_main,
-                args=(region, slot, self.handlers, queue_names),
+                args=(region, slot, self.handlers, queue_names, self.concurrency),
                 name=f"flumeq-actor-{slot}",
                 daemon=True,
             )
