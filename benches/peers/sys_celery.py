@@ -11,7 +11,11 @@ from celery import Celery
 
 NAME = "celery"
 POOL = os.environ.get("BENCH_CELERY_POOL", "prefork")
-SETTINGS = "Redis broker, ignore_result, defaults otherwise (prefetch x4); --without-gossip/mingle/heartbeat"
+SETTINGS = (
+    "Redis broker, ignore_result, defaults otherwise (prefetch x4); "
+    + ("-P prefork -c P" if POOL == "prefork" else "-P solo, P workers")
+    + "; --without-gossip/mingle/heartbeat"
+)
 BULK = None
 ASYNC = False
 

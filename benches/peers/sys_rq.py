@@ -13,7 +13,10 @@ from rq import Queue
 NAME = "rq"
 CLASS = os.environ.get("BENCH_RQ_WORKER", "fork")
 SETTINGS = (
-    "default Worker forks per job (counts flushed per job) / SimpleWorker; one process per worker"
+    "default Worker: forks per job (counts flushed per job, as the job's process exits); "
+    "one process per worker"
+    if CLASS == "fork"
+    else "SimpleWorker: runs jobs in the worker process; one process per worker"
 )
 BULK = "enqueue_many"
 ASYNC = False
