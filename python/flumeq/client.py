@@ -166,17 +166,7 @@ class Client:
         written = 0
         while self._buffer:
             call = self._buffer[0]
-            self._store.enqueue(
-                call.queue,
-                call.items,
-                call.max_retry,
-                call.timeout_ms,
-                call.deadline_ms,
-                call.labels,
-                None,
-                1,
-                call.due_ms,
-            )
+            self._write(call)
             self._buffer.popleft()
             self._buffered -= len(call.items)
             written += len(call.items)
@@ -186,22 +176,27 @@ class Client:
             )
         return written
 
+    def _write(
+        self, call: _Call, unique_key: Optional[str] = None, unique_ttl_ms: int = 1
+    ) -> list[tuple[str, str]]:
+        return self._store.enqueue(
+            call.queue,
+            call.items,
+            call.max_retry,
+            call.timeout_ms,
+            call.deadline_ms,
+            call.labels,
+            unique_key,
+            unique_ttl_ms,
+            call.due_ms,
+        )
+
     def _send(
         self, call: _Call, unique_key: Optional[str] = None, unique_ttl_ms: int = 1
     ) -> list[tuple[str, Optional[str]]]:
         try:
             self.flush()
-            pairs = self._store.enqueue(
-                call.queue,
-                call.items,
-                call.max_retry,
-                call.timeout_ms,
-                call.deadline_ms,
-                call.labels,
-                unique_key,
-                unique_ttl_ms,
-                call.due_ms,
-            )
+            pairs = self._write(call, unique_key, unique_ttl_ms)
             return [(id_, entry_id or None) for id_, entry_id in pairs]
         except RedisUnavailable as error:
             if unique_key is not None or self.buffer_size == 0:
