@@ -23,7 +23,6 @@ use crate::envelope::TaskRef;
 
 const TASK_HEADER: usize = 12;
 const TASK_RECORD: usize = 40;
-const RESULT_HEADER: usize = 20;
 const FAILURE_RECORD: usize = 24;
 const NO_LABELS: u32 = u32::MAX;
 
@@ -328,8 +327,6 @@ pub fn read_results(bytes: &[u8]) -> Result<Results<'_>, FrameError> {
 
 /// Fixed overhead of a task frame, for size checks.
 pub const TASK_FRAME_OVERHEAD: usize = TASK_HEADER;
-/// Fixed overhead of a result frame, for size checks.
-pub const RESULT_FRAME_OVERHEAD: usize = RESULT_HEADER + FAILURE_RECORD;
 
 #[cfg(test)]
 mod tests {

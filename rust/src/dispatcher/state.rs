@@ -29,6 +29,18 @@ pub struct Taken {
     pub entry: RawEntry,
     /// When we took it (to keep long-held entries fresh).
     pub since: Instant,
+    /// Set when the task is handed to an actor (its fields were parsed then),
+    /// so finishing it needs no second look at the fields.
+    flags: Flags,
+}
+
+/// What finishing a task must also do, learnt when it was parsed.
+#[derive(Debug, Clone, Copy, Default)]
+struct Flags {
+    /// It holds a unique-key lock to release.
+    unique: bool,
+    /// Its id is the caller's: write a done marker on success.
+    idempotent: bool,
 }
 
 impl Taken {
@@ -39,6 +51,7 @@ impl Taken {
             queue,
             entry,
             since: Instant::now(),
+            flags: Flags::default(),
         }
     }
 
@@ -170,7 +183,12 @@ impl<'r> Dispatcher<'r> {
         &self.queues[queue as usize].name
     }
 
-    fn release_unique(&mut self, taken: &Taken) {
+    /// Queues the release of the task's unique-key lock. `parsed` says the
+    /// flags are known (then a task without a key costs no field lookup).
+    fn release_unique(&mut self, taken: &Taken, parsed: bool) {
+        if parsed && !taken.flags.unique {
+            return;
+        }
         let (Some(key), Some(id)) = (
             taken.entry.get(envelope::field::UNIQUE_KEY),
             taken.entry.get(envelope::field::ID),
@@ -186,11 +204,11 @@ impl<'r> Dispatcher<'r> {
     }
 
     /// A run succeeded.
+    /// Only tasks that went through an actor succeed, so their flags are set.
     pub fn done(&mut self, taken: Taken) {
-        self.release_unique(&taken);
-        let idempotent = taken.entry.get(envelope::field::IDEMPOTENT) == Some(b"1");
+        self.release_unique(&taken, true);
         let outcome = &mut self.outcomes[taken.queue as usize];
-        if idempotent {
+        if taken.flags.idempotent {
             if let Some(id) = taken.entry.get(envelope::field::ID) {
                 outcome.done_ids.push(Bytes::copy_from_slice(id));
             }
@@ -218,7 +236,7 @@ impl<'r> Dispatcher<'r> {
         traceback: Vec<u8>,
         ran: bool,
     ) {
-        self.release_unique(&taken);
+        self.release_unique(&taken, false);
         let attempts =
             envelope::parse(&taken.entry).map_or(0, |task| task.attempt + u32::from(ran));
         let outcome = &mut self.outcomes[taken.queue as usize];
@@ -353,16 +371,23 @@ impl<'r> Dispatcher<'r> {
                             ),
                         ))
                     } else if self.frame.len() + length > max_frame {
-                        Ok(false)
+                        Ok(None)
                     } else {
                         frame::push_task(&mut self.frame, taken.queue, &task);
-                        Ok(true)
+                        Ok(Some(Flags {
+                            unique: task.unique_key.is_some(),
+                            idempotent: task.idempotent,
+                        }))
                     }
                 }
             };
             match verdict {
-                Ok(true) => tasks.push(Some(taken)),
-                Ok(false) => {
+                Ok(Some(flags)) => {
+                    let mut taken = taken;
+                    taken.flags = flags;
+                    tasks.push(Some(taken));
+                }
+                Ok(None) => {
                     self.backlog.push_front(taken);
                     break;
                 }

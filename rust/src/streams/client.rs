@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use redis::{Cmd, Pipeline, RedisResult, Value};
+use redis::{Pipeline, RedisResult, Value};
 
 use crate::envelope::{delayed_member, TaskRef};
 use crate::keys::Keys;
@@ -136,12 +136,6 @@ impl SyncStore {
             keys: Keys::new(prefix),
             timeout,
         })
-    }
-
-    /// The key builder.
-    #[must_use]
-    pub fn keys(&self) -> &Keys {
-        &self.keys
     }
 
     fn connection(&mut self) -> RedisResult<&mut redis::Connection> {
@@ -388,11 +382,6 @@ impl SyncStore {
                 failed: counter("failed"),
             })
         })
-    }
-
-    /// Runs an arbitrary command (tests and tools).
-    pub fn command(&mut self, command: &Cmd) -> RedisResult<Value> {
-        self.run(|connection, _| command.query(connection))
     }
 }
 
