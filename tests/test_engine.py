@@ -304,11 +304,17 @@ def test_engine_waits_for_redis_that_starts_late(tmp_path: Any) -> None:
         import sys, flumeq
         print(flumeq.Engine({"noop": lambda t: None}, sys.argv[1]).run(processes=1, burst=True))
     """
+    # The task is written beforehand into the data directory (AOF) the late
+    # server loads, so it is there before the engine can connect and see an
+    # empty queue.
+    data = str(tmp_path)
+    with RedisServer(appendonly=True, directory=data) as seed:
+        flumeq.Client(seed.url).enqueue("noop", {})
+        seed.stop(keep_data=True)
     engine = spawn_script(script, url)
     time.sleep(1.5)
     assert engine.poll() is None  # still trying, not crashed
-    with RedisServer(port=port) as server:
-        flumeq.Client(server.url).enqueue("noop", {})
+    with RedisServer(port=port, appendonly=True, directory=data):
         out, err = engine.communicate(timeout=30)
         assert engine.returncode == 0, err.decode()
         assert b"'processed': 1" in out
