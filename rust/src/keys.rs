@@ -96,6 +96,23 @@ impl Keys {
 
     /// The set of every queue ever enqueued to or served.
     #[must_use]
+    pub fn durations(&self, queue: &str) -> String {
+        self.queue_key(queue, "durations")
+    }
+
+    /// The sorted set of live engines (score: last heartbeat, ms).
+    #[must_use]
+    pub fn workers(&self) -> String {
+        format!("{}:workers", self.prefix)
+    }
+
+    /// One engine's registry hash.
+    #[must_use]
+    pub fn worker(&self, consumer: &str) -> String {
+        format!("{}:worker:{consumer}", self.prefix)
+    }
+
+    #[must_use]
     pub fn queues(&self) -> String {
         format!("{}:queues", self.prefix)
     }

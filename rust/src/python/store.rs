@@ -4,12 +4,13 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+use redis::Value;
 
 use super::errors::{error, redis_error};
 use crate::dispatcher::now_ms;
 use crate::envelope::TaskRef;
-use crate::keys::validate_queue;
+use crate::keys::{validate_queue, Keys};
 use crate::streams::client::SyncStore;
 
 /// A new random task id: 32 lowercase hex digits (a UUID4 without dashes).
@@ -195,6 +196,20 @@ impl Store {
         Ok(dict)
     }
 
+    /// Runs `commands` (each a list of byte-string arguments) in one
+    /// pipeline and returns their replies: bulk strings as `bytes`, arrays as
+    /// lists, maps as lists of pairs, and a refused command as a
+    /// `RedisCommandError` instance in its place (not raised). For the admin
+    /// tools; the task path has its own typed calls.
+    fn pipeline<'py>(
+        &self,
+        py: Python<'py>,
+        commands: Vec<Vec<Vec<u8>>>,
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let replies = self.with(py, |store| store.pipeline(&commands))?;
+        replies.iter().map(|reply| to_python(py, reply)).collect()
+    }
+
     /// Drops the connection (a new one is made on the next call).
     fn close(&self, py: Python<'_>) -> PyResult<()> {
         self.with(py, |store| {
@@ -204,10 +219,66 @@ impl Store {
     }
 }
 
+/// A Redis reply as a Python value.
+fn to_python<'py>(py: Python<'py>, value: &Value) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match value {
+        Value::Nil => py.None().into_bound(py),
+        Value::Int(number) => number.into_pyobject(py)?.into_any(),
+        Value::BulkString(bytes) => PyBytes::new(py, bytes).into_any(),
+        Value::Array(items) | Value::Set(items) => {
+            let items: PyResult<Vec<_>> = items.iter().map(|item| to_python(py, item)).collect();
+            PyList::new(py, items?)?.into_any()
+        }
+        Value::Map(pairs) => {
+            let mut list = Vec::with_capacity(pairs.len());
+            for (key, item) in pairs {
+                list.push(PyTuple::new(
+                    py,
+                    [to_python(py, key)?, to_python(py, item)?],
+                )?);
+            }
+            PyList::new(py, list)?.into_any()
+        }
+        Value::SimpleString(text) => text.into_pyobject(py)?.into_any(),
+        Value::Okay => "OK".into_pyobject(py)?.into_any(),
+        Value::Double(number) => number.into_pyobject(py)?.into_any(),
+        Value::Boolean(flag) => flag.into_pyobject(py)?.to_owned().into_any(),
+        Value::Attribute { data, .. } => to_python(py, data)?,
+        Value::VerbatimString { text, .. } => text.into_pyobject(py)?.into_any(),
+        Value::ServerError(failure) => error(py, "RedisCommandError", failure.to_string())
+            .into_value(py)
+            .into_bound(py)
+            .into_any(),
+        other => format!("{other:?}").into_pyobject(py)?.into_any(),
+    })
+}
+
 /// A new task id (what the client uses when none is given).
 #[pyfunction(name = "new_task_id")]
 fn py_new_task_id() -> String {
     new_task_id()
+}
+
+/// The Redis keys flumeq uses under `prefix`: the global ones, plus those of
+/// `queue` when given (for the admin tools, so key names live in one place).
+#[pyfunction]
+#[pyo3(signature = (prefix, queue = None))]
+fn key_names(prefix: &str, queue: Option<&str>) -> std::collections::HashMap<&'static str, String> {
+    let keys = Keys::new(prefix);
+    let mut names = std::collections::HashMap::from([
+        ("queues", keys.queues()),
+        ("workers", keys.workers()),
+        ("worker", keys.worker("")),
+    ]);
+    if let Some(queue) = queue {
+        names.insert("stream", keys.stream(queue));
+        names.insert("dead", keys.dead(queue));
+        names.insert("delayed", keys.delayed(queue));
+        names.insert("stats", keys.stats(queue));
+        names.insert("durations", keys.durations(queue));
+        names.insert("done", keys.done(queue, ""));
+    }
+    names
 }
 
 /// Why `name` cannot be a queue name, or `None` when it can.
@@ -221,6 +292,7 @@ fn queue_problem(name: &str) -> Option<String> {
 pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<Store>()?;
     module.add_function(wrap_pyfunction!(queue_problem, module)?)?;
+    module.add_function(wrap_pyfunction!(key_names, module)?)?;
     module.add_function(wrap_pyfunction!(py_new_task_id, module)?)
 }
 

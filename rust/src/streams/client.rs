@@ -346,6 +346,26 @@ impl SyncStore {
         })
     }
 
+    /// Runs `commands` (each a list of arguments) in one non-transactional
+    /// pipeline for the admin tools. A command Redis refuses comes back as a
+    /// `Value::ServerError` in its place; the others still run.
+    pub fn pipeline(&mut self, commands: &[Vec<Vec<u8>>]) -> RedisResult<Vec<Value>> {
+        self.run(|connection, _| {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for command in commands {
+                let Some((name, args)) = command.split_first() else {
+                    continue;
+                };
+                pipe.cmd(&String::from_utf8_lossy(name));
+                for arg in args {
+                    pipe.arg(arg.as_slice());
+                }
+            }
+            pipe.query(connection)
+        })
+    }
+
     /// Sizes and counters of `queue` as seen by consumer group `group`.
     pub fn stats(&mut self, queue: &str, group: &str) -> RedisResult<QueueStats> {
         self.run(|connection, keys| {
