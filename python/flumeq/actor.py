@@ -16,12 +16,14 @@ import logging
 import signal
 import traceback
 from collections.abc import Awaitable, Mapping, Sequence
-from time import monotonic
+from time import perf_counter
 from typing import Any, Callable, Optional
 
 import orjson
 
 from . import _core
+from .logs import task_extra
+from .metrics import REPORT_EVERY, Timings
 from .task import Reject, Retry, Task
 
 __all__ = ["actor_main"]
@@ -63,7 +65,14 @@ def _failure(index: int, task: Task, error: BaseException) -> Failure:
         return (index, RETRY, delay_ms, f"Retry: {error.reason}", "")
     if isinstance(error, Reject):
         return (index, REJECT, 0, f"Reject: {error.reason}", "")
-    log.warning("task %s (%s) failed: %s: %s", task.id, task.type, type(error).__name__, error)
+    log.warning(
+        "task %s (%s) failed: %s: %s",
+        task.id,
+        task.type,
+        type(error).__name__,
+        error,
+        extra=task_extra(task),
+    )
     trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
     return (index, ERROR, 0, f"{type(error).__name__}: {error}", trace)
 
@@ -71,9 +80,10 @@ def _failure(index: int, task: Task, error: BaseException) -> Failure:
 class _AsyncRunner:
     """Runs the async tasks of a batch on this actor's event loop."""
 
-    def __init__(self, concurrency: int) -> None:
+    def __init__(self, concurrency: int, timings: Optional[Timings] = None) -> None:
         self.loop = asyncio.new_event_loop()
         self.concurrency = max(1, concurrency)
+        self.timings = timings
 
     def run(self, group: list[tuple[int, Callable[[Task], Awaitable[Any]], Task]]) -> list[Failure]:
         return self.loop.run_until_complete(self._run(group))
@@ -87,6 +97,7 @@ class _AsyncRunner:
             index: int, handler: Callable[[Task], Awaitable[Any]], task: Task
         ) -> Optional[Failure]:
             async with limit:
+                started = perf_counter()
                 try:
                     if task.timeout > 0:
                         await asyncio.wait_for(handler(task), task.timeout)
@@ -97,6 +108,9 @@ class _AsyncRunner:
                     return (index, ERROR, 0, message, "")
                 except Exception as error:
                     return _failure(index, task, error)
+                finally:
+                    if self.timings is not None:
+                        self.timings.add(task.queue, task.type, perf_counter() - started)
                 return None
 
         outcomes = await asyncio.gather(*(one(*item) for item in group))
@@ -110,13 +124,15 @@ def run_batch(
     tasks: Sequence[tuple[Any, ...]],
     runner: Optional[_AsyncRunner] = None,
     is_async: Optional[Mapping[str, bool]] = None,
+    timings: Optional[Timings] = None,
 ) -> None:
     """Runs one batch and reports every task's outcome."""
     loads = orjson.loads
     failures: list[Failure] = []
     group: list[tuple[int, Any, Task]] = []
     start = 0
-    last_flush = monotonic()
+    last_flush = perf_counter()
+    add_timing = timings.add if timings is not None else None
     stopping = False
     for index, (
         task_id,
@@ -159,11 +175,14 @@ def run_batch(
             failures.extend((rest, NOT_STARTED, 0, "", "") for rest in range(index, len(tasks)))
             stopping = True
             break
+        started = perf_counter()
         try:
             handler(task)
         except Exception as error:
             failures.append(_failure(index, task, error))
-        now = monotonic()
+        now = perf_counter()
+        if add_timing is not None:
+            add_timing(queue, type_, now - started)
         if not group and now - last_flush >= FLUSH_EVERY:
             # Ranges must be whole: no flush while async tasks wait behind.
             end.finish(batch_id, start, index + 1 - start, failures)
@@ -206,12 +225,19 @@ def actor_main(
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _core.die_with_parent()
     is_async = {name: inspect.iscoroutinefunction(handler) for name, handler in handlers.items()}
-    runner = _AsyncRunner(concurrency) if any(is_async.values()) else None
+    timings = Timings(queues)
+    runner = _AsyncRunner(concurrency, timings) if any(is_async.values()) else None
     end = region.actor(slot, list(queues))
     end.started()
+    last_report = perf_counter()
     while True:
         batch = end.recv()
         if batch is None:
             return
         batch_id, tasks = batch
-        run_batch(end, handlers, batch_id, tasks, runner, is_async if runner else None)
+        run_batch(end, handlers, batch_id, tasks, runner, is_async if runner else None, timings)
+        # Run times go out about once a second while busy, and before idling.
+        now = perf_counter()
+        if now - last_report >= REPORT_EVERY or not end.has_batch():
+            timings.send(end)
+            last_report = now

@@ -16,21 +16,26 @@ a second signal stops at once, leaving unfinished tasks pending in Redis.
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Mapping
 from types import FrameType
 from typing import Any, Callable, Optional, Union
 
 import multiprocess
+import orjson
 from multiprocess.connection import wait
 
 from . import _core
 from .actor import actor_main
+from .admin import Admin
 from .client import resolve_url
 from .errors import ConfigError, EngineError
+from .metrics import serve_metrics
 from .task import Task
 
 __all__ = ["Engine"]
@@ -42,6 +47,9 @@ Queues = Union[Mapping[str, int], tuple[str, ...], list[str]]
 
 # Slot states shared with the dispatcher (rust/src/region.rs).
 SLOT_RECLAIMED = 3
+#: How often an engine refreshes its worker-registry entry (seconds); the
+#: entry expires after five missed beats.
+HEARTBEAT = 2.0
 
 
 def _queue_weights(queues: Queues) -> list[tuple[str, int]]:
@@ -59,6 +67,21 @@ def _queue_weights(queues: Queues) -> list[tuple[str, int]]:
         if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
             raise ConfigError(f"queue {name!r}: weight must be an integer >= 1, got {weight!r}")
     return pairs
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("flumeq")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _metrics_main(url: str, prefix: str, group: str, port: int, queues: list[str]) -> None:
+    """Entry point of the metrics process (``metrics_port``)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _core.die_with_parent()
+    serve_metrics(Admin(url, prefix=prefix, group=group), port, queues=queues)
 
 
 def _dispatcher_main(region: _core.Region, settings: dict[str, Any], report: Any) -> None:
@@ -104,6 +127,7 @@ class Engine:
         ring_bytes: int = 8 << 20,
         dead_max_length: int = 100_000,
         concurrency: int = 100,
+        metrics_port: Optional[int] = None,
     ) -> None:
         if not isinstance(handlers, Mapping):
             raise ConfigError("handlers must be a mapping of task type to callable")
@@ -145,11 +169,32 @@ class Engine:
         self.ring_bytes = ring_bytes
         self.dead_max_length = dead_max_length
         self.concurrency = concurrency
+        if metrics_port is not None and (
+            isinstance(metrics_port, bool)
+            or not isinstance(metrics_port, int)
+            or not 0 < metrics_port < 65536
+        ):
+            raise ConfigError(f"metrics_port must be a TCP port number, got {metrics_port!r}")
+        self.metrics_port = metrics_port
         self._region: Optional[_core.Region] = None
         self._signals = 0
 
-    def _settings(self, burst: bool) -> dict[str, Any]:
+    def _settings(self, burst: bool, processes: int) -> dict[str, Any]:
+        registry = {
+            "host": socket.gethostname(),
+            "pid": str(os.getpid()),
+            "group": self.group,
+            "queues": orjson.dumps([name for name, _ in self.queues]).decode(),
+            "processes": str(processes),
+            "started": str(round(time.time() * 1000)),
+            "burst": "1" if burst else "0",
+            "version": _version(),
+        }
+        if self.metrics_port:
+            registry["metrics_port"] = str(self.metrics_port)
         return {
+            "registry": list(registry.items()),
+            "heartbeat_ms": round(HEARTBEAT * 1000),
             "url": self.url,
             "prefix": self.prefix,
             "queues": self.queues,
@@ -208,12 +253,21 @@ class Engine:
         report_reader, report_writer = context.Pipe(duplex=False)
         dispatcher = context.Process(
             target=_dispatcher_main,
-            args=(region, self._settings(burst), report_writer),
+            args=(region, self._settings(burst, count), report_writer),
             name="flumeq-dispatcher",
             daemon=True,
         )
         dispatcher.start()
         report_writer.close()
+        metrics = None
+        if self.metrics_port:
+            metrics = context.Process(
+                target=_metrics_main,
+                args=(self.url, self.prefix, self.group, self.metrics_port, queue_names),
+                name="flumeq-metrics",
+                daemon=True,
+            )
+            metrics.start()
         log.info(
             "engine %s serving %s with %d process(es)%s",
             self.consumer,
@@ -252,6 +306,9 @@ class Engine:
             if dispatcher.is_alive():
                 dispatcher.kill()
                 dispatcher.join()
+            if metrics is not None:
+                metrics.terminate()
+                metrics.join(timeout=5)
         if outcome[0] != "ok":
             if self._signals > 1:
                 log.warning("stopped at once: no report; unfinished tasks stay pending in Redis")

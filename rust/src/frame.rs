@@ -21,6 +21,26 @@
 
 use crate::envelope::TaskRef;
 
+/// The batch id that marks a run-times frame (actor → dispatcher) instead of
+/// a result frame: `u64::MAX | JSON` where the JSON is a list of
+/// `[queue index, type, seconds in all, [[bucket, runs], ...]]`.
+/// Real batch ids count up from 1 and never get there.
+pub const DURATIONS_BATCH: u64 = u64::MAX;
+
+/// Encodes a run-times frame into `buffer` (cleared first).
+pub fn write_durations(buffer: &mut Vec<u8>, json: &[u8]) {
+    buffer.clear();
+    buffer.extend_from_slice(&DURATIONS_BATCH.to_le_bytes());
+    buffer.extend_from_slice(json);
+}
+
+/// The JSON of a run-times frame, or `None` for any other frame.
+#[must_use]
+pub fn read_durations(bytes: &[u8]) -> Option<&[u8]> {
+    let (head, rest) = bytes.split_first_chunk::<8>()?;
+    (u64::from_le_bytes(*head) == DURATIONS_BATCH).then_some(rest)
+}
+
 const TASK_HEADER: usize = 12;
 const TASK_RECORD: usize = 40;
 const FAILURE_RECORD: usize = 24;

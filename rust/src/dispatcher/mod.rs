@@ -19,6 +19,7 @@
 //! size.
 
 mod recovery;
+mod registry;
 mod scheduler;
 mod state;
 
@@ -37,6 +38,7 @@ use tokio::io::Interest;
 use tokio::sync::mpsc;
 
 use self::recovery::{Claimed, Recovery};
+use self::registry::Registry;
 use self::scheduler::{DelayedState, Scheduler};
 use self::state::{Dispatcher, Taken};
 use crate::envelope::{self, RawEntry};
@@ -79,6 +81,10 @@ pub struct DispatcherConfig {
     pub retry_max_ms: u64,
     /// How long done markers of idempotent tasks live.
     pub processed_ttl_ms: u64,
+    /// What the worker registry shows of this engine (host, pid, queues...).
+    pub registry: Vec<(String, String)>,
+    /// Heartbeat interval of the registry entry (0 = not registered).
+    pub heartbeat_ms: u64,
 }
 
 /// What a dispatcher run did.
@@ -98,6 +104,8 @@ pub struct Report {
     pub handed_back: u64,
     /// Tasks still running at the shutdown deadline, left pending in Redis.
     pub left_pending: u64,
+    /// Actors that died and were replaced.
+    pub restarts: u64,
 }
 
 /// Why a dispatcher could not run.
@@ -379,6 +387,13 @@ async fn serve(region: &Region, config: DispatcherConfig) -> Result<Report, Disp
     }
     .start();
 
+    let mut registry = Registry::new(
+        writer_connection.clone(),
+        &keys,
+        &config.consumer,
+        config.registry.clone(),
+        Duration::from_millis(config.heartbeat_ms),
+    );
     let results_event = watch(region.results_event())?;
     let control_event = watch(region.control_event())?;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -582,6 +597,7 @@ async fn serve(region: &Region, config: DispatcherConfig) -> Result<Report, Disp
                 state.reclaim_lost_slots();
                 state.refresh_held();
                 state.pump();
+                registry.beat(&state.report, state.in_flight());
             }
         }
         if let Some(outcomes) = state.take_outcomes() {
@@ -608,5 +624,6 @@ async fn serve(region: &Region, config: DispatcherConfig) -> Result<Report, Disp
         warn!("outcome writer failed: {error}");
     }
     scheduler_task.abort();
+    registry.leave().await;
     Ok(state.report)
 }

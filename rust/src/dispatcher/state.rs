@@ -18,7 +18,7 @@ use crate::envelope::{self, RawEntry};
 use crate::frame::{self, FailureKind};
 use crate::keys::Keys;
 use crate::region::{Region, SLOT_LOST, SLOT_RUNNING, SLOT_STARTING};
-use crate::streams::{DeadLetter, QueueOutcomes, QueueSpec};
+use crate::streams::{DeadLetter, Durations, QueueOutcomes, QueueSpec};
 
 /// A task taken from Redis: pending in our consumer until we ack it.
 #[derive(Debug)]
@@ -41,6 +41,15 @@ struct Flags {
     unique: bool,
     /// Its id is the caller's: write a done marker on success.
     idempotent: bool,
+}
+
+/// One item of an actor's run-times report: queue index, type, seconds in
+/// all, `(bucket, runs)` pairs.
+type DurationsItem = (u16, String, f64, Vec<(u32, u64)>);
+
+/// The task type of an entry (empty when missing).
+fn kind_of(entry: &RawEntry) -> &[u8] {
+    entry.get(envelope::field::TYPE).unwrap_or_default()
 }
 
 impl Taken {
@@ -213,6 +222,7 @@ impl<'r> Dispatcher<'r> {
                 outcome.done_ids.push(Bytes::copy_from_slice(id));
             }
         }
+        outcome.type_counts(kind_of(&taken.entry)).processed += 1;
         outcome.finished.push(taken.entry.entry_id);
         outcome.processed += 1;
         self.report.processed += 1;
@@ -241,10 +251,14 @@ impl<'r> Dispatcher<'r> {
             envelope::parse(&taken.entry).map_or(0, |task| task.attempt + u32::from(ran));
         let outcome = &mut self.outcomes[taken.queue as usize];
         outcome.finished.push(taken.entry.entry_id.clone());
+        let counts = outcome.type_counts(kind_of(&taken.entry));
+        counts.dead += 1;
         if ran {
+            counts.failed += 1;
             outcome.failed += 1;
             self.report.failed += 1;
         }
+        outcome.dead_count += 1;
         self.report.dead += 1;
         outcome.dead.push(DeadLetter {
             entry: taken.entry,
@@ -287,6 +301,9 @@ impl<'r> Dispatcher<'r> {
             );
             outcome.delayed.push((now_ms() + delay, member));
         }
+        let counts = outcome.type_counts(kind_of(&taken.entry));
+        counts.failed += 1;
+        counts.retried += 1;
         outcome.finished.push(taken.entry.entry_id);
         outcome.failed += 1;
         outcome.retried += 1;
@@ -432,9 +449,17 @@ impl<'r> Dispatcher<'r> {
         let ring = self.region.result_ring(slot);
         let mut any = false;
         loop {
-            let applied = ring.read_frame(|bytes| match frame::read_results(bytes) {
-                Ok(results) => self.apply_results(slot, &results),
-                Err(error) => warn!("actor {slot} sent a bad result frame, ignoring it: {error}"),
+            let applied = ring.read_frame(|bytes| {
+                if let Some(report) = frame::read_durations(bytes) {
+                    self.apply_durations(slot, report);
+                    return;
+                }
+                match frame::read_results(bytes) {
+                    Ok(results) => self.apply_results(slot, &results),
+                    Err(error) => {
+                        warn!("actor {slot} sent a bad result frame, ignoring it: {error}");
+                    }
+                }
             });
             if applied.is_none() {
                 break;
@@ -443,6 +468,20 @@ impl<'r> Dispatcher<'r> {
         }
         if any {
             ring.notify_producer();
+        }
+    }
+
+    /// Adds an actor's handler run times to the outcomes of their queues.
+    fn apply_durations(&mut self, slot: usize, report: &[u8]) {
+        let parsed: Result<Vec<DurationsItem>, _> = serde_json::from_slice(report);
+        let Ok(items) = parsed else {
+            warn!("actor {slot} sent unreadable run times, ignoring them");
+            return;
+        };
+        for (queue, kind, sum, buckets) in items {
+            if let Some(outcome) = self.outcomes.get_mut(queue as usize) {
+                outcome.add_durations(Durations { kind, sum, buckets });
+            }
         }
     }
 
@@ -570,6 +609,7 @@ impl<'r> Dispatcher<'r> {
                 self.backlog.push_front(taken);
             }
             self.outstanding[slot] = 0;
+            self.report.restarts += 1;
             self.region.reclaim(slot);
             info!("actor slot {slot} reclaimed ({reason})");
         }

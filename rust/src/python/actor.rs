@@ -171,6 +171,11 @@ impl ActorEnd {
         }
     }
 
+    /// Whether a batch is already waiting in the ring (`recv` would not wait).
+    fn has_batch(&self) -> bool {
+        self.region.task_ring(self.slot).has_frame()
+    }
+
     /// Records that task `index` of `batch_id` starts now, with its timeout.
     /// Returns `False` when the engine is stopping: the task must not start.
     fn begin(&self, batch_id: u64, index: u32, timeout: f64) -> bool {
@@ -229,13 +234,31 @@ impl ActorEnd {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         frame::write_results(&mut buffer, batch_id, start, count, &records);
+        self.send(py, &buffer)
+    }
+
+    /// Reports handler run times (JSON, see `frame::DURATIONS_BATCH`).
+    /// Waits (GIL released) if the ring is full.
+    fn report_durations(&self, py: Python<'_>, json: &[u8]) -> PyResult<()> {
+        let mut buffer = self
+            .buffer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        frame::write_durations(&mut buffer, json);
+        self.send(py, &buffer)
+    }
+}
+
+impl ActorEnd {
+    /// Writes one frame to the result ring and wakes the dispatcher.
+    fn send(&self, py: Python<'_>, buffer: &[u8]) -> PyResult<()> {
         let ring = self.region.result_ring(self.slot);
         if buffer.len() > ring.max_frame() {
             return Err(pyo3::exceptions::PyValueError::new_err(
                 "result frame larger than the result ring",
             ));
         }
-        while !ring.write_frame(&[&buffer]) {
+        while !ring.write_frame(&[buffer]) {
             let length = buffer.len();
             if py.detach(|| ring.wait_for_space(length, Some(Duration::from_millis(200))))
                 == Wait::Closed
@@ -247,9 +270,7 @@ impl ActorEnd {
         region::signal_event(self.region.results_event());
         Ok(())
     }
-}
 
-impl ActorEnd {
     fn decode<'py>(&self, py: Python<'py>, bytes: &[u8]) -> PyResult<(u64, Bound<'py, PyList>)> {
         let (batch_id, records) = frame::read_tasks(bytes)
             .map_err(|failure| pyo3::exceptions::PyRuntimeError::new_err(failure.to_string()))?;

@@ -10,7 +10,7 @@ use crate::dispatcher::{self, DispatchError, DispatcherConfig};
 /// Runs the dispatcher on `region` until stopped (or drained, with `burst`).
 /// Blocks without holding the GIL; returns a report dict.
 #[pyfunction]
-#[pyo3(signature = (region, *, url, prefix, queues, group, consumer, burst, prefetch, read_count, block_ms, shutdown_timeout_ms, dead_max_length, claim_stale_after_ms, retry_base_ms, retry_max_ms, processed_ttl_ms))]
+#[pyo3(signature = (region, *, url, prefix, queues, group, consumer, burst, prefetch, read_count, block_ms, shutdown_timeout_ms, dead_max_length, claim_stale_after_ms, retry_base_ms, retry_max_ms, processed_ttl_ms, registry = Vec::new(), heartbeat_ms = 0))]
 #[expect(clippy::too_many_arguments, reason = "one keyword per engine setting")]
 fn run_dispatcher<'py>(
     py: Python<'py>,
@@ -30,6 +30,8 @@ fn run_dispatcher<'py>(
     retry_base_ms: u64,
     retry_max_ms: u64,
     processed_ttl_ms: u64,
+    registry: Vec<(String, String)>,
+    heartbeat_ms: u64,
 ) -> PyResult<Bound<'py, PyDict>> {
     let config = DispatcherConfig {
         url,
@@ -47,6 +49,8 @@ fn run_dispatcher<'py>(
         retry_base_ms,
         retry_max_ms,
         processed_ttl_ms,
+        registry,
+        heartbeat_ms,
     };
     let inner = region.region();
     let report = py.detach(|| dispatcher::run(inner, config));
@@ -64,6 +68,7 @@ fn run_dispatcher<'py>(
     dict.set_item("skipped", report.skipped)?;
     dict.set_item("handed_back", report.handed_back)?;
     dict.set_item("left_pending", report.left_pending)?;
+    dict.set_item("restarts", report.restarts)?;
     Ok(dict)
 }
 

@@ -201,6 +201,10 @@ impl Store {
     /// lists, maps as lists of pairs, and a refused command as a
     /// `RedisCommandError` instance in its place (not raised). For the admin
     /// tools; the task path has its own typed calls.
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "PyO3 extracts arguments as owned values"
+    )]
     fn pipeline<'py>(
         &self,
         py: Python<'py>,
@@ -239,12 +243,13 @@ fn to_python<'py>(py: Python<'py>, value: &Value) -> PyResult<Bound<'py, PyAny>>
             }
             PyList::new(py, list)?.into_any()
         }
-        Value::SimpleString(text) => text.into_pyobject(py)?.into_any(),
+        Value::SimpleString(text) | Value::VerbatimString { text, .. } => {
+            text.into_pyobject(py)?.into_any()
+        }
         Value::Okay => "OK".into_pyobject(py)?.into_any(),
         Value::Double(number) => number.into_pyobject(py)?.into_any(),
         Value::Boolean(flag) => flag.into_pyobject(py)?.to_owned().into_any(),
         Value::Attribute { data, .. } => to_python(py, data)?,
-        Value::VerbatimString { text, .. } => text.into_pyobject(py)?.into_any(),
         Value::ServerError(failure) => error(py, "RedisCommandError", failure.to_string())
             .into_value(py)
             .into_bound(py)

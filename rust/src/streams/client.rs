@@ -119,6 +119,28 @@ fn group_pending(reply: Value, group: &str) -> u64 {
     0
 }
 
+/// Adds the counting of `tasks` to the queue's stats hash (`enqueued`, and
+/// `enqueued|<type>` per type) to `pipe`.
+fn count_enqueued(pipe: &mut redis::Pipeline, stats: &str, tasks: &[TaskRef<'_>]) {
+    let mut per_type: Vec<(&str, u64)> = Vec::new();
+    for task in tasks {
+        match per_type.iter_mut().find(|(kind, _)| *kind == task.kind) {
+            Some((_, count)) => *count += 1,
+            None => per_type.push((task.kind, 1)),
+        }
+    }
+    pipe.cmd("HINCRBY")
+        .arg(stats)
+        .arg("enqueued")
+        .arg(tasks.len());
+    for (kind, count) in per_type {
+        pipe.cmd("HINCRBY")
+            .arg(stats)
+            .arg(format!("enqueued|{kind}"))
+            .arg(count);
+    }
+}
+
 /// The synchronous store the client uses.
 pub struct SyncStore {
     client: redis::Client,
@@ -194,9 +216,11 @@ impl SyncStore {
         self.run(|connection, keys| {
             let stream = keys.stream(queue);
             let mut ids = Vec::with_capacity(tasks.len());
-            let mut register = redis::cmd("SADD");
-            register.arg(keys.queues()).arg(queue);
-            connection.send_packed_command(&register.get_packed_command())?;
+            let mut register = redis::pipe();
+            register.cmd("SADD").arg(keys.queues()).arg(queue);
+            count_enqueued(&mut register, &keys.stats(queue), tasks);
+            let register_replies = register.cmd_iter().count();
+            connection.send_packed_command(&register.get_packed_pipeline())?;
             let mut unread_register = true;
             let mut unread: Option<usize> = None;
             for chunk in tasks.chunks(ENQUEUE_CHUNK) {
@@ -206,7 +230,9 @@ impl SyncStore {
                 }
                 connection.send_packed_command(&pipe.get_packed_pipeline())?;
                 if unread_register {
-                    redis::from_redis_value::<Value>(connection.recv_response()?)?;
+                    for _ in 0..register_replies {
+                        redis::from_redis_value::<Value>(connection.recv_response()?)?;
+                    }
                     unread_register = false;
                 }
                 if let Some(count) = unread.replace(chunk.len()) {
@@ -214,7 +240,9 @@ impl SyncStore {
                 }
             }
             if unread_register {
-                redis::from_redis_value::<Value>(connection.recv_response()?)?;
+                for _ in 0..register_replies {
+                    redis::from_redis_value::<Value>(connection.recv_response()?)?;
+                }
             }
             if let Some(count) = unread {
                 read_ids(connection, count, &mut ids)?;
@@ -231,6 +259,7 @@ impl SyncStore {
             for chunk in tasks.chunks(ENQUEUE_CHUNK) {
                 let mut pipe = redis::pipe();
                 pipe.cmd("SADD").arg(keys.queues()).arg(queue).ignore();
+                count_enqueued(&mut pipe, &keys.stats(queue), chunk);
                 let mut zadd = redis::cmd("ZADD");
                 zadd.arg(&delayed);
                 for task in chunk {
@@ -287,6 +316,11 @@ impl SyncStore {
                 .ignore()
                 .add_command(cmd)
                 .query(connection)?;
+            if reply.is_some() {
+                let mut pipe = redis::pipe();
+                count_enqueued(&mut pipe, &keys.stats(queue), std::slice::from_ref(task));
+                pipe.query::<()>(connection)?;
+            }
             Ok(reply)
         })
     }

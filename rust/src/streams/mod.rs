@@ -69,6 +69,36 @@ pub struct QueueOutcomes {
     pub retried: u64,
     /// Deliveries skipped because the task id was already done.
     pub skipped: u64,
+    /// Tasks moved to the dead letters.
+    pub dead_count: u64,
+    /// The same counters per task type.
+    pub by_type: Vec<(bytes::Bytes, TypeCounts)>,
+    /// Handler run times reported by actors, per task type.
+    pub durations: Vec<Durations>,
+}
+
+/// Counters of one task type.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TypeCounts {
+    /// Successful runs.
+    pub processed: u64,
+    /// Failed runs.
+    pub failed: u64,
+    /// Failed runs that will run again.
+    pub retried: u64,
+    /// Tasks dead-lettered.
+    pub dead: u64,
+}
+
+/// A histogram of handler run times of one task type, as an actor sent it.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Durations {
+    /// Task type.
+    pub kind: String,
+    /// Total seconds.
+    pub sum: f64,
+    /// `(bucket index, runs)`, buckets as the Python side defines them.
+    pub buckets: Vec<(u32, u64)>,
 }
 
 impl QueueOutcomes {
@@ -85,6 +115,20 @@ impl QueueOutcomes {
             && self.processed == 0
             && self.failed == 0
             && self.skipped == 0
+            && self.dead_count == 0
+            && self.durations.is_empty()
+    }
+
+    /// The counters of task type `kind`, made on first use.
+    pub fn type_counts(&mut self, kind: &[u8]) -> &mut TypeCounts {
+        let at = if let Some(at) = self.by_type.iter().position(|(name, _)| name == kind) {
+            at
+        } else {
+            self.by_type
+                .push((bytes::Bytes::copy_from_slice(kind), TypeCounts::default()));
+            self.by_type.len() - 1
+        };
+        &mut self.by_type[at].1
     }
 
     /// Adds `other` to `self`.
@@ -100,5 +144,35 @@ impl QueueOutcomes {
         self.failed += other.failed;
         self.retried += other.retried;
         self.skipped += other.skipped;
+        self.dead_count += other.dead_count;
+        for (kind, counts) in other.by_type {
+            let into = self.type_counts(&kind);
+            into.processed += counts.processed;
+            into.failed += counts.failed;
+            into.retried += counts.retried;
+            into.dead += counts.dead;
+        }
+        for durations in other.durations {
+            self.add_durations(durations);
+        }
+    }
+
+    /// Adds a histogram of run times, merged with the one of its type.
+    pub fn add_durations(&mut self, durations: Durations) {
+        let Some(into) = self
+            .durations
+            .iter_mut()
+            .find(|known| known.kind == durations.kind)
+        else {
+            self.durations.push(durations);
+            return;
+        };
+        into.sum += durations.sum;
+        for (bucket, count) in durations.buckets {
+            match into.buckets.iter_mut().find(|(known, _)| *known == bucket) {
+                Some((_, total)) => *total += count,
+                None => into.buckets.push((bucket, count)),
+            }
+        }
     }
 }

@@ -201,6 +201,7 @@ pub async fn write_outcomes(
             ("failed", outcome.failed),
             ("retried", outcome.retried),
             ("skipped", outcome.skipped),
+            ("dead", outcome.dead_count),
         ] {
             if count > 0 {
                 pipe.cmd("HINCRBY")
@@ -208,6 +209,43 @@ pub async fn write_outcomes(
                     .arg(name)
                     .arg(count)
                     .ignore();
+            }
+        }
+        for (kind, counts) in &outcome.by_type {
+            for (name, count) in [
+                ("processed", counts.processed),
+                ("failed", counts.failed),
+                ("retried", counts.retried),
+                ("dead", counts.dead),
+            ] {
+                if count > 0 {
+                    let mut field = Vec::with_capacity(name.len() + 1 + kind.len());
+                    field.extend_from_slice(name.as_bytes());
+                    field.push(b'|');
+                    field.extend_from_slice(kind);
+                    pipe.cmd("HINCRBY")
+                        .arg(&stats)
+                        .arg(field)
+                        .arg(count)
+                        .ignore();
+                }
+            }
+        }
+        if !outcome.durations.is_empty() {
+            let key = keys.durations(&queue.name);
+            for durations in &outcome.durations {
+                pipe.cmd("HINCRBYFLOAT")
+                    .arg(&key)
+                    .arg(format!("{}|sum", durations.kind))
+                    .arg(durations.sum)
+                    .ignore();
+                for (bucket, count) in &durations.buckets {
+                    pipe.cmd("HINCRBY")
+                        .arg(&key)
+                        .arg(format!("{}|{bucket}", durations.kind))
+                        .arg(*count)
+                        .ignore();
+                }
             }
         }
         for id in &outcome.done_ids {

@@ -1,0 +1,208 @@
+"""Prometheus metrics, read from Redis at scrape time.
+
+Every number lives in Redis already (stats hashes, stream and ZSET sizes, the
+worker registry, run-time histograms the actors report), so any process can
+serve all of them: the dashboard's ``/metrics`` and ``flumeq worker
+--metrics-port`` use the same collector. The values are cluster-wide; scrape
+one endpoint (or de-duplicate by ``job``), not every worker.
+
+Actors time each handler run and add it to a histogram per queue and type;
+about once a second (or when they go idle) they send it to the dispatcher,
+which adds it to ``<prefix>:{queue}:durations`` in the same MULTI as the
+batch's outcomes.
+"""
+
+from __future__ import annotations
+
+import logging
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
+from http.server import ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import MetricsHandler
+
+if TYPE_CHECKING:
+    from ._core import ActorEnd
+    from .admin import Admin
+
+__all__ = ["DURATION_BUCKETS", "FlumeqCollector", "Timings", "render", "serve_metrics"]
+
+log = logging.getLogger("flumeq.metrics")
+
+#: Upper bounds (seconds) of the handler run-time buckets; one more bucket
+#: (+Inf) follows. Changing them garbles histograms already in Redis.
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+
+#: How often an actor sends its run times while busy (seconds).
+REPORT_EVERY = 1.0
+
+
+class Timings:
+    """An actor's histogram of handler run times per (queue, type), sent to
+    the dispatcher as one small frame now and then: no per-task I/O."""
+
+    def __init__(self, queues: Sequence[str]) -> None:
+        self.index = {name: position for position, name in enumerate(queues)}
+        self.data: dict[tuple[str, str], list[Any]] = {}
+        self.buckets = len(DURATION_BUCKETS) + 1
+
+    def add(self, queue: str, type_: str, seconds: float) -> None:
+        entry = self.data.get((queue, type_))
+        if entry is None:
+            entry = self.data[(queue, type_)] = [0.0, [0] * self.buckets]
+        entry[0] += seconds
+        entry[1][bisect_left(DURATION_BUCKETS, seconds)] += 1
+
+    def send(self, end: ActorEnd) -> None:
+        if not self.data:
+            return
+        report = [
+            [
+                self.index.get(queue, 0),
+                type_,
+                total,
+                [[bucket, count] for bucket, count in enumerate(counts) if count],
+            ]
+            for (queue, type_), (total, counts) in self.data.items()
+        ]
+        self.data = {}
+        end.report_durations(orjson.dumps(report))
+
+
+class FlumeqCollector:
+    """Collects flumeq's metrics from Redis through an ``Admin``."""
+
+    def __init__(self, admin: Admin, queues: Sequence[str] | None = None) -> None:
+        self.admin = admin
+        self.queues = list(queues) if queues else None
+
+    def describe(self) -> list[Metric]:
+        # No values at registration time: describing must not reach Redis.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            rows = self.admin.overview(self.queues)
+            workers = self.admin.workers()
+        except Exception as error:
+            log.warning("metrics: cannot read redis: %s", error)
+            up = GaugeMetricFamily("flumeq_redis_up", "Whether Redis answered this scrape")
+            up.add_metric([], 0)
+            yield up
+            return
+        up = GaugeMetricFamily("flumeq_redis_up", "Whether Redis answered this scrape")
+        up.add_metric([], 1)
+        yield up
+        gauges = {
+            name: GaugeMetricFamily(f"flumeq_queue_{name}", text, labels=["queue"])
+            for name, text in (
+                ("ready", "Tasks waiting to be read"),
+                ("in_flight", "Tasks delivered to an engine and not finished"),
+                ("delayed", "Tasks scheduled for later (delay, at, retry backoff)"),
+                ("dead", "Tasks in the dead-letter stream"),
+            )
+        }
+        age = GaugeMetricFamily(
+            "flumeq_queue_oldest_ready_age_seconds",
+            "Age of the oldest task waiting to be read (0 when none waits)",
+            labels=["queue"],
+        )
+        counters = {
+            name: CounterMetricFamily(
+                f"flumeq_tasks_{name}", f"Tasks {name}", labels=["queue", "type"]
+            )
+            for name in ("enqueued", "processed", "failed", "retried", "dead")
+        }
+        durations = HistogramMetricFamily(
+            "flumeq_task_duration_seconds", "Handler run time", labels=["queue", "type"]
+        )
+        for row in rows:
+            queue = row["name"]
+            for name, gauge in gauges.items():
+                gauge.add_metric([queue], row[name])
+            age.add_metric([queue], row["oldest_ready_age"] or 0.0)
+            for type_, counts in sorted(row["types"].items()):
+                for name, counter in counters.items():
+                    counter.add_metric([queue, type_], counts[name])
+            for type_, histogram in sorted(self.admin.durations(queue).items()):
+                cumulative, buckets = 0, []
+                for index, bound in enumerate((*DURATION_BUCKETS, float("inf"))):
+                    cumulative += histogram["buckets"].get(index, 0)
+                    label = "+Inf" if bound == float("inf") else repr(bound)
+                    buckets.append((label, cumulative))
+                durations.add_metric([queue, type_], buckets, histogram["sum"])
+        yield from gauges.values()
+        yield age
+        yield from counters.values()
+        yield durations
+        worker_metrics: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
+            "in_flight": GaugeMetricFamily(
+                "flumeq_worker_in_flight", "Tasks an engine holds", labels=["worker"]
+            ),
+            "processes": GaugeMetricFamily(
+                "flumeq_worker_processes", "Actor processes of an engine", labels=["worker"]
+            ),
+            "restarts": CounterMetricFamily(
+                "flumeq_worker_actor_restarts",
+                "Actors that died and were replaced",
+                labels=["worker"],
+            ),
+            "processed": CounterMetricFamily(
+                "flumeq_worker_processed", "Tasks an engine ran successfully", labels=["worker"]
+            ),
+            "failed": CounterMetricFamily(
+                "flumeq_worker_failed", "Failed runs of an engine", labels=["worker"]
+            ),
+        }
+        alive = GaugeMetricFamily("flumeq_workers", "Live engines")
+        alive.add_metric([], len(workers))
+        for worker in workers:
+            for name, metric in worker_metrics.items():
+                metric.add_metric([worker["consumer"]], worker[name])
+        yield alive
+        yield from worker_metrics.values()
+
+
+def render(admin: Admin, queues: Sequence[str] | None = None) -> tuple[bytes, str]:
+    """The Prometheus text exposition of flumeq's metrics: (body, content type)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FlumeqCollector(admin, queues))
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def serve_metrics(
+    admin: Admin, port: int, host: str = "", queues: Sequence[str] | None = None
+) -> None:
+    """Serves ``/metrics`` on ``host:port`` until the process ends (blocks)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FlumeqCollector(admin, queues))
+    handler = MetricsHandler.factory(registry)
+    server = ThreadingHTTPServer((host, port), handler)
+    log.info("metrics on http://%s:%d/metrics", host or "0.0.0.0", port)
+    server.serve_forever()

@@ -1,0 +1,500 @@
+"""The dashboard: an ASGI app (Starlette + Jinja2) over ``flumeq.admin.Admin``.
+
+Pages are server-rendered shells; ``static/app.js`` fills them from the JSON
+API under ``/api/`` and refreshes them every ~1.5 s. ``/metrics`` serves the
+Prometheus text format (``flumeq.metrics.render``).
+
+Authentication (when a token is set): HTTP Basic, any user name and the token
+as password, or ``Authorization: Bearer <token>`` for scripts and Prometheus.
+Basic is what browsers speak without a login form: a page answered with 401
+makes the browser ask once and send the credentials on every later request
+to the origin, ``fetch`` included. ``/login`` asks for them on purpose (the
+page script goes there when an action is refused). Without TLS the token
+crosses the network in clear text, so put a TLS proxy in front off-localhost.
+
+- ``token=None``: nothing is asked (``serve`` allows this on loopback only).
+- ``token`` set: actions (every method but GET/HEAD) need it.
+- ``require_token=True`` as well: every request needs it, pages included
+  (``serve`` sets it when it listens off-localhost).
+
+CSRF: every action also needs the header ``X-CSRF-Token`` equal to a random
+secret made per app and embedded in each page as
+``<meta name="csrf-token">`` (compared with ``hmac.compare_digest``); a
+request whose ``Origin`` (or ``Sec-Fetch-Site``) shows another site is
+refused. A cross-site form cannot set that header and a cross-site script
+cannot read the page, so it cannot learn the secret. ``serve`` on loopback
+also accepts only loopback ``Host`` names, which stops DNS rebinding.
+
+All data is text to the page: Jinja2 autoescapes, the script only writes
+``textContent``, and the Content-Security-Policy allows no inline script.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import importlib
+import ipaddress
+import json
+import secrets
+import threading
+import time
+from collections.abc import Awaitable, Iterable
+from pathlib import Path
+from typing import Any, Callable, Optional, TypeVar
+from urllib.parse import urlsplit
+
+from jinja2 import Environment, FileSystemLoader
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .. import __version__
+from ..admin import Admin
+from ..errors import ConfigError, FlumeqError, RedisUnavailable
+
+__all__ = ["create_app", "serve"]
+
+HERE = Path(__file__).resolve().parent
+#: Most dead letters one page shows.
+DEAD_LIMIT = 100
+#: Host names accepted when serving on a loopback address.
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+SAFE_METHODS = frozenset({"GET", "HEAD"})
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+REALM = 'Basic realm="flumeq", charset="UTF-8"'
+SECURITY_HEADERS = [
+    (b"content-security-policy", CSP.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"same-origin"),
+]
+
+T = TypeVar("T")
+
+
+class _Json(JSONResponse):
+    """JSON that never fails on an odd value (shown as its text) and is never cached."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=False, default=str, separators=(",", ":")).encode()
+
+
+def _error(status: int, message: str, headers: Optional[dict[str, str]] = None) -> _Json:
+    return _Json({"error": message}, status_code=status, headers=headers)
+
+
+def _host_name(host_header: str) -> str:
+    """The host name of a ``Host`` header, without port or IPv6 brackets."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) only listens on this machine."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _token_in(authorization: str, token: str) -> bool:
+    """Whether an ``Authorization`` header carries ``token`` (Bearer, or Basic password)."""
+    scheme, _, value = authorization.strip().partition(" ")
+    value = value.strip()
+    if scheme.lower() == "bearer":
+        given = value.encode()
+    elif scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(value.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError):
+            return False
+        given = decoded.partition(b":")[2]
+    else:
+        return False
+    return hmac.compare_digest(given, token.encode())
+
+
+def authorized(request: Request, token: Optional[str]) -> bool:
+    """Whether ``request`` may pass a gate guarded by ``token`` (``None``: open)."""
+    return token is None or _token_in(request.headers.get("authorization", ""), token)
+
+
+def _route_path(scope: Scope) -> str:
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+class _Gate:
+    """ASGI middleware: allowed ``Host`` names, then the token, then security headers."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        token: Optional[str],
+        require_token: bool,
+        allowed_hosts: Optional[frozenset[str]],
+    ) -> None:
+        self.app = app
+        self.token = token
+        self.require_token = require_token
+        self.allowed_hosts = allowed_hosts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        response: Optional[Response] = None
+        if (
+            self.allowed_hosts is not None
+            and _host_name(request.headers.get("host", "")) not in self.allowed_hosts
+        ):
+            response = _error(400, "this host name is not served here")
+        elif (
+            self.token is not None
+            and (self.require_token or request.method not in SAFE_METHODS)
+            and not authorized(request, self.token)
+        ):
+            response = self._refuse(request)
+        if response is not None:
+            await response(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], *SECURITY_HEADERS]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    @staticmethod
+    def _refuse(request: Request) -> Response:
+        if _route_path(request.scope).startswith("/api/") or request.method not in SAFE_METHODS:
+            # No Basic challenge: it would make the browser pop a dialog over a fetch.
+            return _error(
+                401,
+                "this action needs the dashboard token (Authorization: Bearer <token>)",
+                {"WWW-Authenticate": 'Bearer realm="flumeq"'},
+            )
+        return _challenge(
+            "The flumeq dashboard needs its token: any user name, the token as password."
+        )
+
+
+def _challenge(text: str) -> Response:
+    """A 401 that makes a browser ask for the user name and password."""
+    return Response(
+        text + "\n", status_code=401, media_type="text/plain", headers={"WWW-Authenticate": REALM}
+    )
+
+
+class _Dashboard:
+    """The endpoints, around one ``Admin`` shared by every request."""
+
+    def __init__(self, admin: Admin, token: Optional[str]) -> None:
+        self.admin = admin
+        self.token = token
+        self.csrf = secrets.token_urlsafe(32)
+        # Admin calls block (Redis round trips): run them off the event loop, one at a time.
+        self._lock = threading.Lock()
+        env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True)
+        self.templates = Jinja2Templates(env=env)
+
+    # -- plumbing ---------------------------------------------------------
+
+    def _locked(self, call: Callable[..., T], *args: Any) -> T:
+        with self._lock:
+            return call(*args)
+
+    async def _admin(self, call: Callable[..., T], *args: Any) -> T:
+        return await run_in_threadpool(self._locked, call, *args)
+
+    async def _known(self, name: str) -> bool:
+        return name in await self._admin(self.admin.queues)
+
+    async def _api(self, produce: Callable[[], Awaitable[Any]]) -> Response:
+        """Runs ``produce``; Admin errors become JSON errors with a fitting status."""
+        try:
+            return _Json(await produce(), headers={"Cache-Control": "no-store"})
+        except LookupError as error:
+            return _error(404, str(error).strip("'\""))
+        except ConfigError as error:
+            return _error(404, str(error))
+        except RedisUnavailable as error:
+            return _error(503, f"redis is unreachable: {error}")
+        except FlumeqError as error:
+            return _error(500, f"{type(error).__name__}: {error}")
+
+    def _page(self, request: Request, template: str, status: int = 200, **context: Any) -> Response:
+        context.update(
+            csrf_token=self.csrf,
+            root=request.scope.get("root_path", "").rstrip("/"),
+            redis=self.admin.url_for_display,
+            version=__version__,
+            token_set=self.token is not None,
+        )
+        return self.templates.TemplateResponse(
+            request,
+            template,
+            context,
+            status_code=status,
+            headers={"Cache-Control": "no-store"},
+        )
+
+    def _action_problem(self, request: Request) -> Optional[str]:
+        """Why an action request is refused as cross-site, or None."""
+        origin = request.headers.get("origin")
+        host = request.headers.get("host", "").lower()
+        if origin is not None and (origin == "null" or urlsplit(origin).netloc.lower() != host):
+            return "cross-origin request refused"
+        site = request.headers.get("sec-fetch-site")
+        if site is not None and site not in ("same-origin", "none"):
+            return "cross-site request refused"
+        sent = request.headers.get("x-csrf-token", "")
+        if not hmac.compare_digest(sent.encode(), self.csrf.encode()):
+            return "missing or wrong X-CSRF-Token header (reload the page)"
+        return None
+
+    # -- pages ------------------------------------------------------------
+
+    async def overview_page(self, request: Request) -> Response:
+        return self._page(request, "overview.html", page="overview", title="Overview")
+
+    async def queue_page(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        if not await self._known(name):
+            return self._not_found(request, f"There is no queue named {name!r}.")
+        return self._page(request, "queue.html", page="queue", title=name, queue=name)
+
+    async def dead_page(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        if not await self._known(name):
+            return self._not_found(request, f"There is no queue named {name!r}.")
+        return self._page(
+            request, "dead.html", page="dead", title=f"{name}: dead letters", queue=name
+        )
+
+    async def task_page(self, request: Request) -> Response:
+        task_id = request.query_params.get("id", "").strip()
+        return self._page(request, "task.html", page="task", title="Task lookup", task_id=task_id)
+
+    async def workers_page(self, request: Request) -> Response:
+        return self._page(request, "workers.html", page="workers", title="Workers")
+
+    async def login(self, request: Request) -> Response:
+        """Asks the browser for the token, then goes back to ``next``."""
+        if not authorized(request, self.token):
+            return _challenge("Log in with any user name and the dashboard token as password.")
+        target = request.query_params.get("next", "")
+        # Only a path of this site: "//host" or "/\host" would leave it.
+        if not target.startswith("/") or target.startswith(("//", "/\\")):
+            target = request.scope.get("root_path", "").rstrip("/") + "/"
+        return RedirectResponse(target, status_code=303)
+
+    def _not_found(self, request: Request, message: str) -> Response:
+        return self._page(
+            request, "error.html", status=404, page="error", title="Not found", message=message
+        )
+
+    async def metrics(self, request: Request) -> Response:
+        try:
+            module = importlib.import_module("flumeq.metrics")
+        except ImportError as error:
+            return Response(f"metrics are unavailable: {error}\n", 503, media_type="text/plain")
+        try:
+            render: Callable[[Admin], tuple[bytes, str]] = module.render
+            body, content_type = await self._admin(render, self.admin)
+        except RedisUnavailable as error:
+            return Response(f"redis is unreachable: {error}\n", 503, media_type="text/plain")
+        return Response(body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
+
+    # -- JSON -------------------------------------------------------------
+
+    async def api_overview(self, request: Request) -> Response:
+        async def produce() -> dict[str, Any]:
+            queues = await self._admin(self.admin.overview)
+            workers = await self._admin(self.admin.workers)
+            return {"time": time.time(), "queues": queues, "workers": workers}
+
+        return await self._api(produce)
+
+    async def api_queue(self, request: Request) -> Response:
+        name = request.path_params["name"]
+
+        async def produce() -> dict[str, Any]:
+            detail = await self._admin(self.admin.queue, name)
+            consumers = detail.get("consumers")
+            if not isinstance(consumers, list):
+                detail["consumers"] = detail.pop("consumers_detail", [])
+            detail["time"] = time.time()
+            return detail
+
+        return await self._api(produce)
+
+    async def api_dead(self, request: Request) -> Response:
+        name = request.path_params["name"]
+
+        async def produce() -> dict[str, Any]:
+            if not await self._known(name):
+                raise ConfigError(f"unknown queue {name!r}")
+            letters = await self._admin(self.admin.dead_letters, name, DEAD_LIMIT)
+            (row,) = await self._admin(self.admin.overview, [name])
+            return {"queue": name, "total": row.get("dead", len(letters)), "dead": letters}
+
+        return await self._api(produce)
+
+    async def api_task(self, request: Request) -> Response:
+        task_id = request.query_params.get("id", "").strip()
+
+        async def produce() -> dict[str, Any]:
+            if not task_id:
+                return {"id": "", "found": []}
+            return {"id": task_id, "found": await self._admin(self.admin.find_task, task_id)}
+
+        return await self._api(produce)
+
+    async def api_workers(self, request: Request) -> Response:
+        async def produce() -> dict[str, Any]:
+            return {"time": time.time(), "workers": await self._admin(self.admin.workers)}
+
+        return await self._api(produce)
+
+    # -- actions ----------------------------------------------------------
+
+    async def _action_body(self, request: Request) -> dict[str, Any]:
+        raw = await request.body()
+        if not raw.strip():
+            return {}
+        body = json.loads(raw)
+        if not isinstance(body, dict):
+            raise ValueError("the body must be a JSON object")
+        return body
+
+    async def requeue(self, request: Request) -> Response:
+        """Body ``{"ids": ["<task id>", ...]}`` requeues those; ``{}`` or ``{"all": true}`` all."""
+        problem = self._action_problem(request)
+        if problem:
+            return _error(403, problem)
+        name = request.path_params["name"]
+        try:
+            body = await self._action_body(request)
+        except ValueError as error:
+            return _error(400, f"bad JSON body: {error}")
+        ids = body.get("ids")
+        if ids is not None and (
+            not isinstance(ids, list) or not all(isinstance(id_, str) and id_ for id_ in ids)
+        ):
+            return _error(400, '"ids" must be a list of task ids (strings)')
+
+        async def produce() -> dict[str, Any]:
+            if not await self._known(name):
+                raise ConfigError(f"unknown queue {name!r}")
+            count = await self._admin(self.admin.requeue_dead, name, ids)
+            return {"queue": name, "requeued": count}
+
+        return await self._api(produce)
+
+    async def purge(self, request: Request) -> Response:
+        problem = self._action_problem(request)
+        if problem:
+            return _error(403, problem)
+        name = request.path_params["name"]
+
+        async def produce() -> dict[str, Any]:
+            if not await self._known(name):
+                raise ConfigError(f"unknown queue {name!r}")
+            return {"queue": name, "purged": await self._admin(self.admin.purge_dead, name)}
+
+        return await self._api(produce)
+
+    async def api_not_found(self, request: Request) -> Response:
+        return _error(404, "no such API endpoint")
+
+
+def create_app(
+    admin: Admin,
+    *,
+    token: Optional[str] = None,
+    require_token: bool = False,
+    allowed_hosts: Optional[Iterable[str]] = None,
+) -> Starlette:
+    """The dashboard as an ASGI app over ``admin``.
+
+    ``token``: actions need it (HTTP Basic password or Bearer); with
+    ``require_token`` every request does. ``allowed_hosts``: ``Host`` names
+    answered (any when ``None``), against DNS rebinding. The caller keeps
+    ``admin`` and closes it.
+    """
+    if token is not None and not token:
+        raise ConfigError("the dashboard token must not be empty")
+    if require_token and token is None:
+        raise ConfigError("require_token=True needs a token")
+    hosts = None if allowed_hosts is None else frozenset(_host_name(h) for h in allowed_hosts)
+    board = _Dashboard(admin, token)
+    return Starlette(
+        routes=[
+            Route("/", board.overview_page, name="overview"),
+            Route("/queues/{name:path}/dead", board.dead_page, name="dead"),
+            Route("/queues/{name:path}", board.queue_page, name="queue"),
+            Route("/tasks", board.task_page, name="tasks"),
+            Route("/workers", board.workers_page, name="workers"),
+            Route("/login", board.login, name="login"),
+            Route("/metrics", board.metrics, name="metrics"),
+            Route("/api/overview", board.api_overview),
+            Route("/api/workers", board.api_workers),
+            Route("/api/tasks", board.api_task),
+            Route("/api/queues/{name:path}/dead/requeue", board.requeue, methods=["POST"]),
+            Route("/api/queues/{name:path}/dead/purge", board.purge, methods=["POST"]),
+            Route("/api/queues/{name:path}/dead", board.api_dead),
+            Route("/api/queues/{name:path}", board.api_queue),
+            Route("/api/{rest:path}", board.api_not_found, methods=["GET", "POST"]),
+            Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+        ],
+        middleware=[
+            Middleware(_Gate, token=token, require_token=require_token, allowed_hosts=hosts)
+        ],
+    )
+
+
+def serve(
+    admin: Admin, host: str = "127.0.0.1", port: int = 8080, token: Optional[str] = None
+) -> None:
+    """Serves the dashboard with uvicorn until interrupted.
+
+    Off-localhost a token is required and then guards every page; on a
+    loopback address pages are open (actions need the token when one is
+    given) and only loopback ``Host`` names are answered.
+    """
+    loopback = is_loopback(host)
+    if not loopback and not token:
+        raise ConfigError(
+            f"refusing to serve the dashboard on {host!r} without a token: off localhost "
+            "anyone who can reach it could read payloads and requeue or purge dead letters; "
+            "pass --token (serve(..., token=...)) or listen on 127.0.0.1"
+        )
+    app = create_app(
+        admin,
+        token=token or None,
+        require_token=not loopback,
+        allowed_hosts=(*LOOPBACK_NAMES, host) if loopback else None,
+    )
+    import uvicorn  # noqa: PLC0415 (only needed to serve)
+
+    uvicorn.run(app, host=host, port=port, log_level="warning")

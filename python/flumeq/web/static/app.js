@@ -1,0 +1,634 @@
+// flumeq dashboard: fills the server-rendered shells from the JSON API and
+// refreshes them in place. Data only ever reaches the page as text
+// (textContent / createTextNode), never as HTML.
+"use strict";
+
+(() => {
+  const body = document.body;
+  const root = body.dataset.root || "";
+  const page = body.dataset.page;
+  const csrfMeta = document.querySelector('meta[name="csrf-token"]');
+  const csrf = csrfMeta ? csrfMeta.getAttribute("content") : "";
+  const POLL_MS = 1500;
+
+  // -- building nodes ------------------------------------------------------
+
+  // el("a", {href: "/x", class: "y"}, "text", otherNode): strings become text nodes.
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [name, value] of Object.entries(attrs || {})) {
+      if (value === null || value === undefined || value === false) continue;
+      if (name === "class") node.className = value;
+      else if (name === "text") node.textContent = String(value);
+      else node.setAttribute(name, value === true ? "" : String(value));
+    }
+    for (const child of children) {
+      if (child === null || child === undefined) continue;
+      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    }
+    return node;
+  }
+
+  const byId = (id) => document.getElementById(id);
+
+  function setText(id, value) {
+    const node = byId(id);
+    if (node) node.textContent = value;
+  }
+
+  function queueHref(name, suffix) {
+    return root + "/queues/" + encodeURIComponent(name) + (suffix || "");
+  }
+
+  function taskHref(id) {
+    return root + "/tasks?id=" + encodeURIComponent(id);
+  }
+
+  // -- formatting ------------------------------------------------------------
+
+  const numberFormat = new Intl.NumberFormat("en-US");
+
+  function fmtInt(value) {
+    if (value === null || value === undefined || value === "") return "–";
+    const n = Number(value);
+    return Number.isFinite(n) ? numberFormat.format(n) : String(value);
+  }
+
+  function fmtDuration(seconds) {
+    if (seconds === null || seconds === undefined || !Number.isFinite(Number(seconds))) return "–";
+    let s = Math.max(0, Number(seconds));
+    if (s < 1) return Math.round(s * 1000) + " ms";
+    if (s < 60) return s.toFixed(1) + " s";
+    s = Math.floor(s);
+    const d = Math.floor(s / 86400);
+    const h = Math.floor((s % 86400) / 3600);
+    const m = Math.floor((s % 3600) / 60);
+    if (d) return d + " d " + h + " h";
+    if (h) return h + " h " + m + " m";
+    return m + " m " + (s % 60) + " s";
+  }
+
+  function pad(n) {
+    return String(n).padStart(2, "0");
+  }
+
+  function fmtTime(epoch) {
+    if (!epoch) return "–";
+    const t = new Date(Number(epoch) * 1000);
+    return (
+      t.getFullYear() + "-" + pad(t.getMonth() + 1) + "-" + pad(t.getDate()) + " " +
+      pad(t.getHours()) + ":" + pad(t.getMinutes()) + ":" + pad(t.getSeconds())
+    );
+  }
+
+  function fmtRelative(epoch, now) {
+    if (!epoch) return "–";
+    const delta = Number(epoch) - now;
+    return delta >= 0 ? "in " + fmtDuration(delta) : fmtDuration(-delta) + " ago";
+  }
+
+  function fmtRate(rate) {
+    if (rate === null || rate === undefined) return "–";
+    if (rate < 0.05) return "0";
+    if (rate < 10) return rate.toFixed(1);
+    return numberFormat.format(Math.round(rate));
+  }
+
+  // Pretty JSON when the text is JSON, else the text as it is.
+  function prettyJson(text) {
+    if (typeof text !== "string") return JSON.stringify(text, null, 2);
+    try {
+      return JSON.stringify(JSON.parse(text), null, 2);
+    } catch (_) {
+      return text;
+    }
+  }
+
+  // Throughput from deltas of the processed counter between two polls (server clock).
+  const rates = new Map();
+
+  function rateOf(key, processed, time) {
+    const previous = rates.get(key);
+    let rate = previous ? previous.rate : null;
+    if (previous && time > previous.time) {
+      const delta = Number(processed) - previous.processed;
+      const instant = delta >= 0 ? delta / (time - previous.time) : 0;
+      rate = rate === null ? instant : 0.5 * instant + 0.5 * rate;
+    }
+    rates.set(key, { processed: Number(processed), time, rate });
+    return rate;
+  }
+
+  // -- talking to the server -------------------------------------------------
+
+  class HttpError extends Error {
+    constructor(status, message) {
+      super(message);
+      this.status = status;
+    }
+  }
+
+  async function readJson(response) {
+    let data = null;
+    try {
+      data = await response.json();
+    } catch (_) {
+      data = null;
+    }
+    if (!response.ok) {
+      const message = (data && data.error) || response.status + " " + response.statusText;
+      throw new HttpError(response.status, message);
+    }
+    return data;
+  }
+
+  async function getJson(path) {
+    const response = await fetch(root + path, {
+      headers: { Accept: "application/json" },
+      cache: "no-store",
+      credentials: "same-origin",
+    });
+    return readJson(response);
+  }
+
+  async function postJson(path, payload) {
+    const response = await fetch(root + path, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf },
+      body: JSON.stringify(payload || {}),
+      credentials: "same-origin",
+    });
+    if (response.status === 401) {
+      // The browser asks for the token on /login, then comes back here.
+      const here = location.pathname + location.search;
+      location.assign(root + "/login?next=" + encodeURIComponent(here));
+      throw new HttpError(401, "this action needs the dashboard token");
+    }
+    return readJson(response);
+  }
+
+  function setStatus(ok, text) {
+    const status = byId("status");
+    if (!status) return;
+    status.classList.toggle("ok", ok);
+    status.classList.toggle("down", !ok);
+    status.querySelector(".status-text").textContent = text;
+  }
+
+  let toastTimer = null;
+
+  function toast(text, bad) {
+    const node = byId("toast");
+    if (!node) return;
+    node.textContent = text;
+    node.classList.toggle("bad", Boolean(bad));
+    node.hidden = false;
+    clearTimeout(toastTimer);
+    toastTimer = setTimeout(() => {
+      node.hidden = true;
+    }, 4000);
+  }
+
+  // Polls `path` every `every` ms while the tab is visible; returns "refresh now".
+  function poll(path, render, every) {
+    let timer = null;
+    let running = false;
+    async function tick() {
+      clearTimeout(timer);
+      if (running) return;
+      running = true;
+      try {
+        if (!document.hidden) {
+          const data = await getJson(path);
+          render(data);
+          setStatus(true, "live · " + fmtTime(Date.now() / 1000).slice(11));
+        }
+      } catch (error) {
+        setStatus(false, error.status === 404 ? "not found" : "offline");
+        if (error.status === 404) render(null, error);
+        else console.warn("flumeq dashboard:", error.message);
+      } finally {
+        running = false;
+        timer = setTimeout(tick, every || POLL_MS);
+      }
+    }
+    document.addEventListener("visibilitychange", () => {
+      if (!document.hidden) tick();
+    });
+    tick();
+    return tick;
+  }
+
+  // -- tables ------------------------------------------------------------------
+
+  function fillTable(table, rows, emptyText) {
+    if (!table) return;
+    const tbody = table.tBodies[0];
+    if (rows.length) {
+      tbody.replaceChildren(...rows);
+      return;
+    }
+    const columns = table.tHead.rows[0].cells.length;
+    tbody.replaceChildren(el("tr", { class: "empty" }, el("td", { colspan: columns }, emptyText)));
+  }
+
+  function num(value, extraClass) {
+    return el("td", { class: "num" + (extraClass ? " " + extraClass : "") }, value);
+  }
+
+  function code(text) {
+    return el("code", {}, text);
+  }
+
+  function stateBadge(state) {
+    return el("span", { class: "badge state-" + String(state).replace(/[^a-z_]/g, "") }, state);
+  }
+
+  // -- overview ------------------------------------------------------------------
+
+  function workerCell(worker) {
+    return el(
+      "td",
+      {},
+      el("div", { class: "strong" }, worker.consumer),
+      el("div", { class: "sub" }, (worker.host || "?") + " · pid " + (worker.pid || "?")),
+    );
+  }
+
+  function renderOverview(data) {
+    const now = data.time;
+    const totals = { ready: 0, in_flight: 0, delayed: 0, dead: 0, processed: 0 };
+    let totalRate = null;
+    const rows = data.queues.map((queue) => {
+      for (const key of Object.keys(totals)) totals[key] += Number(queue[key] || 0);
+      const rate = rateOf("q:" + queue.name, queue.processed || 0, now);
+      if (rate !== null) totalRate = (totalRate || 0) + rate;
+      const dead = Number(queue.dead || 0);
+      return el(
+        "tr",
+        { "data-queue": queue.name },
+        el("td", {}, el("a", { href: queueHref(queue.name) }, queue.name)),
+        num(fmtInt(queue.ready), "ready"),
+        num(fmtInt(queue.in_flight)),
+        num(fmtInt(queue.delayed)),
+        el(
+          "td",
+          { class: "num" + (dead ? " bad" : "") },
+          dead ? el("a", { href: queueHref(queue.name, "/dead") }, fmtInt(dead)) : "0",
+        ),
+        num(fmtInt(queue.processed)),
+        num(fmtInt(queue.failed)),
+        num(fmtInt(queue.retried)),
+        num(fmtRate(rate), "rate"),
+        num(fmtDuration(queue.oldest_ready_age)),
+      );
+    });
+    fillTable(byId("queues"), rows, "No queues yet: enqueue a task to see it here.");
+    for (const [key, value] of Object.entries(totals)) setText("total-" + key, fmtInt(value));
+    setText("total-rate", totalRate === null ? "–" : fmtRate(totalRate) + " /s");
+
+    const workers = data.workers.map((worker) =>
+      el(
+        "tr",
+        {},
+        workerCell(worker),
+        el("td", {}, (worker.queues || []).join(", ")),
+        num(fmtInt(worker.processes)),
+        num(fmtInt(worker.processed)),
+        num(fmtInt(worker.failed)),
+        num(fmtDuration(now - worker.started)),
+        num(fmtDuration(now - worker.heartbeat) + " ago"),
+      ),
+    );
+    fillTable(byId("workers"), workers, "No live workers.");
+  }
+
+  // -- queue detail --------------------------------------------------------------
+
+  function renderQueue(data, error) {
+    if (!data) {
+      setText("count-ready", "gone");
+      toast(error ? error.message : "queue not found", true);
+      return;
+    }
+    const now = data.time;
+    for (const key of ["ready", "in_flight", "delayed", "dead", "processed"]) {
+      setText("count-" + key, fmtInt(data[key]));
+    }
+    setText("count-failed", fmtInt(data.failed) + " / " + fmtInt(data.retried));
+    const rate = rateOf("queue", data.processed || 0, now);
+    setText("count-rate", rate === null ? "–" : fmtRate(rate) + " /s");
+    setText("count-oldest", fmtDuration(data.oldest_ready_age));
+    const deadLink = byId("dead-link");
+    if (deadLink) deadLink.classList.toggle("bad", Number(data.dead) > 0);
+
+    fillTable(
+      byId("consumers"),
+      (data.consumers || []).map((consumer) =>
+        el(
+          "tr",
+          {},
+          el("td", {}, consumer.name),
+          num(fmtInt(consumer.pending)),
+          num(fmtDuration(consumer.idle)),
+        ),
+      ),
+      "No consumers: no engine has read this queue yet.",
+    );
+    const pending = data.pending || [];
+    setText(
+      "pending-note",
+      pending.length < Number(data.in_flight)
+        ? "(the " + pending.length + " oldest of " + fmtInt(data.in_flight) + " pending entries)"
+        : "(pending entries, oldest first)",
+    );
+    fillTable(
+      byId("pending"),
+      pending.map((entry) =>
+        el(
+          "tr",
+          {},
+          el("td", {}, code(entry.entry_id)),
+          el("td", {}, el("a", { href: taskHref(entry.task_id) }, code(entry.task_id))),
+          el("td", {}, entry.type),
+          el("td", {}, entry.consumer),
+          num(fmtDuration(entry.idle), entry.idle > 60 ? "warn" : ""),
+          num(fmtInt(entry.deliveries), entry.deliveries > 1 ? "warn" : ""),
+        ),
+      ),
+      "Nothing in flight.",
+    );
+    fillTable(
+      byId("delayed"),
+      (data.delayed_tasks || []).map((task) =>
+        el(
+          "tr",
+          {},
+          el("td", { title: fmtTime(task.due) }, fmtRelative(task.due, now)),
+          el("td", {}, el("a", { href: taskHref(task.task_id) }, code(task.task_id))),
+          el("td", {}, task.type),
+          num(fmtInt(task.attempt)),
+          el("td", { class: "clip", title: task.error || "" }, task.error || ""),
+        ),
+      ),
+      "Nothing delayed.",
+    );
+    const types = Object.entries(data.types || {}).sort((a, b) => a[0].localeCompare(b[0]));
+    fillTable(
+      byId("types"),
+      types.map(([type, counters]) =>
+        el(
+          "tr",
+          {},
+          el("td", {}, type),
+          num(fmtInt(counters.enqueued)),
+          num(fmtInt(counters.processed)),
+          num(fmtInt(counters.failed)),
+          num(fmtInt(counters.retried)),
+          num(fmtInt(counters.dead), counters.dead ? "bad" : ""),
+        ),
+      ),
+      "No counters per type yet.",
+    );
+  }
+
+  // -- dead letters ----------------------------------------------------------------
+
+  function renderLetter(letter, queue, refresh, openDetails) {
+    const requeue = el("button", { type: "button", class: "small requeue" }, "Requeue");
+    requeue.addEventListener("click", async () => {
+      requeue.disabled = true;
+      try {
+        const result = await postJson(
+          "/api/queues/" + encodeURIComponent(queue) + "/dead/requeue",
+          { ids: [letter.task_id] },
+        );
+        toast("Requeued " + result.requeued + " task(s).");
+      } catch (error) {
+        toast("Requeue failed: " + error.message, true);
+        requeue.disabled = false;
+      }
+      refresh();
+    });
+
+    const details = (label, key, text) => {
+      const node = el(
+        "details",
+        { "data-key": letter.entry_id + ":" + key },
+        el("summary", {}, label),
+        el("pre", {}, text),
+      );
+      node.open = openDetails.has(letter.entry_id + ":" + key);
+      return node;
+    };
+
+    const pair = (label, value, title) =>
+      el("div", {}, el("dt", {}, label), el("dd", title ? { title } : {}, value));
+    const meta = el(
+      "dl",
+      { class: "meta" },
+      pair("Reason", el("span", { class: "badge reason" }, letter.reason || "error")),
+      pair("Attempts", fmtInt(letter.attempts)),
+      pair("Failed", fmtRelative(letter.failed_at, Date.now() / 1000), fmtTime(letter.failed_at)),
+      pair("Enqueued", fmtTime(letter.enqueued_at)),
+      pair("Entry", code(letter.entry_id)),
+    );
+
+    return el(
+      "article",
+      { class: "letter", "data-task-id": letter.task_id, "data-entry-id": letter.entry_id },
+      el(
+        "header",
+        {},
+        el("a", { class: "task-link", href: taskHref(letter.task_id) }, code(letter.task_id)),
+        el("span", { class: "type" }, letter.type || "(no type)"),
+        el("span", { class: "spacer" }),
+        requeue,
+      ),
+      meta,
+      el("div", { class: "label" }, "Error"),
+      el("pre", { class: "error-text" }, letter.error || "(no error text)"),
+      el("div", { class: "label" }, "Payload"),
+      el("pre", { class: "payload" }, prettyJson(letter.payload === undefined ? "" : letter.payload)),
+      letter.traceback ? details("Traceback", "tb", letter.traceback) : null,
+    );
+  }
+
+  function setupDead() {
+    const queue = body.dataset.queue;
+    const container = byId("letters");
+    let last = null;
+    const refresh = poll(
+      "/api/queues/" + encodeURIComponent(queue) + "/dead",
+      (data, error) => {
+        if (!data) {
+          container.replaceChildren(el("p", { class: "empty" }, error ? error.message : "not found"));
+          return;
+        }
+        setText("dead-total", fmtInt(data.total));
+        const shown = data.dead.length;
+        setText(
+          "dead-note",
+          shown < data.total
+            ? "Newest first: the " + shown + " newest of " + fmtInt(data.total) + " shown."
+            : "Newest first.",
+        );
+        byId("requeue-all").disabled = !data.total;
+        byId("purge").disabled = !data.total;
+        const key = JSON.stringify(data.dead);
+        if (key === last) return; // unchanged: keep open tracebacks and focus as they are
+        last = key;
+        const openDetails = new Set(
+          [...container.querySelectorAll("details[open]")].map((node) => node.dataset.key),
+        );
+        if (!shown) {
+          container.replaceChildren(el("p", { class: "empty" }, "No dead letters. All good."));
+          return;
+        }
+        container.replaceChildren(
+          ...data.dead.map((letter) => renderLetter(letter, queue, refresh, openDetails)),
+        );
+      },
+    );
+
+    byId("requeue-all").addEventListener("click", async () => {
+      if (!confirm("Requeue every dead letter of " + queue + "? They run again from attempt 0.")) return;
+      try {
+        const result = await postJson(
+          "/api/queues/" + encodeURIComponent(queue) + "/dead/requeue",
+          { all: true },
+        );
+        toast("Requeued " + result.requeued + " task(s).");
+      } catch (error) {
+        toast("Requeue failed: " + error.message, true);
+      }
+      refresh();
+    });
+    byId("purge").addEventListener("click", async () => {
+      if (!confirm("Delete every dead letter of " + queue + " for good? This cannot be undone.")) return;
+      try {
+        const result = await postJson("/api/queues/" + encodeURIComponent(queue) + "/dead/purge", {});
+        toast("Purged " + result.purged + " dead letter(s).");
+      } catch (error) {
+        toast("Purge failed: " + error.message, true);
+      }
+      refresh();
+    });
+  }
+
+  // -- task lookup -------------------------------------------------------------------
+
+  const TASK_FIELDS = [
+    ["task_id", "Task id"],
+    ["type", "Type"],
+    ["entry_id", "Entry"],
+    ["attempt", "Attempt"],
+    ["max_retry", "Max retries"],
+    ["attempts", "Attempts"],
+    ["timeout", "Timeout (s)"],
+    ["enqueued_at", "Enqueued", fmtTime],
+    ["due", "Due", fmtTime],
+    ["deadline", "Deadline", fmtTime],
+    ["failed_at", "Failed", fmtTime],
+    ["reason", "Reason"],
+    ["labels", "Labels"],
+    ["unique_key", "Unique key"],
+    ["error", "Error"],
+  ];
+
+  function renderHit(hit) {
+    const rows = [];
+    const known = new Set(["queue", "state", "payload", "traceback"]);
+    for (const [key, label, format] of TASK_FIELDS) {
+      known.add(key);
+      if (hit[key] === undefined || hit[key] === null || hit[key] === "") continue;
+      rows.push(el("tr", {}, el("th", {}, label), el("td", {}, format ? format(hit[key]) : String(hit[key]))));
+    }
+    for (const [key, value] of Object.entries(hit)) {
+      if (known.has(key) || value === null || value === "") continue;
+      rows.push(el("tr", {}, el("th", {}, key), el("td", {}, typeof value === "object" ? JSON.stringify(value) : String(value))));
+    }
+    const links = [el("a", { href: queueHref(hit.queue) }, hit.queue)];
+    if (hit.state === "dead") links.push(" · ", el("a", { href: queueHref(hit.queue, "/dead") }, "dead letters"));
+    return el(
+      "article",
+      { class: "hit" },
+      el("header", {}, stateBadge(hit.state), el("span", {}, "in queue "), ...links),
+      el("table", { class: "fields" }, el("tbody", {}, ...rows)),
+      hit.payload !== undefined ? el("div", { class: "label" }, "Payload") : null,
+      hit.payload !== undefined ? el("pre", { class: "payload" }, prettyJson(hit.payload)) : null,
+      hit.traceback ? el("div", { class: "label" }, "Traceback") : null,
+      hit.traceback ? el("pre", {}, hit.traceback) : null,
+    );
+  }
+
+  function setupTask() {
+    const results = byId("results");
+    const taskId = results.dataset.taskId;
+    if (!taskId) {
+      setStatus(true, "idle");
+      return;
+    }
+    let last = null;
+    poll(
+      "/api/tasks?id=" + encodeURIComponent(taskId),
+      (data) => {
+        const key = JSON.stringify(data && data.found);
+        if (key === last) return;
+        last = key;
+        if (!data.found.length) {
+          results.replaceChildren(
+            el("p", { class: "empty" }, "No task ", code(taskId), " is ready, in flight, delayed or dead (done tasks leave no trace unless enqueued with a task_id)."),
+          );
+          return;
+        }
+        results.replaceChildren(...data.found.map(renderHit));
+      },
+      3000,
+    );
+  }
+
+  // -- workers ---------------------------------------------------------------------
+
+  function renderWorkers(data) {
+    const now = data.time;
+    fillTable(
+      byId("workers-full"),
+      data.workers.map((worker) =>
+        el(
+          "tr",
+          {},
+          el("td", { class: "strong" }, worker.consumer),
+          el("td", {}, worker.host || "–"),
+          num(worker.pid || "–"),
+          el(
+            "td",
+            {},
+            ...(worker.queues || []).flatMap((name, index) => [
+              index ? ", " : null,
+              el("a", { href: queueHref(name) }, name),
+            ]),
+          ),
+          num(fmtInt(worker.processes)),
+          num(fmtInt(worker.processed)),
+          num(fmtInt(worker.failed)),
+          num(fmtInt(worker.retried)),
+          num(fmtInt(worker.dead), worker.dead ? "bad" : ""),
+          num(fmtInt(worker.restarts), worker.restarts ? "warn" : ""),
+          el("td", { class: "num", title: fmtTime(worker.started) }, fmtDuration(now - worker.started) + " ago"),
+          num(fmtDuration(now - worker.heartbeat) + " ago"),
+        ),
+      ),
+      "No live workers.",
+    );
+  }
+
+  // -- start -----------------------------------------------------------------------
+
+  if (page === "overview") poll("/api/overview", renderOverview);
+  else if (page === "queue") poll("/api/queues/" + encodeURIComponent(body.dataset.queue), renderQueue);
+  else if (page === "dead") setupDead();
+  else if (page === "task") setupTask();
+  else if (page === "workers") poll("/api/workers", renderWorkers);
+  else setStatus(true, "");
+})();
