@@ -130,9 +130,10 @@ class Admin:
         return bool(self._one("SISMEMBER", self._keys["queues"], queue))
 
     def overview(self, queues: Optional[Iterable[str]] = None) -> list[dict[str, Any]]:
-        """Counts of each queue: ready, in_flight, delayed, dead, processed,
-        failed, retried, enqueued, oldest_ready_age (seconds, or None), and
-        ``types``: the counters per task type."""
+        """Counts of each queue: ready, in_flight, delayed, dead (held now),
+        processed, failed, retried, enqueued, dead_total (ever), skipped,
+        oldest_ready_age (seconds, or None), and ``types``: the counters per
+        task type (enqueued, processed, failed, retried, dead)."""
         names = list(queues) if queues is not None else self.queues()
         if not names:
             return []
@@ -161,7 +162,11 @@ class Admin:
                 "dead": _int(dead),
                 "consumers": _int(group.get("consumers")),
             }
-            row.update(self._counters(counters))
+            totals = self._counters(counters)
+            # "dead" above is what the dead-letter stream holds now; the
+            # counter of tasks ever dead-lettered is "dead_total".
+            totals["dead_total"] = totals.pop("dead")
+            row.update(totals)
             rows.append(row)
             last = _text(group.get("last-delivered-id")) or "0-0"
             firsts.append(["XRANGE", keys[index]["stream"], f"({last}", "+", "COUNT", 1])
@@ -296,7 +301,11 @@ class Admin:
             for hit in self._zscan_all(key["delayed"], pattern, delayed):
                 found.append({"queue": queue, "state": "delayed", **hit})
             for entry_id, fields in self._scan(key["stream"], task_id, scan_limit):
-                pending = self._one("XPENDING", key["stream"], self.group, entry_id, entry_id, 1)
+                # No group yet (no engine ever served the queue): nothing pending.
+                (pending,) = self._run(
+                    ["XPENDING", key["stream"], self.group, entry_id, entry_id, 1]
+                )
+                pending = pending if isinstance(pending, list) else []
                 task = _task_fields(fields)
                 task["entry_id"] = entry_id
                 state = "in_flight" if pending else "ready"

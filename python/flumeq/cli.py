@@ -1,29 +1,596 @@
-"""The ``flumeq`` command line."""
+"""The ``flumeq`` command line (also ``python -m flumeq``).
+
+Conventions follow ``celery worker``, ``dramatiq`` and ``rq worker``: a
+module path names the app, ``--burst`` drains and exits, SIGTERM stops
+gracefully. Every command takes ``--url`` (default ``$FLUMEQ_URL``, else the
+local Redis) and ``--prefix``.
+
+Exit codes: 0 done; 1 a failure the message explains (Redis unreachable,
+unknown queue, duplicate task, aborted confirmation); 2 bad usage (bad
+module path, bad JSON, bad option).
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 import os
+import sys
 import time
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any, Callable, Optional, TypeVar
 
 import click
+import orjson
 
-from .client import Client
+from . import logs
+from .admin import Admin
+from .client import Client, resolve_url, safe_url
 from .engine import Engine
+from .errors import ConfigError, DuplicateTask, FlumeqError, InvalidTask, RedisUnavailable
 from .redis_server import RedisServer
 from .task import Task
 
 __all__ = ["main"]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _noop(task: Task) -> None:
     """The demo's handler: does nothing."""
 
 
-@click.group()
+def redis_options(command: F) -> F:
+    """``--url`` and ``--prefix``, shared by every command that talks to Redis."""
+    command = click.option(
+        "--prefix", default="flumeq", show_default=True, help="Key prefix in Redis."
+    )(command)
+    return click.option(
+        "--url",
+        envvar="FLUMEQ_URL",
+        default=None,
+        help="Redis URL [env FLUMEQ_URL; default redis://127.0.0.1:6379/0].",
+    )(command)
+
+
+def friendly_errors(command: F) -> F:
+    """Turns flumeq's errors into one-line messages and exit code 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        url = safe_url(resolve_url(kwargs.get("url")))
+        try:
+            return command(*args, **kwargs)
+        except RedisUnavailable as error:
+            raise click.ClickException(f"cannot reach Redis at {url}: {error}") from None
+        except FlumeqError as error:
+            raise click.ClickException(str(error)) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _admin(url: Optional[str], prefix: str, group: str = "flumeq") -> Admin:
+    admin = Admin(url, prefix=prefix, group=group)
+    admin.client.ping()
+    return admin
+
+
+def _known_queue(admin: Admin, queue: str) -> None:
+    if not admin.has_queue(queue):
+        known = ", ".join(admin.queues()) or "none yet"
+        raise click.ClickException(f"unknown queue {queue!r} (known queues: {known})")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="flumeq")
 def main() -> None:
     """flumeq: a fast, reliable task queue on Redis Streams."""
+
+
+# -- worker -----------------------------------------------------------------
+
+
+def parse_queues(spec: Optional[str]) -> Optional[Any]:
+    """``a,b`` → ("a", "b"); ``critical=6,default=3`` → {"critical": 6, ...}."""
+    if not spec:
+        return None
+    parts = [part.strip() for part in spec.split(",") if part.strip()]
+    if not parts:
+        raise click.BadParameter("name at least one queue", param_hint="'--queues'")
+    if not any("=" in part for part in parts):
+        return tuple(parts)
+    weights: dict[str, int] = {}
+    for part in parts:
+        name, _, weight = part.partition("=")
+        try:
+            weights[name.strip()] = int(weight) if weight else 1
+        except ValueError:
+            raise click.BadParameter(
+                f"weight of queue {name!r} must be an integer, got {weight!r}",
+                param_hint="'--queues'",
+            ) from None
+    return weights
+
+
+def load_app(path: str) -> Any:
+    """The object at ``module:attr`` (``module`` alone: its ``engine`` or
+    ``handlers``), importing from the current directory like celery does."""
+    module_name, _, attr = path.partition(":")
+    if not module_name:
+        raise click.BadParameter(f"{path!r} is not MODULE:ATTR", param_hint="'APP'")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise click.BadParameter(
+            f"cannot import module {module_name!r}: {error}", param_hint="'APP'"
+        ) from None
+    names = [attr] if attr else ["engine", "handlers"]
+    for name in names:
+        target: Any = module
+        try:
+            for part in name.split("."):
+                target = getattr(target, part)
+        except AttributeError:
+            continue
+        return target
+    wanted = " or ".join(repr(name) for name in names)
+    raise click.BadParameter(f"module {module_name!r} has no {wanted}", param_hint="'APP'")
+
+
+@main.command()
+@click.argument("app")
+@click.option(
+    "--processes",
+    "-p",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Actor processes [default: CPU count].",
+)
+@click.option(
+    "--queues",
+    "-q",
+    default=None,
+    help="Queues to serve: 'a,b' or with weights 'critical=6,default=3'.",
+)
+@click.option("--burst", is_flag=True, help="Exit once no task is ready, in flight or delayed.")
+@click.option("--group", default=None, help="Consumer group [default: the engine's, 'flumeq'].")
+@click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    default="INFO",
+    show_default=True,
+)
+@click.option(
+    "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="Serve Prometheus /metrics on this port.",
+)
+@redis_options
+def worker(
+    app: str,
+    processes: Optional[int],
+    queues: Optional[str],
+    burst: bool,
+    group: Optional[str],
+    log_level: str,
+    log_format: str,
+    metrics_port: Optional[int],
+    url: Optional[str],
+    prefix: str,
+) -> None:
+    """Run the handlers of APP (MODULE:ATTR, an Engine or a mapping of task
+    type to handler) until SIGTERM/SIGINT, or with --burst until drained."""
+    logs.configure(log_level, log_format)
+    target = load_app(app)
+    queue_spec = parse_queues(queues)
+    try:
+        engine = _engine_for(target, app, url, prefix, queue_spec, group, metrics_port)
+    except ConfigError as error:
+        raise click.BadParameter(str(error)) from None
+    log = logging.getLogger("flumeq.cli")
+    try:
+        Client(engine.url, prefix=engine.prefix, timeout=2.0, buffer_size=0).ping()
+    except RedisUnavailable as error:
+        log.warning(
+            "cannot reach Redis at %s yet (%s); waiting for it", safe_url(engine.url), error
+        )
+    try:
+        report = engine.run(processes=processes, burst=burst)
+    except FlumeqError as error:
+        raise click.ClickException(str(error)) from None
+    if report:
+        log.info("stopped: %s", ", ".join(f"{name}={value}" for name, value in report.items()))
+
+
+def _engine_for(
+    target: Any,
+    app: str,
+    url: Optional[str],
+    prefix: str,
+    queues: Optional[Any],
+    group: Optional[str],
+    metrics_port: Optional[int],
+) -> Engine:
+    if isinstance(target, Engine):
+        engine = target
+        if url:
+            engine.url = url
+        if queues is not None:
+            engine.queues = Engine({}, engine.url, queues=queues).queues
+        if group:
+            engine.group = group
+        if metrics_port:
+            engine.metrics_port = metrics_port
+        if prefix != "flumeq":
+            engine.prefix = prefix
+        return engine
+    if isinstance(target, Mapping):
+        return Engine(
+            target,
+            url,
+            queues=queues or ("default",),
+            group=group or "flumeq",
+            prefix=prefix,
+            metrics_port=metrics_port,
+        )
+    raise click.BadParameter(
+        f"{app!r} is a {type(target).__name__}; expected an Engine or a mapping of "
+        "task type to handler",
+        param_hint="'APP'",
+    )
+
+
+# -- enqueue ----------------------------------------------------------------
+
+
+@main.command()
+@click.argument("task_type")
+@click.argument("payload", required=False, default=None)
+@click.option("--queue", "-q", default="default", show_default=True)
+@click.option("--delay", type=float, default=None, help="Run after this many seconds.")
+@click.option(
+    "--at",
+    "at",
+    type=click.DateTime(["%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S%z"]),
+    default=None,
+    help="Run at this time (ISO 8601; local time unless an offset is given).",
+)
+@click.option(
+    "--max-retry",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Retries after a failure [default: 25].",
+)
+@click.option(
+    "--timeout", type=float, default=None, help="Hard limit of one run, seconds [default: 30]."
+)
+@click.option("--unique-key", default=None, help="Refuse a duplicate while this key is held.")
+@click.option("--task-id", default=None, help="Custom (idempotent) task id.")
+@redis_options
+@friendly_errors
+def enqueue(
+    task_type: str,
+    payload: Optional[str],
+    queue: str,
+    delay: Optional[float],
+    at: Optional[datetime],
+    max_retry: Optional[int],
+    timeout: Optional[float],
+    unique_key: Optional[str],
+    task_id: Optional[str],
+    url: Optional[str],
+    prefix: str,
+) -> None:
+    """Enqueue a task of TASK_TYPE with a JSON PAYLOAD; print its id."""
+    try:
+        body = None if payload is None else orjson.loads(payload)
+    except orjson.JSONDecodeError as error:
+        raise click.BadParameter(f"not valid JSON: {error}", param_hint="'PAYLOAD'") from None
+    options: dict[str, Any] = {
+        "queue": queue,
+        "delay": delay,
+        "unique_key": unique_key,
+        "task_id": task_id,
+    }
+    if at is not None:
+        options["at"] = at if at.tzinfo else at.astimezone(timezone.utc)
+    if max_retry is not None:
+        options["max_retry"] = max_retry
+    if timeout is not None:
+        options["timeout"] = timeout
+    with Client(url, prefix=prefix, buffer_size=0) as client:
+        try:
+            info = client.enqueue(task_type, body, **options)
+        except DuplicateTask as error:
+            raise click.ClickException(str(error)) from None
+        except InvalidTask as error:
+            raise click.UsageError(str(error)) from None
+    click.echo(info.id)
+
+
+# -- stats ------------------------------------------------------------------
+
+STAT_COLUMNS = ("ready", "in_flight", "delayed", "dead", "processed", "failed")
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [headers] + [[str(value) for value in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = []
+    for number, row in enumerate(cells):
+        lines.append(
+            "  ".join(
+                value.ljust(widths[i]) if i == 0 else value.rjust(widths[i])
+                for i, value in enumerate(row)
+            ).rstrip()
+        )
+        if number == 0:
+            lines.append("  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def _ago(stamp: float) -> str:
+    seconds = max(0.0, time.time() - stamp)
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+def render_stats(admin: Admin, queues: Optional[list[str]], interval: float) -> str:
+    """The stats tables: queues (with a rate over ``interval`` seconds) and workers."""
+    before = {row["name"]: row["processed"] for row in admin.overview(queues)} if interval else {}
+    if interval:
+        time.sleep(interval)
+    rows = admin.overview(queues)
+    table_rows = []
+    for row in rows:
+        rate = ""
+        if interval and row["name"] in before:
+            rate = f"{(row['processed'] - before[row['name']]) / interval:,.0f}/s"
+        table_rows.append([row["name"], *(row[column] for column in STAT_COLUMNS), rate])
+    headers = ["queue", "ready", "in flight", "delayed", "dead", "processed", "failed", "rate"]
+    out = [_table(headers, table_rows) if rows else "no queues yet"]
+    workers = admin.workers()
+    out.append("")
+    if workers:
+        out.append(
+            _table(
+                [
+                    "worker",
+                    "host",
+                    "pid",
+                    "queues",
+                    "procs",
+                    "processed",
+                    "failed",
+                    "in flight",
+                    "heartbeat",
+                ],
+                [
+                    [
+                        worker["consumer"],
+                        worker.get("host", ""),
+                        worker["pid"],
+                        ",".join(worker.get("queues", [])),
+                        worker["processes"],
+                        worker["processed"],
+                        worker["failed"],
+                        worker["in_flight"],
+                        _ago(worker["heartbeat"]),
+                    ]
+                    for worker in workers
+                ],
+            )
+        )
+    else:
+        out.append("no live workers")
+    return "\n".join(out)
+
+
+@main.command()
+@click.option("--queue", "-q", "queues", multiple=True, help="Only this queue (repeatable).")
+@click.option("--watch", "-w", is_flag=True, help="Refresh until Ctrl-C.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Seconds between samples (rate).",
+)
+@click.option("--group", default="flumeq", show_default=True)
+@redis_options
+@friendly_errors
+def stats(
+    queues: tuple[str, ...],
+    watch: bool,
+    interval: float,
+    group: str,
+    url: Optional[str],
+    prefix: str,
+) -> None:
+    """Per-queue counts (ready, in flight, delayed, dead, processed, failed,
+    rate) and the live workers."""
+    admin = _admin(url, prefix, group)
+    for queue in queues:
+        _known_queue(admin, queue)
+    selected = list(queues) or None
+    if not watch:
+        click.echo(render_stats(admin, selected, interval))
+        return
+    try:
+        while True:
+            text = render_stats(admin, selected, max(interval, 0.5))
+            click.clear()
+            click.echo(f"flumeq stats — {safe_url(admin.url)} — {time.strftime('%H:%M:%S')}\n")
+            click.echo(text)
+    except KeyboardInterrupt:
+        pass
+
+
+# -- dead letters -------------------------------------------------------------
+
+
+@main.group()
+def dead() -> None:
+    """Inspect, requeue or purge dead letters."""
+
+
+@dead.command("list")
+@click.argument("queue")
+@click.option("--limit", "-n", type=click.IntRange(min=1), default=20, show_default=True)
+@redis_options
+@friendly_errors
+def dead_list(queue: str, limit: int, url: Optional[str], prefix: str) -> None:
+    """The newest dead letters of QUEUE."""
+    admin = _admin(url, prefix)
+    _known_queue(admin, queue)
+    letters = admin.dead_letters(queue, limit)
+    if not letters:
+        click.echo(f"no dead letters in {queue!r}")
+        return
+    rows = [
+        [
+            letter.get("task_id", ""),
+            letter.get("type", ""),
+            letter.get("reason", ""),
+            letter.get("attempts", ""),
+            _ago(letter["failed_at"]) if isinstance(letter.get("failed_at"), float) else "",
+            letter.get("error", "").splitlines()[0][:60] if letter.get("error") else "",
+        ]
+        for letter in letters
+    ]
+    click.echo(_table(["task id", "type", "reason", "runs", "failed", "error"], rows))
+
+
+@dead.command("show")
+@click.argument("queue")
+@click.argument("ids", nargs=-1, required=True)
+@redis_options
+@friendly_errors
+def dead_show(queue: str, ids: tuple[str, ...], url: Optional[str], prefix: str) -> None:
+    """Everything about dead letters IDS (task ids) of QUEUE."""
+    admin = _admin(url, prefix)
+    _known_queue(admin, queue)
+    wanted = set(ids)
+    found = [
+        letter for letter in admin.dead_letters(queue, 100_000) if letter.get("task_id") in wanted
+    ]
+    for letter in found:
+        for name in (
+            "task_id",
+            "type",
+            "reason",
+            "attempts",
+            "error",
+            "payload",
+            "labels",
+            "enqueued_at",
+            "failed_at",
+        ):
+            if name in letter:
+                click.echo(f"{name:>12}: {letter[name]}")
+        if letter.get("traceback"):
+            click.echo("   traceback:")
+            click.echo(letter["traceback"].rstrip())
+        click.echo("")
+    missing = wanted - {letter.get("task_id") for letter in found}
+    if missing:
+        raise click.ClickException(
+            f"no dead letter with task id {', '.join(sorted(missing))} in {queue!r}"
+        )
+
+
+@dead.command("requeue")
+@click.argument("queue")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Requeue every dead letter of QUEUE.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@redis_options
+@friendly_errors
+def dead_requeue(
+    queue: str, ids: tuple[str, ...], all_: bool, yes: bool, url: Optional[str], prefix: str
+) -> None:
+    """Move dead letters IDS (or --all) of QUEUE back to the queue as fresh tasks."""
+    if bool(ids) == all_:
+        raise click.UsageError("give task ids or --all (not both)")
+    admin = _admin(url, prefix)
+    _known_queue(admin, queue)
+    if all_ and not yes:
+        count = admin.overview([queue])[0]["dead"]
+        click.confirm(f"Requeue all {count} dead letters of {queue!r}?", abort=True)
+    moved = admin.requeue_dead(queue, list(ids) if ids else None)
+    click.echo(f"requeued {moved} task(s) to {queue!r}")
+    if ids and moved < len(set(ids)):
+        raise click.ClickException(
+            f"{len(set(ids)) - moved} of the given ids were not dead letters of {queue!r}"
+        )
+
+
+@dead.command("purge")
+@click.argument("queue")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@redis_options
+@friendly_errors
+def dead_purge(queue: str, yes: bool, url: Optional[str], prefix: str) -> None:
+    """Delete every dead letter of QUEUE."""
+    admin = _admin(url, prefix)
+    _known_queue(admin, queue)
+    if not yes:
+        count = admin.overview([queue])[0]["dead"]
+        click.confirm(
+            f"Delete all {count} dead letters of {queue!r}? This cannot be undone", abort=True
+        )
+    click.echo(f"purged {admin.purge_dead(queue)} dead letter(s) of {queue!r}")
+
+
+# -- ui ---------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option(
+    "--token",
+    envvar="FLUMEQ_UI_TOKEN",
+    default=None,
+    help="Token required for actions [env FLUMEQ_UI_TOKEN]; required off localhost.",
+)
+@click.option("--group", default="flumeq", show_default=True)
+@click.option("--log-level", default="INFO", show_default=True)
+@redis_options
+@friendly_errors
+def ui(
+    host: str,
+    port: int,
+    token: Optional[str],
+    group: str,
+    log_level: str,
+    url: Optional[str],
+    prefix: str,
+) -> None:
+    """Serve the web dashboard (and /metrics)."""
+    from .web import serve  # noqa: PLC0415 (the web stack loads only for this command)
+
+    logs.configure(log_level)
+    admin = _admin(url, prefix, group)
+    click.echo(f"flumeq dashboard for {safe_url(admin.url)} on http://{host}:{port}/")
+    try:
+        serve(admin, host=host, port=port, token=token)
+    except ConfigError as error:
+        raise click.UsageError(str(error)) from None
+
+
+# -- demo -------------------------------------------------------------------
 
 
 @main.command()
