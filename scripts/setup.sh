@@ -17,6 +17,18 @@ if ! command -v redis-server >/dev/null 2>&1; then
     fi
 fi
 
+# The dashboard's browser test drives Debian's Chromium (no browser download).
+if [[ ",$extras," == *",test,"* ]] && ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "setup: installing chromium with apt-get (for the dashboard's browser test)"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+            || echo "setup: chromium could not be installed; the browser test will skip"
+    else
+        echo "setup: no chromium and not root; the browser test will skip"
+    fi
+fi
+
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi

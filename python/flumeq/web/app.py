@@ -6,11 +6,14 @@ Prometheus text format (``flumeq.metrics.render``).
 
 Authentication (when a token is set): HTTP Basic, any user name and the token
 as password, or ``Authorization: Bearer <token>`` for scripts and Prometheus.
-Basic is what browsers speak without a login form: a page answered with 401
-makes the browser ask once and send the credentials on every later request
-to the origin, ``fetch`` included. ``/login`` asks for them on purpose (the
-page script goes there when an action is refused). Without TLS the token
-crosses the network in clear text, so put a TLS proxy in front off-localhost.
+Basic is what browsers speak without a login form or a session store: a page
+request without the token is sent to ``/login``, which answers 401 with a
+Basic challenge, so the browser asks once, then sends the credentials with
+every later request to the site (``fetch`` included: the challenge came from
+the root path) and ``/login`` sends it back to the page. The page script goes
+to ``/login`` too when an action is refused with 401. Basic has no logout
+(close the browser). Without TLS the token crosses the network in clear
+text, so put a TLS proxy in front off-localhost.
 
 - ``token=None``: nothing is asked (``serve`` allows this on loopback only).
 - ``token`` set: actions (every method but GET/HEAD) need it.
@@ -43,7 +46,7 @@ import time
 from collections.abc import Awaitable, Iterable
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from jinja2 import Environment, FileSystemLoader
 from starlette.applications import Starlette
@@ -169,6 +172,7 @@ class _Gate:
         elif (
             self.token is not None
             and (self.require_token or request.method not in SAFE_METHODS)
+            and _route_path(scope) != "/login"  # it asks by itself
             and not authorized(request, self.token)
         ):
             response = self._refuse(request)
@@ -186,15 +190,22 @@ class _Gate:
 
     @staticmethod
     def _refuse(request: Request) -> Response:
-        if _route_path(request.scope).startswith("/api/") or request.method not in SAFE_METHODS:
-            # No Basic challenge: it would make the browser pop a dialog over a fetch.
-            return _error(
-                401,
-                "this action needs the dashboard token (Authorization: Bearer <token>)",
-                {"WWW-Authenticate": 'Bearer realm="flumeq"'},
-            )
-        return _challenge(
-            "The flumeq dashboard needs its token: any user name, the token as password."
+        wants_page = request.method in SAFE_METHODS and "text/html" in request.headers.get(
+            "accept", ""
+        )
+        path = _route_path(request.scope)
+        if wants_page and not path.startswith("/api/"):
+            # Ask on /login, at the root: a browser then sends the credentials with
+            # every request to this site, not only to paths under the one that asked.
+            root = request.scope.get("root_path", "").rstrip("/")
+            query = request.url.query
+            target = quote(path + ("?" + query if query else ""), safe="")
+            return RedirectResponse(f"{root}/login?next={target}", status_code=303)
+        return _error(
+            401,
+            "the dashboard token is needed: HTTP Basic (any user, the token as password) "
+            "or Authorization: Bearer <token>",
+            {"WWW-Authenticate": REALM},
         )
 
 
@@ -233,8 +244,6 @@ class _Dashboard:
         """Runs ``produce``; Admin errors become JSON errors with a fitting status."""
         try:
             return _Json(await produce(), headers={"Cache-Control": "no-store"})
-        except LookupError as error:
-            return _error(404, str(error).strip("'\""))
         except ConfigError as error:
             return _error(404, str(error))
         except RedisUnavailable as error:
@@ -248,7 +257,6 @@ class _Dashboard:
             root=request.scope.get("root_path", "").rstrip("/"),
             redis=self.admin.url_for_display,
             version=__version__,
-            token_set=self.token is not None,
         )
         return self.templates.TemplateResponse(
             request,
@@ -303,10 +311,16 @@ class _Dashboard:
         if not authorized(request, self.token):
             return _challenge("Log in with any user name and the dashboard token as password.")
         target = request.query_params.get("next", "")
-        # Only a path of this site: "//host" or "/\host" would leave it.
-        if not target.startswith("/") or target.startswith(("//", "/\\")):
-            target = request.scope.get("root_path", "").rstrip("/") + "/"
-        return RedirectResponse(target, status_code=303)
+        # Only a path of this site: browsers read "//host", "/\\host" or "/<tab>/host"
+        # as another site.
+        if (
+            not target.startswith("/")
+            or target.startswith("//")
+            or any(char == "\\" or ord(char) < 32 for char in target)
+        ):
+            target = "/"
+        root = request.scope.get("root_path", "").rstrip("/")
+        return RedirectResponse(root + target, status_code=303)
 
     def _not_found(self, request: Request, message: str) -> Response:
         return self._page(

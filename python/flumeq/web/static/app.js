@@ -160,8 +160,8 @@
     });
     if (response.status === 401) {
       // The browser asks for the token on /login, then comes back here.
-      const here = location.pathname + location.search;
-      location.assign(root + "/login?next=" + encodeURIComponent(here));
+      const path = location.pathname.startsWith(root) ? location.pathname.slice(root.length) : "/";
+      location.assign(root + "/login?next=" + encodeURIComponent((path || "/") + location.search));
       throw new HttpError(401, "this action needs the dashboard token");
     }
     return readJson(response);
@@ -204,7 +204,8 @@
           setStatus(true, "live · " + fmtTime(Date.now() / 1000).slice(11));
         }
       } catch (error) {
-        setStatus(false, error.status === 404 ? "not found" : "offline");
+        const labels = { 401: "needs the token", 404: "not found", 503: "redis unreachable" };
+        setStatus(false, labels[error.status] || "offline");
         if (error.status === 404) render(null, error);
         else console.warn("flumeq dashboard:", error.message);
       } finally {
@@ -630,5 +631,5 @@
   else if (page === "dead") setupDead();
   else if (page === "task") setupTask();
   else if (page === "workers") poll("/api/workers", renderWorkers);
-  else setStatus(true, "");
+  else byId("status").hidden = true;
 })();
