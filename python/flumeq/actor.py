@@ -23,7 +23,6 @@ import orjson
 
 from . import _core
 from .logs import task_extra
-from .metrics import REPORT_EVERY, Timings
 from .task import Reject, Retry, Task
 
 __all__ = ["actor_main"]
@@ -80,10 +79,10 @@ def _failure(index: int, task: Task, error: BaseException) -> Failure:
 class _AsyncRunner:
     """Runs the async tasks of a batch on this actor's event loop."""
 
-    def __init__(self, concurrency: int, timings: Optional[Timings] = None) -> None:
+    def __init__(self, end: _core.ActorEnd, concurrency: int) -> None:
         self.loop = asyncio.new_event_loop()
         self.concurrency = max(1, concurrency)
-        self.timings = timings
+        self.end = end
 
     def run(self, group: list[tuple[int, Callable[[Task], Awaitable[Any]], Task]]) -> list[Failure]:
         return self.loop.run_until_complete(self._run(group))
@@ -109,8 +108,7 @@ class _AsyncRunner:
                 except Exception as error:
                     return _failure(index, task, error)
                 finally:
-                    if self.timings is not None:
-                        self.timings.add(task.queue, task.type, perf_counter() - started)
+                    self.end.observe(index, perf_counter() - started)
                 return None
 
         outcomes = await asyncio.gather(*(one(*item) for item in group))
@@ -124,7 +122,6 @@ def run_batch(
     tasks: Sequence[tuple[Any, ...]],
     runner: Optional[_AsyncRunner] = None,
     is_async: Optional[Mapping[str, bool]] = None,
-    timings: Optional[Timings] = None,
 ) -> None:
     """Runs one batch and reports every task's outcome."""
     loads = orjson.loads
@@ -132,7 +129,6 @@ def run_batch(
     group: list[tuple[int, Any, Task]] = []
     start = 0
     last_flush = perf_counter()
-    add_timing = timings.add if timings is not None else None
     stopping = False
     for index, (
         task_id,
@@ -175,14 +171,11 @@ def run_batch(
             failures.extend((rest, NOT_STARTED, 0, "", "") for rest in range(index, len(tasks)))
             stopping = True
             break
-        started = perf_counter()
         try:
             handler(task)
         except Exception as error:
             failures.append(_failure(index, task, error))
         now = perf_counter()
-        if add_timing is not None:
-            add_timing(queue, type_, now - started)
         if not group and now - last_flush >= FLUSH_EVERY:
             # Ranges must be whole: no flush while async tasks wait behind.
             end.finish(batch_id, start, index + 1 - start, failures)
@@ -207,7 +200,7 @@ def _run_group(
     timeouts = [task.timeout for _, _, task in group]
     # The group's hard limit: its longest timeout plus a grace; no limit if any has none.
     limit = 0.0 if min(timeouts) <= 0 else max(timeouts) + ASYNC_GRACE
-    if not end.begin(batch_id, group[0][0], limit):
+    if not end.begin(batch_id, group[0][0], limit, timed=False):
         return [(index, NOT_STARTED, 0, "", "") for index, _, _ in group]
     return runner.run(group)
 
@@ -225,19 +218,12 @@ def actor_main(
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _core.die_with_parent()
     is_async = {name: inspect.iscoroutinefunction(handler) for name, handler in handlers.items()}
-    timings = Timings(queues)
-    runner = _AsyncRunner(concurrency, timings) if any(is_async.values()) else None
     end = region.actor(slot, list(queues))
+    runner = _AsyncRunner(end, concurrency) if any(is_async.values()) else None
     end.started()
-    last_report = perf_counter()
     while True:
         batch = end.recv()
         if batch is None:
             return
         batch_id, tasks = batch
-        run_batch(end, handlers, batch_id, tasks, runner, is_async if runner else None, timings)
-        # Run times go out about once a second while busy, and before idling.
-        now = perf_counter()
-        if now - last_report >= REPORT_EVERY or not end.has_batch():
-            timings.send(end)
-            last_report = now
+        run_batch(end, handlers, batch_id, tasks, runner, is_async if runner else None)

@@ -6,21 +6,20 @@ serve all of them: the dashboard's ``/metrics`` and ``flumeq worker
 --metrics-port`` use the same collector. The values are cluster-wide; scrape
 one endpoint (or de-duplicate by ``job``), not every worker.
 
-Actors time each handler run and add it to a histogram per queue and type;
-about once a second (or when they go idle) they send it to the dispatcher,
-which adds it to ``<prefix>:{queue}:durations`` in the same MULTI as the
-batch's outcomes.
+Actors time each run in the core (from the task's ``begin`` to the next
+``begin`` or ``finish``, so no per-task Python work) and add it to a histogram
+per queue and type; about once a second, or when they go idle, the histogram
+goes to the dispatcher, which adds it to ``<prefix>:{queue}:durations`` in the
+same MULTI as the batch's outcomes.
 """
 
 from __future__ import annotations
 
 import logging
-from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from http.server import ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -30,69 +29,18 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import MetricsHandler
 
+from . import _core
+
 if TYPE_CHECKING:
-    from ._core import ActorEnd
     from .admin import Admin
 
-__all__ = ["DURATION_BUCKETS", "FlumeqCollector", "Timings", "render", "serve_metrics"]
+__all__ = ["DURATION_BUCKETS", "FlumeqCollector", "render", "serve_metrics"]
 
 log = logging.getLogger("flumeq.metrics")
 
-#: Upper bounds (seconds) of the handler run-time buckets; one more bucket
-#: (+Inf) follows. Changing them garbles histograms already in Redis.
-DURATION_BUCKETS: tuple[float, ...] = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-)
-
-#: How often an actor sends its run times while busy (seconds).
-REPORT_EVERY = 1.0
-
-
-class Timings:
-    """An actor's histogram of handler run times per (queue, type), sent to
-    the dispatcher as one small frame now and then: no per-task I/O."""
-
-    def __init__(self, queues: Sequence[str]) -> None:
-        self.index = {name: position for position, name in enumerate(queues)}
-        self.data: dict[tuple[str, str], list[Any]] = {}
-        self.buckets = len(DURATION_BUCKETS) + 1
-
-    def add(self, queue: str, type_: str, seconds: float) -> None:
-        entry = self.data.get((queue, type_))
-        if entry is None:
-            entry = self.data[(queue, type_)] = [0.0, [0] * self.buckets]
-        entry[0] += seconds
-        entry[1][bisect_left(DURATION_BUCKETS, seconds)] += 1
-
-    def send(self, end: ActorEnd) -> None:
-        if not self.data:
-            return
-        report = [
-            [
-                self.index.get(queue, 0),
-                type_,
-                total,
-                [[bucket, count] for bucket, count in enumerate(counts) if count],
-            ]
-            for (queue, type_), (total, counts) in self.data.items()
-        ]
-        self.data = {}
-        end.report_durations(orjson.dumps(report))
+#: Upper bounds (seconds) of the handler run-time buckets (a +Inf bucket
+#: follows), defined by the core, which does the counting.
+DURATION_BUCKETS: tuple[float, ...] = tuple(_core.duration_buckets())
 
 
 class FlumeqCollector:

@@ -14,6 +14,7 @@ pub mod region;
 pub mod ring;
 pub mod scripts;
 pub mod streams;
+pub mod timing;
 
 #[cfg(feature = "python")]
 mod python;

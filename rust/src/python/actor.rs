@@ -3,7 +3,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
@@ -13,6 +13,7 @@ use crate::dispatcher::now_ms;
 use crate::frame::{self, Failure, FailureKind};
 use crate::region::{self, Region, RegionLayout, SLOT_RUNNING};
 use crate::ring::Wait;
+use crate::timing::{RunTimes, DURATION_BUCKETS};
 
 /// Longest error text and traceback kept per failure (bytes).
 const MAX_TEXT: usize = 16 * 1024;
@@ -100,6 +101,7 @@ impl PyRegion {
             slot,
             queues,
             buffer: Mutex::new(Vec::new()),
+            times: Mutex::new(RunTimes::default()),
         })
     }
 }
@@ -129,6 +131,7 @@ pub struct ActorEnd {
     slot: usize,
     queues: Vec<String>,
     buffer: Mutex<Vec<u8>>,
+    times: Mutex<RunTimes>,
 }
 
 fn clip(text: &str) -> &[u8] {
@@ -171,16 +174,18 @@ impl ActorEnd {
         }
     }
 
-    /// Whether a batch is already waiting in the ring (`recv` would not wait).
-    fn has_batch(&self) -> bool {
-        self.region.task_ring(self.slot).has_frame()
-    }
-
     /// Records that task `index` of `batch_id` starts now, with its timeout.
     /// Returns `False` when the engine is stopping: the task must not start.
-    fn begin(&self, batch_id: u64, index: u32, timeout: f64) -> bool {
+    /// With `timed`, its run time counts from now to the next `begin` or
+    /// `finish` (an async group passes `False` and reports each task with
+    /// `observe`).
+    #[pyo3(signature = (batch_id, index, timeout, timed = true))]
+    fn begin(&self, batch_id: u64, index: u32, timeout: f64, timed: bool) -> bool {
         if self.region.stop_requested() {
             return false;
+        }
+        if timed {
+            self.times().begin(index as usize, Instant::now());
         }
         let header = self.region.slot(self.slot);
         let now = now_ms();
@@ -216,6 +221,8 @@ impl ActorEnd {
             .slot(self.slot)
             .running_index
             .store(0, Ordering::SeqCst);
+        let now = Instant::now();
+        self.times().end(now);
         let mut records = Vec::with_capacity(failures.len());
         for (index, kind, delay_ms, message, traceback) in &failures {
             let kind = FailureKind::from_byte(*kind).ok_or_else(|| {
@@ -234,22 +241,31 @@ impl ActorEnd {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         frame::write_results(&mut buffer, batch_id, start, count, &records);
-        self.send(py, &buffer)
+        self.send(py, &buffer)?;
+        // Run times go out about once a second, and before the actor idles.
+        let idle = !self.region.task_ring(self.slot).has_frame();
+        let report = self.times().take_report(idle, now);
+        if let Some(json) = report {
+            frame::write_durations(&mut buffer, &json);
+            self.send(py, &buffer)?;
+        }
+        Ok(())
     }
 
-    /// Reports handler run times (JSON, see `frame::DURATIONS_BATCH`).
-    /// Waits (GIL released) if the ring is full.
-    fn report_durations(&self, py: Python<'_>, json: &[u8]) -> PyResult<()> {
-        let mut buffer = self
-            .buffer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        frame::write_durations(&mut buffer, json);
-        self.send(py, &buffer)
+    /// Adds a run of task `index` of the current batch that took `seconds`
+    /// (async tasks, which run together, are timed one by one in Python).
+    fn observe(&self, index: usize, seconds: f64) {
+        self.times().observe(index, seconds);
     }
 }
 
 impl ActorEnd {
+    fn times(&self) -> std::sync::MutexGuard<'_, RunTimes> {
+        self.times
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Writes one frame to the result ring and wakes the dispatcher.
     fn send(&self, py: Python<'_>, buffer: &[u8]) -> PyResult<()> {
         let ring = self.region.result_ring(self.slot);
@@ -274,6 +290,8 @@ impl ActorEnd {
     fn decode<'py>(&self, py: Python<'py>, bytes: &[u8]) -> PyResult<(u64, Bound<'py, PyList>)> {
         let (batch_id, records) = frame::read_tasks(bytes)
             .map_err(|failure| pyo3::exceptions::PyRuntimeError::new_err(failure.to_string()))?;
+        self.times()
+            .start_batch(records.iter().map(|record| (record.queue, record.kind)));
         let queues: Vec<Bound<'py, PyString>> = self
             .queues
             .iter()
@@ -325,7 +343,14 @@ fn die_with_parent() -> PyResult<()> {
     Ok(())
 }
 
+/// Upper bounds (seconds) of the run-time histogram buckets (+Inf follows).
+#[pyfunction]
+fn duration_buckets() -> Vec<f64> {
+    DURATION_BUCKETS.to_vec()
+}
+
 pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    module.add_function(wrap_pyfunction!(duration_buckets, module)?)?;
     module.add_class::<PyRegion>()?;
     module.add_class::<ActorEnd>()?;
     module.add_function(wrap_pyfunction!(die_with_parent, module)?)?;
