@@ -24,6 +24,9 @@ pub fn bucket_of(seconds: f64) -> usize {
     DURATION_BUCKETS.partition_point(|bound| *bound < seconds)
 }
 
+/// One report item: queue index, type, seconds in all, `(bucket, runs)`.
+pub type ReportItem<'a> = (u16, &'a str, f64, Vec<(usize, u64)>);
+
 #[derive(Debug, Clone)]
 struct Histogram {
     queue: u16,
@@ -130,7 +133,7 @@ impl RunTimes {
             return None;
         }
         self.last_report = now;
-        let report: Vec<(u16, &str, f64, Vec<(usize, u64)>)> = self
+        let report: Vec<ReportItem<'_>> = self
             .histograms
             .iter()
             .filter(|known| known.counts.iter().any(|count| *count > 0))
@@ -182,8 +185,8 @@ mod tests {
         times.observe(2, 20.0);
         assert!(times.take_report(false, start).is_none(), "not due yet");
         let report = times.take_report(true, start).expect("idle sends");
-        let parsed: Vec<(u16, String, f64, Vec<(usize, u64)>)> =
-            serde_json::from_slice(&report).unwrap();
+        let parsed: Vec<ReportItem<'_>> =
+            serde_json::from_slice(&report).expect("the report is JSON");
         assert_eq!(parsed.len(), 2);
         assert_eq!(parsed[0].0, 0);
         assert_eq!(parsed[0].1, "a");
