@@ -398,11 +398,14 @@ class Admin:
         per_type: dict[str, dict[str, Any]] = {}
         for field, value in _pairs(self._one("HGETALL", key["durations"])).items():
             type_, _, slot = field.rpartition("|")
+            if not type_ or not (slot == "sum" or slot.isdigit()):
+                continue  # not ours: written by hand
             entry = per_type.setdefault(type_, {"sum": 0.0, "buckets": {}})
             if slot == "sum":
-                entry["sum"] = float(_text(value))
+                with contextlib.suppress(ValueError):
+                    entry["sum"] = float(_text(value))
             else:
-                entry["buckets"][_int(slot)] = _int(value)
+                entry["buckets"][int(slot)] = _int(value)
         return per_type
 
     def close(self) -> None:

@@ -240,16 +240,17 @@ impl ActorEnd {
             .buffer
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        frame::write_results(&mut buffer, batch_id, start, count, &records);
-        self.send(py, &buffer)?;
-        // Run times go out about once a second, and before the actor idles.
+        // Run times go out about once a second, and before the actor idles;
+        // ahead of the results, so a dispatcher that stops once every result
+        // is in has them too.
         let idle = !self.region.task_ring(self.slot).has_frame();
         let report = self.times().take_report(idle, now);
         if let Some(json) = report {
             frame::write_durations(&mut buffer, &json);
             self.send(py, &buffer)?;
         }
-        Ok(())
+        frame::write_results(&mut buffer, batch_id, start, count, &records);
+        self.send(py, &buffer)
     }
 
     /// Adds a run of task `index` of the current batch that took `seconds`
