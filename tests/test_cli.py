@@ -267,3 +267,9 @@ def test_python_dash_m_flumeq_help() -> None:
     ).stdout
     for command in ("worker", "enqueue", "stats", "dead", "ui", "demo"):
         assert command in out
+
+
+def test_ui_refuses_to_listen_off_localhost_without_a_token(redis_url: str) -> None:
+    code, out = run("ui", "--host", "0.0.0.0", url=redis_url)
+    assert code == 2
+    assert "--token is required to serve on '0.0.0.0'" in out

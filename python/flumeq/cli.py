@@ -579,8 +579,14 @@ def ui(
     prefix: str,
 ) -> None:
     """Serve the web dashboard (and /metrics)."""
-    from .web import serve  # noqa: PLC0415 (the web stack loads only for this command)
+    # The web stack loads only for this command.
+    from .web.app import is_loopback, serve  # noqa: PLC0415
 
+    if not token and not is_loopback(host):
+        raise click.UsageError(
+            f"--token is required to serve on {host!r}: off localhost anyone who can reach "
+            "the dashboard could read payloads and requeue or purge dead letters"
+        )
     logs.configure(log_level)
     admin = _admin(url, prefix, group)
     click.echo(f"flumeq dashboard for {safe_url(admin.url)} on http://{host}:{port}/")
