@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -273,3 +274,31 @@ def test_ui_refuses_to_listen_off_localhost_without_a_token(redis_url: str) -> N
     code, out = run("ui", "--host", "0.0.0.0", url=redis_url)
     assert code == 2
     assert "--token is required to serve on '0.0.0.0'" in out
+
+
+def test_stats_watch_refreshes_until_ctrl_c_and_at_schedules(redis_url: str) -> None:
+    code, out = run("enqueue", "ok", "--at", "2030-01-01T00:00:00", "--queue", "w", url=redis_url)
+    assert code == 0, out
+    assert flumeq.Client(redis_url).stats("w")["delayed"] == 1
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flumeq",
+            "stats",
+            "--watch",
+            "--interval",
+            "0.5",
+            "--url",
+            redis_url,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 0, output
+    assert output.count("flumeq stats") >= 2  # refreshed at least once
+    assert "w " in output
