@@ -120,6 +120,10 @@ def test_bad_module_paths_exit_2_with_the_reason(redis_url: str, app_dir: Path) 
     code, out = run("worker", "nosuchmodule:handlers", url=redis_url)
     assert code == 2
     assert "cannot import module 'nosuchmodule'" in out
+    (app_dir / "broken.py").write_text("raise RuntimeError('boom at import')\n")
+    code, out = run("worker", "broken:handlers", url=redis_url)
+    assert code == 2
+    assert "cannot import module 'broken': RuntimeError: boom at import" in out
     code, out = run("worker", "myapp:missing", url=redis_url)
     assert code == 2
     assert "module 'myapp' has no 'missing'" in out

@@ -194,8 +194,8 @@ class Admin:
         counters: dict[str, Any] = dict.fromkeys(COUNTERS, 0)
         types: dict[str, dict[str, int]] = {}
         for field, value in _pairs(reply).items():
-            counter, _, type_ = field.partition("|")
-            if not type_:
+            counter, bar, type_ = field.partition("|")
+            if not bar:
                 counters[counter] = _int(value)
             elif counter in COUNTERS:
                 types.setdefault(type_, dict.fromkeys(COUNTERS, 0))[counter] = _int(value)
@@ -272,6 +272,18 @@ class Admin:
             letters.append(letter)
         return letters
 
+    def dead_letters_by_id(
+        self, queue: str, task_ids: Iterable[str], scan_limit: int = SCAN_LIMIT
+    ) -> list[dict[str, Any]]:
+        """The dead letters of these task ids, oldest first (scanned in pages)."""
+        key = self._queue_keys(queue)
+        letters = []
+        for entry_id, fields in self._scan(key["dead"], set(task_ids), scan_limit):
+            letter = _task_fields(fields)
+            letter["entry_id"] = entry_id
+            letters.append(letter)
+        return letters
+
     def requeue_dead(self, queue: str, ids: Optional[Iterable[str]] = None) -> int:
         """Moves dead letters (all, or these task ids) back to the stream."""
         return self.client.requeue_dead(queue, ids)
@@ -300,7 +312,7 @@ class Admin:
                 found.append({"queue": queue, "state": "done", "task_id": task_id})
             for hit in self._zscan_all(key["delayed"], pattern, delayed):
                 found.append({"queue": queue, "state": "delayed", **hit})
-            for entry_id, fields in self._scan(key["stream"], task_id, scan_limit):
+            for entry_id, fields in self._scan(key["stream"], {task_id}, scan_limit):
                 # No group yet (no engine ever served the queue): nothing pending.
                 (pending,) = self._run(
                     ["XPENDING", key["stream"], self.group, entry_id, entry_id, 1]
@@ -310,7 +322,7 @@ class Admin:
                 task["entry_id"] = entry_id
                 state = "in_flight" if pending else "ready"
                 found.append({"queue": queue, "state": state, **task})
-            for entry_id, fields in self._scan(key["dead"], task_id, scan_limit):
+            for entry_id, fields in self._scan(key["dead"], {task_id}, scan_limit):
                 task = _task_fields(fields)
                 task["entry_id"] = entry_id
                 found.append({"queue": queue, "state": "dead", **task})
@@ -332,18 +344,20 @@ class Admin:
             reply = self._one("ZSCAN", key, cursor, "MATCH", pattern, "COUNT", 1000)
         return hits
 
-    def _scan(self, stream: str, task_id: str, limit: int) -> list[tuple[str, dict[str, Any]]]:
+    def _scan(
+        self, stream: str, task_ids: set[str], limit: int
+    ) -> list[tuple[str, dict[str, Any]]]:
         hits = []
         start = "-"
         seen = 0
-        wanted = task_id.encode()
+        wanted = {task_id.encode() for task_id in task_ids}
         while seen < limit:
             page = self._one("XRANGE", stream, start, "+", "COUNT", PAGE)
             if not page:
                 break
             for entry_id, fields in page:
                 values = _pairs(fields)
-                if values.get("id") == wanted:
+                if values.get("id") in wanted:
                     hits.append((_text(entry_id), values))
             seen += len(page)
             if len(page) < PAGE:

@@ -12,6 +12,7 @@ module path, bad JSON, bad option).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
@@ -60,10 +61,12 @@ def friendly_errors(command: F) -> F:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        url = safe_url(resolve_url(kwargs.get("url")))
         try:
             return command(*args, **kwargs)
         except RedisUnavailable as error:
+            url = resolve_url(kwargs.get("url"))
+            with contextlib.suppress(ValueError):
+                url = safe_url(url)
             raise click.ClickException(f"cannot reach Redis at {url}: {error}") from None
         except FlumeqError as error:
             raise click.ClickException(str(error)) from None
@@ -124,9 +127,10 @@ def load_app(path: str) -> Any:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
-    except ImportError as error:
+    except Exception as error:
         raise click.BadParameter(
-            f"cannot import module {module_name!r}: {error}", param_hint="'APP'"
+            f"cannot import module {module_name!r}: {type(error).__name__}: {error}",
+            param_hint="'APP'",
         ) from None
     names = [attr] if attr else ["engine", "handlers"]
     for name in names:
@@ -482,9 +486,7 @@ def dead_show(queue: str, ids: tuple[str, ...], url: Optional[str], prefix: str)
     admin = _admin(url, prefix)
     _known_queue(admin, queue)
     wanted = set(ids)
-    found = [
-        letter for letter in admin.dead_letters(queue, 100_000) if letter.get("task_id") in wanted
-    ]
+    found = admin.dead_letters_by_id(queue, wanted)
     for letter in found:
         for name in (
             "task_id",
@@ -566,7 +568,12 @@ def dead_purge(queue: str, yes: bool, url: Optional[str], prefix: str) -> None:
     help="Token required for actions [env FLUMEQ_UI_TOKEN]; required off localhost.",
 )
 @click.option("--group", default="flumeq", show_default=True)
-@click.option("--log-level", default="INFO", show_default=True)
+@click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    default="INFO",
+    show_default=True,
+)
 @redis_options
 @friendly_errors
 def ui(

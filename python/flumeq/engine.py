@@ -212,6 +212,16 @@ class Engine:
             "processed_ttl_ms": max(1, round(self.processed_ttl * 1000)),
         }
 
+    @staticmethod
+    def _check_port(port: int) -> None:
+        """Fails at once when the metrics port cannot be listened on."""
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("", port))
+            except OSError as error:
+                raise ConfigError(f"metrics_port {port}: cannot listen on it ({error})") from None
+
     def stop(self) -> None:
         """Asks a running engine to stop gracefully (as SIGTERM does)."""
         if self._region is not None:
@@ -232,6 +242,8 @@ class Engine:
         count = processes if processes is not None else (os.cpu_count() or 1)
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ConfigError(f"processes must be an integer >= 1, got {processes!r}")
+        if self.metrics_port:
+            self._check_port(self.metrics_port)
         region = _core.Region(count, self.ring_bytes)
         self._region = region
         self._signals = 0

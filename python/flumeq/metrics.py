@@ -58,6 +58,7 @@ class FlumeqCollector:
         try:
             rows = self.admin.overview(self.queues)
             workers = self.admin.workers()
+            run_times = {row["name"]: self.admin.durations(row["name"]) for row in rows}
         except Exception as error:
             log.warning("metrics: cannot read redis: %s", error)
             up = GaugeMetricFamily("flumeq_redis_up", "Whether Redis answered this scrape")
@@ -98,7 +99,7 @@ class FlumeqCollector:
             for type_, counts in sorted(row["types"].items()):
                 for name, counter in counters.items():
                     counter.add_metric([queue, type_], counts[name])
-            for type_, histogram in sorted(self.admin.durations(queue).items()):
+            for type_, histogram in sorted(run_times[queue].items()):
                 cumulative, buckets = 0, []
                 for index, bound in enumerate((*DURATION_BUCKETS, float("inf"))):
                     cumulative += histogram["buckets"].get(index, 0)

@@ -39,18 +39,21 @@ return {#due, -1, left}
 
 /// Enqueues a task that carries a uniqueness key.
 ///
-/// KEYS[1] the unique-key lock, KEYS[2] stream, KEYS[3] delayed ZSET.
-/// ARGV[1] task id, ARGV[2] lock TTL (ms), ARGV[3] due time (ms, 0 = now),
-/// ARGV[4] the task as a delayed member (JSON array), ARGV[5..] the fields.
-/// Returns the stream entry id, `''` when scheduled, or `false` when the key
-/// is held by a live task (then nothing is written).
+/// KEYS[1] the unique-key lock, KEYS[2] stream, KEYS[3] delayed ZSET,
+/// KEYS[4] stats hash. ARGV[1] task id, ARGV[2] lock TTL (ms), ARGV[3] due
+/// time (ms, 0 = now), ARGV[4] the task as a delayed member (JSON array),
+/// ARGV[5] task type, ARGV[6..] the fields. Returns the stream entry id, `''`
+/// when scheduled, or `false` when the key is held by a live task (then
+/// nothing is written). Counts the task as enqueued in the same step.
 pub const ENQUEUE_UNIQUE: &str = r"
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return false end
+redis.call('HINCRBY', KEYS[4], 'enqueued', 1)
+redis.call('HINCRBY', KEYS[4], 'enqueued|' .. ARGV[5], 1)
 if tonumber(ARGV[3]) > 0 then
   redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
   return ''
 end
-return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
+return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 6))
 ";
 
 /// Releases a uniqueness key if it still belongs to the task.

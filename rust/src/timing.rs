@@ -18,6 +18,11 @@ pub const DURATION_BUCKETS: [f64; 16] = [
 /// How often run times are sent while the actor stays busy.
 pub const REPORT_EVERY: Duration = Duration::from_secs(1);
 
+/// Most task types timed apart by one actor; runs of further types share
+/// the histogram of type `(other)`.
+const MAX_KINDS: usize = 1000;
+const OTHER_KINDS: &str = "(other)";
+
 /// The bucket of a run of `seconds`: the first bound it does not exceed.
 #[must_use]
 pub fn bucket_of(seconds: f64) -> usize {
@@ -78,7 +83,19 @@ impl RunTimes {
         if let Some(at) = self.kinds.iter().position(|known| known == kind) {
             return at as u16;
         }
+        if self.kinds.len() >= MAX_KINDS {
+            // A flood of distinct types: the rest share one histogram.
+            return self.intern_other();
+        }
         self.kinds.push(kind.to_owned());
+        (self.kinds.len() - 1) as u16
+    }
+
+    fn intern_other(&mut self) -> u16 {
+        if let Some(at) = self.kinds.iter().position(|known| known == OTHER_KINDS) {
+            return at as u16;
+        }
+        self.kinds.push(OTHER_KINDS.to_owned());
         (self.kinds.len() - 1) as u16
     }
 

@@ -402,7 +402,7 @@ class _Dashboard:
         return body
 
     async def requeue(self, request: Request) -> Response:
-        """Body ``{"ids": ["<task id>", ...]}`` requeues those; ``{}`` or ``{"all": true}`` all."""
+        """Body ``{"ids": ["<task id>", ...]}`` requeues those; ``{"all": true}`` all."""
         problem = self._action_problem(request)
         if problem:
             return _error(403, problem)
@@ -412,10 +412,16 @@ class _Dashboard:
         except ValueError as error:
             return _error(400, f"bad JSON body: {error}")
         ids = body.get("ids")
-        if ids is not None and (
-            not isinstance(ids, list) or not all(isinstance(id_, str) and id_ for id_ in ids)
+        if body.get("all") is True and ids is None:
+            pass  # every dead letter of the queue
+        elif (
+            not isinstance(ids, list)
+            or not ids
+            or not all(isinstance(id_, str) and id_ for id_ in ids)
         ):
-            return _error(400, '"ids" must be a list of task ids (strings)')
+            return _error(
+                400, 'give "ids": a non-empty list of task ids, or "all": true (not both)'
+            )
 
         async def produce() -> dict[str, Any]:
             if not await self._known(name):

@@ -99,7 +99,9 @@ impl Registry {
             .cmd("ZREMRANGEBYSCORE")
             .arg(&self.workers)
             .arg("-inf")
-            .arg(format!("({}", now.saturating_sub(self.ttl_ms)))
+            // Generous, so clock skew between hosts never drops a live peer;
+            // readers go by the hash's expiry anyway.
+            .arg(format!("({}", now.saturating_sub(self.ttl_ms * 6)))
             .ignore();
         let mut connection = self.connection.clone();
         let busy = Arc::clone(&self.busy);

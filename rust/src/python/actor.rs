@@ -184,8 +184,11 @@ impl ActorEnd {
         if self.region.stop_requested() {
             return false;
         }
+        let now = Instant::now();
         if timed {
-            self.times().begin(index as usize, Instant::now());
+            self.times().begin(index as usize, now);
+        } else {
+            self.times().end(now);
         }
         let header = self.region.slot(self.slot);
         let now = now_ms();
@@ -247,7 +250,9 @@ impl ActorEnd {
         let report = self.times().take_report(idle, now);
         if let Some(json) = report {
             frame::write_durations(&mut buffer, &json);
-            self.send(py, &buffer)?;
+            if buffer.len() <= self.region.result_ring(self.slot).max_frame() {
+                self.send(py, &buffer)?;
+            }
         }
         frame::write_results(&mut buffer, batch_id, start, count, &records);
         self.send(py, &buffer)

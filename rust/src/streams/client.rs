@@ -298,14 +298,16 @@ impl SyncStore {
             );
             let mut cmd = redis::cmd("EVAL");
             cmd.arg(scripts::ENQUEUE_UNIQUE)
-                .arg(3)
+                .arg(4)
                 .arg(keys.unique(queue, key))
                 .arg(keys.stream(queue))
                 .arg(keys.delayed(queue))
+                .arg(keys.stats(queue))
                 .arg(task.id)
                 .arg(ttl_ms.max(1))
                 .arg(due_ms)
-                .arg(member);
+                .arg(member)
+                .arg(task.kind);
             for (name, value) in &fields {
                 cmd.arg(*name).arg(value.as_slice());
             }
@@ -316,11 +318,6 @@ impl SyncStore {
                 .ignore()
                 .add_command(cmd)
                 .query(connection)?;
-            if reply.is_some() {
-                let mut pipe = redis::pipe();
-                count_enqueued(&mut pipe, &keys.stats(queue), std::slice::from_ref(task));
-                pipe.query::<()>(connection)?;
-            }
             Ok(reply)
         })
     }

@@ -119,8 +119,10 @@ impl QueueOutcomes {
             && self.durations.is_empty()
     }
 
-    /// The counters of task type `kind`, made on first use.
+    /// The counters of task type `kind`, made on first use. Entries without
+    /// a type (not tasks) count as `?`.
     pub fn type_counts(&mut self, kind: &[u8]) -> &mut TypeCounts {
+        let kind = if kind.is_empty() { b"?" } else { kind };
         let at = if let Some(at) = self.by_type.iter().position(|(name, _)| name == kind) {
             at
         } else {

@@ -585,7 +585,8 @@
         }
         results.replaceChildren(...data.found.map(renderHit));
       },
-      3000,
+      // A lookup scans streams: refresh it rarely.
+      15000,
     );
   }
 
