@@ -218,7 +218,7 @@ def test_dead_letter_requeue_from_the_page(dashboard: str, page: Page, redis_url
     task_id = make_dead(redis_url, "q", "charge", {"order": 17}, "bad")
     assert client.stats("q")["dead"] == 1
 
-    page.goto(f"{dashboard}/queues/q/dead")
+    page.goto(f"{dashboard}/dead/q")
     letter = page.locator(f'article.letter[data-task-id="{task_id}"]')
     expect(letter.locator(".error-text")).to_contain_text("bad")
     expect(letter.locator(".payload")).to_contain_text('"order": 17')
@@ -240,7 +240,7 @@ def test_dead_letter_requeue_from_the_page(dashboard: str, page: Page, redis_url
 
 def test_payloads_and_errors_are_text(dashboard: str, page: Page, redis_url: str) -> None:
     task_id = make_dead(redis_url, "q", "xss", {"html": XSS}, XSS)
-    page.goto(f"{dashboard}/queues/q/dead")
+    page.goto(f"{dashboard}/dead/q")
     letter = page.locator(f'article.letter[data-task-id="{task_id}"]')
     expect(letter.locator(".error-text")).to_contain_text(XSS)
     expect(letter.locator(".payload")).to_contain_text(XSS)
@@ -261,9 +261,25 @@ def test_payloads_and_errors_are_text(dashboard: str, page: Page, redis_url: str
     assert page.locator("script").count() == 1
 
 
+def test_queue_names_with_slashes_route_to_their_own_pages(dashboard: str, redis_url: str) -> None:
+    """A queue may be called "a/dead": its pages must not read as queue a's."""
+    make_dead(redis_url, "a/dead", "charge", {}, "slashed")
+    flumeq.Client(redis_url).enqueue("charge", {}, queue="a")
+    status, _, body = request(f"{dashboard}/api/queues/a%2Fdead")
+    assert status == 200
+    assert json.loads(body)["name"] == "a/dead"
+    status, _, body = request(f"{dashboard}/api/dead/a%2Fdead")
+    assert status == 200
+    assert "slashed" in body.decode()
+    status, _, body = request(f"{dashboard}/api/dead/a")
+    assert (status, "slashed" in body.decode()) == (200, False)
+    assert request(f"{dashboard}/queues/a%2Fdead")[0] == 200
+    assert request(f"{dashboard}/dead/a%2Fdead")[0] == 200
+
+
 def test_actions_need_the_csrf_token(dashboard: str, redis_url: str) -> None:
     make_dead(redis_url, "q", "charge", {}, "bad")
-    url = f"{dashboard}/api/queues/q/dead/requeue"
+    url = f"{dashboard}/api/requeue/q"
     status, _, body = post_json(url, {"ids": None})
     assert status == 403
     assert "X-CSRF-Token" in body["error"]
@@ -273,7 +289,7 @@ def test_actions_need_the_csrf_token(dashboard: str, redis_url: str) -> None:
     status, _, body = post_json(url, {}, {"X-CSRF-Token": token, "Origin": "http://evil.example"})
     assert (status, body["error"]) == (403, "cross-origin request refused")
     status, _, _ = post_json(
-        f"{dashboard}/api/queues/q/dead/purge",
+        f"{dashboard}/api/purge/q",
         {},
         {"X-CSRF-Token": "", "Sec-Fetch-Site": "cross-site"},
     )
@@ -283,9 +299,7 @@ def test_actions_need_the_csrf_token(dashboard: str, redis_url: str) -> None:
     assert status == 400  # an empty body is not "all"
     status, _, body = post_json(url, {"all": True}, {"X-CSRF-Token": token, "Origin": dashboard})
     assert (status, body) == (200, {"queue": "q", "requeued": 1})
-    status, _, body = post_json(
-        f"{dashboard}/api/queues/nope/dead/purge", {}, {"X-CSRF-Token": token}
-    )
+    status, _, body = post_json(f"{dashboard}/api/purge/nope", {}, {"X-CSRF-Token": token})
     assert status == 404
     status, _, _ = request(f"{dashboard}/queues/nope")
     assert status == 404
@@ -308,7 +322,7 @@ def test_token_guards_pages_and_actions(browser: Browser, redis_url: str) -> Non
     make_dead(redis_url, "q", "charge", {}, "worse")
     base, process = start_dashboard(redis_url, token="s3cret")
     try:
-        url = f"{base}/api/queues/q/dead/requeue"
+        url = f"{base}/api/requeue/q"
         status, headers, body = post_json(url, {})
         assert status == 401
         assert headers["www-authenticate"].startswith("Basic")
@@ -334,8 +348,8 @@ def test_token_guards_pages_and_actions(browser: Browser, redis_url: str) -> Non
         context = browser.new_context(http_credentials={"username": "me", "password": "s3cret"})
         try:
             tab = context.new_page()
-            tab.goto(f"{base}/queues/q/dead")
-            assert tab.url == f"{base}/queues/q/dead"
+            tab.goto(f"{base}/dead/q")
+            assert tab.url == f"{base}/dead/q"
             letter = tab.locator(f'article.letter[data-task-id="{task_id}"]')
             letter.locator("button.requeue").click()
             expect(tab.locator("#toast")).to_contain_text("Requeued 1")
@@ -412,7 +426,7 @@ def test_screenshots(dashboard: str, page: Page, redis_url: str, tmp_path: Path)
         expect(page.locator("#count-rate")).not_to_have_text(NO_VALUE, timeout=8000)
         page.screenshot(path=str(shots / "queue.png"))
 
-        page.goto(dashboard + "/queues/default/dead")
+        page.goto(dashboard + "/dead/default")
         expect(page.locator("article.letter")).to_have_count(2)
         page.locator("article.letter details summary").first.click()
         page.screenshot(path=str(shots / "dead.png"))

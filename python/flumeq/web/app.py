@@ -471,8 +471,10 @@ def create_app(
     return Starlette(
         routes=[
             Route("/", board.overview_page, name="overview"),
-            Route("/queues/{name:path}/dead", board.dead_page, name="dead"),
+            # Queue names may hold "/": each route takes the whole rest of the
+            # path as the name, and no route's prefix is another's.
             Route("/queues/{name:path}", board.queue_page, name="queue"),
+            Route("/dead/{name:path}", board.dead_page, name="dead"),
             Route("/tasks", board.task_page, name="tasks"),
             Route("/workers", board.workers_page, name="workers"),
             Route("/login", board.login, name="login"),
@@ -480,9 +482,9 @@ def create_app(
             Route("/api/overview", board.api_overview),
             Route("/api/workers", board.api_workers),
             Route("/api/tasks", board.api_task),
-            Route("/api/queues/{name:path}/dead/requeue", board.requeue, methods=["POST"]),
-            Route("/api/queues/{name:path}/dead/purge", board.purge, methods=["POST"]),
-            Route("/api/queues/{name:path}/dead", board.api_dead),
+            Route("/api/requeue/{name:path}", board.requeue, methods=["POST"]),
+            Route("/api/purge/{name:path}", board.purge, methods=["POST"]),
+            Route("/api/dead/{name:path}", board.api_dead),
             Route("/api/queues/{name:path}", board.api_queue),
             Route("/api/{rest:path}", board.api_not_found, methods=["GET", "POST"]),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),

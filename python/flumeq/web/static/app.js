@@ -36,8 +36,12 @@
     if (node) node.textContent = value;
   }
 
-  function queueHref(name, suffix) {
-    return root + "/queues/" + encodeURIComponent(name) + (suffix || "");
+  function queueHref(name) {
+    return root + "/queues/" + encodeURIComponent(name);
+  }
+
+  function deadHref(name) {
+    return root + "/dead/" + encodeURIComponent(name);
   }
 
   function taskHref(id) {
@@ -275,7 +279,7 @@
         el(
           "td",
           { class: "num" + (dead ? " bad" : "") },
-          dead ? el("a", { href: queueHref(queue.name, "/dead") }, fmtInt(dead)) : "0",
+          dead ? el("a", { href: deadHref(queue.name) }, fmtInt(dead)) : "0",
         ),
         num(fmtInt(queue.processed)),
         num(fmtInt(queue.failed)),
@@ -401,7 +405,7 @@
       requeue.disabled = true;
       try {
         const result = await postJson(
-          "/api/queues/" + encodeURIComponent(queue) + "/dead/requeue",
+          "/api/requeue/" + encodeURIComponent(queue),
           { ids: [letter.task_id] },
         );
         toast("Requeued " + result.requeued + " task(s).");
@@ -460,7 +464,7 @@
     const container = byId("letters");
     let last = null;
     const refresh = poll(
-      "/api/queues/" + encodeURIComponent(queue) + "/dead",
+      "/api/dead/" + encodeURIComponent(queue),
       (data, error) => {
         if (!data) {
           container.replaceChildren(el("p", { class: "empty" }, error ? error.message : "not found"));
@@ -496,7 +500,7 @@
       if (!confirm("Requeue every dead letter of " + queue + "? They run again from attempt 0.")) return;
       try {
         const result = await postJson(
-          "/api/queues/" + encodeURIComponent(queue) + "/dead/requeue",
+          "/api/requeue/" + encodeURIComponent(queue),
           { all: true },
         );
         toast("Requeued " + result.requeued + " task(s).");
@@ -508,7 +512,7 @@
     byId("purge").addEventListener("click", async () => {
       if (!confirm("Delete every dead letter of " + queue + " for good? This cannot be undone.")) return;
       try {
-        const result = await postJson("/api/queues/" + encodeURIComponent(queue) + "/dead/purge", {});
+        const result = await postJson("/api/purge/" + encodeURIComponent(queue), {});
         toast("Purged " + result.purged + " dead letter(s).");
       } catch (error) {
         toast("Purge failed: " + error.message, true);
@@ -550,7 +554,7 @@
       rows.push(el("tr", {}, el("th", {}, key), el("td", {}, typeof value === "object" ? JSON.stringify(value) : String(value))));
     }
     const links = [el("a", { href: queueHref(hit.queue) }, hit.queue)];
-    if (hit.state === "dead") links.push(" · ", el("a", { href: queueHref(hit.queue, "/dead") }, "dead letters"));
+    if (hit.state === "dead") links.push(" · ", el("a", { href: deadHref(hit.queue) }, "dead letters"));
     return el(
       "article",
       { class: "hit" },
