@@ -408,9 +408,23 @@ class Admin:
         """Handler run times of ``queue`` per task type: ``sum`` (seconds) and
         ``buckets`` (counts per bucket of ``flumeq.metrics.DURATION_BUCKETS``,
         not cumulative)."""
-        key = self._queue_keys(queue)
+        return self.durations_of([queue])[queue]
+
+    def durations_of(self, queues: Iterable[str]) -> dict[str, dict[str, dict[str, Any]]]:
+        """``durations`` of several queues, in one round trip."""
+        names = list(queues)
+        replies = self._run(*(["HGETALL", self._queue_keys(name)["durations"]] for name in names))
+        out = {}
+        for name, reply in zip(names, replies):
+            if isinstance(reply, RedisCommandError):
+                raise reply
+            out[name] = self._histograms(reply)
+        return out
+
+    @staticmethod
+    def _histograms(reply: Any) -> dict[str, dict[str, Any]]:
         per_type: dict[str, dict[str, Any]] = {}
-        for field, value in _pairs(self._one("HGETALL", key["durations"])).items():
+        for field, value in _pairs(reply).items():
             type_, _, slot = field.rpartition("|")
             if not type_ or not (slot == "sum" or slot.isdigit()):
                 continue  # not ours: written by hand
