@@ -55,6 +55,12 @@ def test_counts_per_type_durations_and_depth(redis_url: str) -> None:
     assert sample(text, "flumeq_redis_up") == 1
 
 
+def test_an_empty_redis_scrapes_fine(redis_url: str) -> None:
+    text = render(Admin(redis_url))[0].decode()
+    assert sample(text, "flumeq_redis_up") == 1
+    assert sample(text, "flumeq_workers") == 0
+
+
 def test_redis_away_is_a_metric_not_an_error() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -104,6 +104,8 @@ class Admin:
 
     def _run(self, *commands: Iterable[Arg]) -> list[Any]:
         """Runs commands in one pipeline; refused ones come back as errors."""
+        if not commands:
+            return []
         return self.client._store.pipeline(
             [[_bytes(arg) for arg in command] for command in commands]
         )
@@ -413,6 +415,8 @@ class Admin:
     def durations_of(self, queues: Iterable[str]) -> dict[str, dict[str, dict[str, Any]]]:
         """``durations`` of several queues, in one round trip."""
         names = list(queues)
+        if not names:
+            return {}
         replies = self._run(*(["HGETALL", self._queue_keys(name)["durations"]] for name in names))
         out = {}
         for name, reply in zip(names, replies):
