@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+from .admin import Admin
 from .client import DEFAULT_MAX_RETRY, DEFAULT_URL, Client
 from .engine import Engine
 from .errors import (
@@ -32,6 +33,8 @@ __all__ = [
     # producing and running
     "Client",
     "Engine",
+    # inspecting and managing (what the CLI and the dashboard use)
+    "Admin",
     # what handlers see and raise
     "Task",
     "TaskInfo",
