@@ -170,12 +170,17 @@ struct Found<'a> {
     labels: Option<&'a [u8]>,
     unique_key: Option<&'a [u8]>,
     idempotent: Option<&'a [u8]>,
+    /// Index of the `type` field in the entry.
+    kind_at: usize,
 }
 
 impl<'a> Found<'a> {
     fn scan(entry: &'a RawEntry) -> Self {
         let mut found = Self::default();
-        for (name, value) in &entry.fields {
+        for (at, (name, value)) in entry.fields.iter().enumerate() {
+            if name.as_ref() == b"type" && found.kind.is_none() {
+                found.kind_at = at;
+            }
             let slot = match name.as_ref() {
                 b"id" => &mut found.id,
                 b"type" => &mut found.kind,
@@ -271,6 +276,12 @@ pub fn format_seconds(ms: u64) -> String {
 
 /// Validates `entry` as a task, in one pass over its fields.
 pub fn parse(entry: &RawEntry) -> Result<TaskRef<'_>, EnvelopeError> {
+    parse_indexed(entry).map(|(task, _)| task)
+}
+
+/// `parse`, also giving the index of the `type` field in `entry.fields`, so
+/// a caller can find the type again without another pass.
+pub fn parse_indexed(entry: &RawEntry) -> Result<(TaskRef<'_>, usize), EnvelopeError> {
     let found = Found::scan(entry);
     let id = non_empty(found.id, field::ID)?;
     let kind = non_empty(found.kind, field::TYPE)?;
@@ -291,7 +302,7 @@ pub fn parse(entry: &RawEntry) -> Result<TaskRef<'_>, EnvelopeError> {
         Some(value) => Some(text(value, field::UNIQUE_KEY)?),
         None => None,
     };
-    Ok(TaskRef {
+    let task = TaskRef {
         id,
         kind,
         payload,
@@ -306,7 +317,8 @@ pub fn parse(entry: &RawEntry) -> Result<TaskRef<'_>, EnvelopeError> {
         labels: found.labels,
         unique_key,
         idempotent: found.idempotent == Some(b"1"),
-    })
+    };
+    Ok((task, found.kind_at))
 }
 
 impl TaskRef<'_> {
@@ -543,6 +555,14 @@ mod tests {
                 .count(),
             1
         );
+    }
+
+    #[test]
+    fn parse_indexed_points_at_the_type_field() {
+        let raw = entry(&[("id", "a"), ("payload", "{}"), ("type", "mail")]);
+        let (task, at) = parse_indexed(&raw).expect("a valid task");
+        assert_eq!(task.kind, "mail");
+        assert_eq!(raw.fields[at].1.as_ref(), b"mail");
     }
 
     #[test]

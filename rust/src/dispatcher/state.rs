@@ -41,6 +41,8 @@ struct Flags {
     unique: bool,
     /// Its id is the caller's: write a done marker on success.
     idempotent: bool,
+    /// Index of its `type` field, for counting by type without a search.
+    kind_at: usize,
 }
 
 /// One item of an actor's run-times report: queue index, type, seconds in
@@ -222,7 +224,12 @@ impl<'r> Dispatcher<'r> {
                 outcome.done_ids.push(Bytes::copy_from_slice(id));
             }
         }
-        outcome.type_counts(kind_of(&taken.entry)).processed += 1;
+        let kind = taken
+            .entry
+            .fields
+            .get(taken.flags.kind_at)
+            .map_or(&b""[..], |(_, kind)| kind);
+        outcome.type_counts(kind).processed += 1;
         outcome.finished.push(taken.entry.entry_id);
         outcome.processed += 1;
         self.report.processed += 1;
@@ -372,13 +379,13 @@ impl<'r> Dispatcher<'r> {
                     .push(taken.entry.entry_id);
                 continue;
             }
-            let verdict = match envelope::parse(&taken.entry) {
+            let verdict = match envelope::parse_indexed(&taken.entry) {
                 Err(error) => Err(("invalid", error.to_string())),
-                Ok(task) if task.deadline_ms.is_some_and(|deadline| deadline <= now) => Err((
+                Ok((task, _)) if task.deadline_ms.is_some_and(|deadline| deadline <= now) => Err((
                     "expired",
                     "deadline passed before the task could run".to_owned(),
                 )),
-                Ok(task) => {
+                Ok((task, kind_at)) => {
                     let length = frame::task_record_len(&task);
                     if frame::TASK_FRAME_OVERHEAD + length > max_frame {
                         Err((
@@ -394,6 +401,7 @@ impl<'r> Dispatcher<'r> {
                         Ok(Some(Flags {
                             unique: task.unique_key.is_some(),
                             idempotent: task.idempotent,
+                            kind_at,
                         }))
                     }
                 }
