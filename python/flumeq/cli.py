@@ -80,12 +80,6 @@ def _admin(url: Optional[str], prefix: str, group: str = "flumeq") -> Admin:
     return admin
 
 
-def _known_queue(admin: Admin, queue: str) -> None:
-    if not admin.has_queue(queue):
-        known = ", ".join(admin.queues()) or "none yet"
-        raise click.ClickException(f"unknown queue {queue!r} (known queues: {known})")
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="flumeq")
 def main() -> None:
@@ -425,9 +419,9 @@ def stats(
     """Per-queue counts (ready, in flight, delayed, dead, processed, failed,
     rate) and the live workers."""
     admin = _admin(url, prefix, group)
-    for queue in queues:
-        _known_queue(admin, queue)
     selected = list(queues) or None
+    if selected:
+        admin.overview(selected)  # an unknown queue fails here, before any wait
     if not watch:
         click.echo(render_stats(admin, selected, interval))
         return
@@ -457,7 +451,6 @@ def dead() -> None:
 def dead_list(queue: str, limit: int, url: Optional[str], prefix: str) -> None:
     """The newest dead letters of QUEUE."""
     admin = _admin(url, prefix)
-    _known_queue(admin, queue)
     letters = admin.dead_letters(queue, limit)
     if not letters:
         click.echo(f"no dead letters in {queue!r}")
@@ -484,7 +477,6 @@ def dead_list(queue: str, limit: int, url: Optional[str], prefix: str) -> None:
 def dead_show(queue: str, ids: tuple[str, ...], url: Optional[str], prefix: str) -> None:
     """Everything about dead letters IDS (task ids) of QUEUE."""
     admin = _admin(url, prefix)
-    _known_queue(admin, queue)
     wanted = set(ids)
     found = admin.dead_letters_by_id(queue, wanted)
     for letter in found:
@@ -526,7 +518,6 @@ def dead_requeue(
     if bool(ids) == all_:
         raise click.UsageError("give task ids or --all (not both)")
     admin = _admin(url, prefix)
-    _known_queue(admin, queue)
     if all_ and not yes:
         count = admin.overview([queue])[0]["dead"]
         click.confirm(f"Requeue all {count} dead letters of {queue!r}?", abort=True)
@@ -546,7 +537,6 @@ def dead_requeue(
 def dead_purge(queue: str, yes: bool, url: Optional[str], prefix: str) -> None:
     """Delete every dead letter of QUEUE."""
     admin = _admin(url, prefix)
-    _known_queue(admin, queue)
     if not yes:
         count = admin.overview([queue])[0]["dead"]
         click.confirm(

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
-from . import _core
+from . import _core, reads
 from .errors import BufferFull, InvalidTask, RedisUnavailable
 from .task import TaskInfo
 
@@ -29,6 +29,8 @@ DEFAULT_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_MAX_RETRY = 25
 #: Seconds a handler may run when ``timeout`` is not given.
 DEFAULT_TIMEOUT = 30.0
+#: What ``Client.stats`` reports (``flumeq.Admin.overview`` has more).
+STATS = ("ready", "in_flight", "delayed", "dead", "processed", "failed")
 #: Longest task type accepted (bytes).
 MAX_TYPE_LENGTH = 1024
 
@@ -347,25 +349,19 @@ class Client:
         decoded from JSON when it is valid, ``labels``...) and why it died:
         ``reason`` (error, rejected, timeout, crashed, poison, unknown_type,
         invalid, expired, too_large), ``error``, ``traceback``, ``attempts``
-        (runs made), ``failed_at`` (seconds since the epoch) and ``dead_id``
-        (its entry in the dead-letter stream).
+        (runs made), ``failed_at`` and ``enqueued_at`` (seconds since the
+        epoch) and ``dead_id`` (its entry in the dead-letter stream).
         """
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise InvalidTask(f"limit must be an integer >= 1, got {limit!r}")
         letters = []
-        for dead_id, fields in self._store.dead_letters(_queue(queue), limit):
-            letter: dict[str, Any] = dict(fields)
+        for dead_id, letter in reads.dead_letters(self._store, self.prefix, _queue(queue), limit):
             letter["dead_id"] = dead_id
             for name in ("payload", "labels"):
                 if name in letter:
                     # A text that is not JSON stays as it is: it is why the task died.
                     with contextlib.suppress(orjson.JSONDecodeError):
                         letter[name] = orjson.loads(letter[name])
-            for name in ("attempts", "attempt", "max_retry"):
-                if name in letter and letter[name].isdigit():
-                    letter[name] = int(letter[name])
-            if letter.get("failed_at", "").isdigit():
-                letter["failed_at"] = int(letter["failed_at"]) / 1000
             letters.append(letter)
         return letters
 
@@ -387,7 +383,8 @@ class Client:
 
     def stats(self, queue: str = "default", *, group: str = "flumeq") -> dict[str, int]:
         """Counts for ``queue``: ready, in_flight, delayed, dead, processed, failed."""
-        return self._store.stats(_queue(queue), group)
+        (row,) = reads.queue_rows(self._store, self.prefix, group, [_queue(queue)], oldest=False)
+        return {name: row[name] for name in STATS}
 
     def ping(self) -> None:
         """Checks that Redis answers; raises ``RedisUnavailable`` if not."""

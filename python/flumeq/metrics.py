@@ -58,7 +58,7 @@ class FlumeqCollector:
         try:
             rows = self.admin.overview(self.queues)
             workers = self.admin.workers()
-            run_times = self.admin.durations_of(row["name"] for row in rows)
+            run_times = self.admin.durations(row["name"] for row in rows)
         except Exception as error:
             log.warning("metrics: cannot read redis: %s", error)
             up = GaugeMetricFamily("flumeq_redis_up", "Whether Redis answered this scrape")

@@ -4,7 +4,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+use pyo3::types::{PyBytes, PyList, PyTuple};
 use redis::Value;
 
 use super::errors::{error, redis_error};
@@ -143,29 +143,6 @@ impl Store {
         Ok(ids.into_iter().zip(entries).collect())
     }
 
-    /// The newest `limit` dead letters of `queue` as `(dead_entry_id, {field: value})`.
-    fn dead_letters<'py>(
-        &self,
-        py: Python<'py>,
-        queue: &str,
-        limit: usize,
-    ) -> PyResult<Vec<(String, Bound<'py, PyDict>)>> {
-        let letters = self.with(py, |store| store.dead_letters(queue, limit))?;
-        letters
-            .into_iter()
-            .map(|(id, fields)| {
-                let dict = PyDict::new(py);
-                for (name, value) in fields {
-                    dict.set_item(
-                        String::from_utf8_lossy(&name),
-                        String::from_utf8_lossy(&value),
-                    )?;
-                }
-                Ok((id, dict))
-            })
-            .collect()
-    }
-
     /// Moves dead letters back to the stream (all, or those with these task ids).
     #[pyo3(signature = (queue, ids = None))]
     fn requeue_dead(&self, py: Python<'_>, queue: &str, ids: Option<Vec<String>>) -> PyResult<u64> {
@@ -176,24 +153,6 @@ impl Store {
     /// Deletes all dead letters of `queue`; returns how many there were.
     fn purge_dead(&self, py: Python<'_>, queue: &str) -> PyResult<u64> {
         self.with(py, |store| store.purge_dead(queue))
-    }
-
-    /// Sizes and counters of `queue` for consumer group `group`.
-    fn stats<'py>(
-        &self,
-        py: Python<'py>,
-        queue: &str,
-        group: &str,
-    ) -> PyResult<Bound<'py, PyDict>> {
-        let stats = self.with(py, |store| store.stats(queue, group))?;
-        let dict = PyDict::new(py);
-        dict.set_item("ready", stats.ready)?;
-        dict.set_item("in_flight", stats.in_flight)?;
-        dict.set_item("delayed", stats.delayed)?;
-        dict.set_item("dead", stats.dead)?;
-        dict.set_item("processed", stats.processed)?;
-        dict.set_item("failed", stats.failed)?;
-        Ok(dict)
     }
 
     /// Runs `commands` (each a list of byte-string arguments) in one

@@ -3,7 +3,6 @@
 //! Synchronous on purpose: a `Client` starts no thread, so a process that
 //! enqueues may still fork (the engine forks its actors).
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use redis::{Pipeline, RedisResult, Value};
@@ -16,15 +15,6 @@ use crate::scripts;
 /// the round trip, small enough to keep Redis' query buffer modest.
 const ENQUEUE_CHUNK: usize = 2000;
 
-fn bulk(value: Value) -> Option<Vec<u8>> {
-    match value {
-        Value::BulkString(bytes) => Some(bytes),
-        Value::SimpleString(text) => Some(text.into_bytes()),
-        Value::Int(number) => Some(number.to_string().into_bytes()),
-        _ => None,
-    }
-}
-
 /// Adds `XADD stream * field value ...` for `task` to `pipe`.
 fn push_xadd(pipe: &mut Pipeline, stream: &str, task: &TaskRef<'_>) {
     let mut cmd = redis::cmd("XADD");
@@ -34,9 +24,6 @@ fn push_xadd(pipe: &mut Pipeline, stream: &str, task: &TaskRef<'_>) {
     }
     pipe.add_command(cmd);
 }
-
-/// A dead letter as stored: its entry id and its fields.
-pub type DeadLetterFields = (String, Vec<(Vec<u8>, Vec<u8>)>);
 
 /// Reads `count` XADD replies (entry ids) into `ids`.
 fn read_ids(
@@ -48,75 +35,6 @@ fn read_ids(
         ids.push(redis::from_redis_value(connection.recv_response()?)?);
     }
     Ok(())
-}
-
-/// Counters and sizes of one queue, as `Client.stats` reports them.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct QueueStats {
-    /// Entries not yet delivered to the group.
-    pub ready: u64,
-    /// Entries delivered and not yet acknowledged.
-    pub in_flight: u64,
-    /// Scheduled or retrying tasks.
-    pub delayed: u64,
-    /// Dead letters.
-    pub dead: u64,
-    /// Tasks done successfully.
-    pub processed: u64,
-    /// Failed runs.
-    pub failed: u64,
-}
-
-fn as_u64(value: &Value) -> u64 {
-    match value {
-        Value::Int(number) => (*number).max(0) as u64,
-        Value::BulkString(bytes) => std::str::from_utf8(bytes)
-            .ok()
-            .and_then(|text| text.parse().ok())
-            .unwrap_or(0),
-        _ => 0,
-    }
-}
-
-fn pairs(value: Value) -> Vec<(Vec<u8>, Value)> {
-    match value {
-        Value::Array(items) => {
-            let mut out = Vec::new();
-            let mut items = items.into_iter();
-            while let (Some(name), Some(value)) = (items.next(), items.next()) {
-                if let Some(name) = bulk(name) {
-                    out.push((name, value));
-                }
-            }
-            out
-        }
-        Value::Map(items) => items
-            .into_iter()
-            .filter_map(|(name, value)| Some((bulk(name)?, value)))
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
-/// Pending count of `group` from an `XINFO GROUPS` reply.
-fn group_pending(reply: Value, group: &str) -> u64 {
-    let Value::Array(groups) = reply else {
-        return 0;
-    };
-    for info in groups {
-        let info = pairs(info);
-        let name = info
-            .iter()
-            .find(|(key, _)| key == b"name")
-            .and_then(|(_, value)| bulk(value.clone()));
-        if name.as_deref() == Some(group.as_bytes()) {
-            return info
-                .iter()
-                .find(|(key, _)| key == b"pending")
-                .map_or(0, |(_, value)| as_u64(value));
-        }
-    }
-    0
 }
 
 /// Adds the counting of `tasks` to the queue's stats hash (`enqueued`, and
@@ -322,24 +240,6 @@ impl SyncStore {
         })
     }
 
-    /// The newest `limit` dead letters of `queue`, newest first, as
-    /// (dead entry id, fields).
-    pub fn dead_letters(
-        &mut self,
-        queue: &str,
-        limit: usize,
-    ) -> RedisResult<Vec<DeadLetterFields>> {
-        self.run(|connection, keys| {
-            redis::cmd("XREVRANGE")
-                .arg(keys.dead(queue))
-                .arg("+")
-                .arg("-")
-                .arg("COUNT")
-                .arg(limit)
-                .query(connection)
-        })
-    }
-
     /// Moves dead letters back to the stream with attempt 0: those whose task
     /// id is in `ids`, or all when `ids` is empty. Walks the dead-letter stream
     /// in steps of 500 so Redis is never blocked long. Returns the count moved.
@@ -395,79 +295,5 @@ impl SyncStore {
             }
             pipe.query(connection)
         })
-    }
-
-    /// Sizes and counters of `queue` as seen by consumer group `group`.
-    pub fn stats(&mut self, queue: &str, group: &str) -> RedisResult<QueueStats> {
-        self.run(|connection, keys| {
-            let stream = keys.stream(queue);
-            let (length, groups, delayed, dead, counters): (u64, Value, u64, u64, Value) =
-                redis::pipe()
-                    .cmd("XLEN")
-                    .arg(&stream)
-                    .cmd("EVAL")
-                    .arg(XINFO_GROUPS_OR_EMPTY)
-                    .arg(1)
-                    .arg(&stream)
-                    .cmd("ZCARD")
-                    .arg(keys.delayed(queue))
-                    .cmd("XLEN")
-                    .arg(keys.dead(queue))
-                    .cmd("HGETALL")
-                    .arg(keys.stats(queue))
-                    .query(connection)?;
-            let in_flight = group_pending(groups, group);
-            let counters: HashMap<Vec<u8>, u64> = pairs(counters)
-                .into_iter()
-                .map(|(name, value)| (name, as_u64(&value)))
-                .collect();
-            let counter = |name: &str| counters.get(name.as_bytes()).copied().unwrap_or(0);
-            Ok(QueueStats {
-                // Done entries are deleted, so the stream holds exactly the
-                // undelivered and the pending ones.
-                ready: length.saturating_sub(in_flight),
-                in_flight,
-                delayed,
-                dead,
-                processed: counter("processed"),
-                failed: counter("failed"),
-            })
-        })
-    }
-}
-
-/// KEYS[1] = stream. Returns `XINFO GROUPS` of the stream, or an empty array
-/// when the stream does not exist yet (plain XINFO would be an error).
-const XINFO_GROUPS_OR_EMPTY: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
-return redis.call('XINFO', 'GROUPS', KEYS[1])
-";
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn bulk_value(text: &str) -> Value {
-        Value::BulkString(text.as_bytes().to_vec())
-    }
-
-    #[test]
-    fn group_pending_picks_the_named_group() {
-        let reply = Value::Array(vec![
-            Value::Array(vec![
-                bulk_value("name"),
-                bulk_value("other"),
-                bulk_value("pending"),
-                Value::Int(7),
-            ]),
-            Value::Array(vec![
-                bulk_value("name"),
-                bulk_value("flumeq"),
-                bulk_value("pending"),
-                Value::Int(3),
-            ]),
-        ]);
-        assert_eq!(group_pending(reply.clone(), "flumeq"), 3);
-        assert_eq!(group_pending(reply, "missing"), 0);
     }
 }
