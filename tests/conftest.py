@@ -9,7 +9,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import pytest
 import redis
@@ -69,11 +69,23 @@ def wait_until(
         time.sleep(interval)
 
 
-def spawn_script(source: str, *args: str) -> subprocess.Popen[bytes]:
-    """Runs a Python script in a fresh interpreter (its own process group)."""
+def script_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """The environment of a test script: it may ``from conftest import ...``."""
+    env = dict(os.environ, **(extra or {}))
+    tests = str(Path(__file__).resolve().parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [tests, env.get("PYTHONPATH")]))
+    return env
+
+
+def spawn_script(
+    source: str, *args: str, env: Optional[dict[str, str]] = None
+) -> subprocess.Popen[bytes]:
+    """Runs a Python script in a fresh interpreter (its own process group);
+    ``env`` adds variables."""
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(source), *args],
         cwd=ROOT,
+        env=script_env(env),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,

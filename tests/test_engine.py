@@ -111,15 +111,12 @@ def test_two_engines_on_one_group_share_work_without_duplicates(
     client = flumeq.Client(redis_url)
     infos = client.enqueue_many([("count", {"n": n}) for n in range(6000)])
     script = """
-        import sys, os, time, redis, flumeq
+        import sys, time, flumeq
+        from conftest import process_redis
         url, name = sys.argv[1], sys.argv[2]
-        conns = {}
         def count(task):
-            pid = os.getpid()
-            if pid not in conns:
-                conns[pid] = redis.Redis.from_url(url)
-            conns[pid].hincrby("runs", task.id, 1)
-            conns[pid].hincrby("by_engine", name, 1)
+            process_redis(url).hincrby("runs", task.id, 1)
+            process_redis(url).hincrby("by_engine", name, 1)
             time.sleep(0.0005)
         flumeq.Engine({"count": count}, url, consumer=name).run(processes=1, burst=True)
     """
@@ -227,18 +224,14 @@ def test_hard_timeout_kills_the_actor_and_the_engine_goes_on(
 
 
 ENGINE_SCRIPT = """
-    import logging, sys, time, redis, flumeq
+    import logging, sys, time, flumeq
+    from conftest import process_redis
     logging.basicConfig(level=logging.INFO)
     url = sys.argv[1]
-    conns = {}
     def slow(task):
-        import os
-        pid = os.getpid()
-        if pid not in conns:
-            conns[pid] = redis.Redis.from_url(url)
-        conns[pid].hincrby("started", task.id, 1)
+        process_redis(url).hincrby("started", task.id, 1)
         time.sleep(task.payload["sleep"])
-        conns[pid].hincrby("runs", task.id, 1)
+        process_redis(url).hincrby("runs", task.id, 1)
     report = flumeq.Engine({"slow": slow}, url, shutdown_timeout=10).run(processes=2)
     print("REPORT", report, flush=True)
 """

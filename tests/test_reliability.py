@@ -247,17 +247,14 @@ def test_hung_handler_is_killed_at_its_timeout_and_retried(redis_url: str, r: re
 
 
 ENGINE = """
-    import os, sys, time, redis, flumeq
+    import os, sys, time, flumeq
+    from conftest import process_redis
     url, consumer, stale, sleep = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
-    conns = {}
     def work(task):
-        pid = os.getpid()
-        if pid not in conns:
-            conns[pid] = redis.Redis.from_url(url)
-        conns[pid].hincrby("started", task.id, 1)
+        process_redis(url).hincrby("started", task.id, 1)
         time.sleep(task.payload.get("sleep", sleep))
-        conns[pid].hincrby("runs", task.id, 1)
-        conns[pid].hincrby("by", consumer, 1)
+        process_redis(url).hincrby("runs", task.id, 1)
+        process_redis(url).hincrby("by", consumer, 1)
     burst = os.environ.get("BURST") == "1"
     print(flumeq.Engine({"work": work}, url, consumer=consumer, claim_stale_after=stale,
                         shutdown_timeout=10, retry_base=0.02, retry_max=0.05)
@@ -268,12 +265,8 @@ ENGINE = """
 def start_engine(
     url: str, consumer: str, stale: float = 300.0, sleep: float = 0.01, burst: bool = False
 ):  # type: ignore[no-untyped-def]
-    env_burst = "1" if burst else "0"
-    os.environ["BURST"] = env_burst
-    try:
-        return spawn_script(ENGINE, url, consumer, str(stale), str(sleep))
-    finally:
-        os.environ.pop("BURST", None)
+    burst_flag = {"BURST": "1" if burst else "0"}
+    return spawn_script(ENGINE, url, consumer, str(stale), str(sleep), env=burst_flag)
 
 
 def test_engine_killed_mid_run_loses_nothing(redis_url: str, r: redis.Redis) -> None:

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import psutil
 import redis
@@ -30,15 +31,12 @@ import flumeq
 from flumeq.redis_server import RedisServer
 
 ENGINE = """
-    import os, sys, time, redis, flumeq
+    import sys, time, flumeq
+    from conftest import process_redis
     url = sys.argv[1]
-    conns = {}
     def work(task):
-        pid = os.getpid()
-        if pid not in conns:
-            conns[pid] = redis.Redis.from_url(url)
         time.sleep(0.002)
-        conns[pid].hincrby("soak:runs", task.id, 1)
+        process_redis(url).hincrby("soak:runs", task.id, 1)
     flumeq.Engine({"work": work}, url, claim_stale_after=3, retry_base=0.05, retry_max=1,
                   shutdown_timeout=5).run(processes=2)
 """
@@ -47,6 +45,8 @@ ENGINE = """
 def start_engine(url: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(ENGINE), url],
+        # The handler counts through the tests' per-process client.
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
