@@ -246,16 +246,19 @@ impl ActorEnd {
         // Run times go out about once a second, and before the actor idles;
         // ahead of the results, so a dispatcher that stops once every result
         // is in has them too.
+        // One wake-up of the dispatcher carries both frames.
         let idle = !self.region.task_ring(self.slot).has_frame();
         let report = self.times().take_report(idle, now);
         if let Some(json) = report {
             frame::write_durations(&mut buffer, &json);
             if buffer.len() <= self.region.result_ring(self.slot).max_frame() {
-                self.send(py, &buffer)?;
+                self.write(py, &buffer)?;
             }
         }
         frame::write_results(&mut buffer, batch_id, start, count, &records);
-        self.send(py, &buffer)
+        self.write(py, &buffer)?;
+        region::signal_event(self.region.results_event());
+        Ok(())
     }
 
     /// Adds a run of task `index` of the current batch that took `seconds`
@@ -272,8 +275,10 @@ impl ActorEnd {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Writes one frame to the result ring and wakes the dispatcher.
-    fn send(&self, py: Python<'_>, buffer: &[u8]) -> PyResult<()> {
+    /// Writes one frame to the result ring, without waking the dispatcher
+    /// (the caller does, once per call of `finish`). When the ring is full it
+    /// wakes it first, then waits (GIL released) for room.
+    fn write(&self, py: Python<'_>, buffer: &[u8]) -> PyResult<()> {
         let ring = self.region.result_ring(self.slot);
         if buffer.len() > ring.max_frame() {
             return Err(pyo3::exceptions::PyValueError::new_err(
@@ -281,6 +286,7 @@ impl ActorEnd {
             ));
         }
         while !ring.write_frame(&[buffer]) {
+            region::signal_event(self.region.results_event());
             let length = buffer.len();
             if py.detach(|| ring.wait_for_space(length, Some(Duration::from_millis(200))))
                 == Wait::Closed
@@ -289,7 +295,6 @@ impl ActorEnd {
             }
             py.check_signals()?;
         }
-        region::signal_event(self.region.results_event());
         Ok(())
     }
 
