@@ -3,13 +3,17 @@ it does when Redis is away or holds garbage."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 
 import redis
 
 import flumeq
+from conftest import spawn_script, wait_until
 from flumeq.admin import Admin
 from flumeq.metrics import DURATION_BUCKETS, render
+from flumeq.redis_server import RedisServer
 
 
 def sample(text: str, name: str) -> float:
@@ -82,3 +86,36 @@ def test_garbage_in_stats_durations_and_registry_is_skipped(redis_url: str, r: r
     assert sample(text, 'flumeq_queue_ready{queue="g"}') == 1
     (ghost,) = Admin(redis_url).workers()
     assert ghost["pid"] == 0
+
+
+ENGINE = """
+    import sys, flumeq
+    flumeq.Engine({"t": lambda task: None}, sys.argv[1], consumer="phoenix").run(processes=1)
+"""
+
+
+def test_registry_and_counters_come_back_after_redis_loses_everything() -> None:
+    """Redis restarted without persistence: the live worker registers again
+    within a heartbeat or two, and counting and scraping carry on."""
+    server = RedisServer().start()
+    engine = None
+    try:
+        url = server.url
+        admin = Admin(url, timeout=1.0)
+        engine = spawn_script(ENGINE, url)
+        wait_until(lambda: [w["consumer"] for w in admin.workers()] == ["phoenix"])
+        server.kill()
+        assert sample(render(admin)[0].decode(), "flumeq_redis_up") == 0
+        server.start()
+        wait_until(lambda: [w["consumer"] for w in admin.workers()] == ["phoenix"], timeout=30)
+        flumeq.Client(url).enqueue_many([("t", {}) for _ in range(10)])
+        wait_until(lambda: flumeq.Client(url).stats()["processed"] == 10, timeout=30)
+        text = render(admin)[0].decode()
+        assert sample(text, "flumeq_redis_up") == 1
+        assert sample(text, 'flumeq_tasks_processed_total{queue="default",type="t"}') == 10
+        assert engine.poll() is None
+    finally:
+        if engine is not None:
+            os.killpg(engine.pid, signal.SIGKILL)
+            engine.wait()
+        server.stop()
