@@ -29,7 +29,7 @@ import orjson
 from . import logs
 from .admin import Admin
 from .client import Client, resolve_url, safe_url
-from .engine import Engine
+from .engine import Engine, queue_weights
 from .errors import ConfigError, DuplicateTask, FlumeqError, InvalidTask, RedisUnavailable
 from .redis_server import RedisServer
 from .task import Task
@@ -222,7 +222,7 @@ def _engine_for(
         if url:
             engine.url = url
         if queues is not None:
-            engine.queues = Engine({}, engine.url, queues=queues).queues
+            engine.queues = queue_weights(queues)
         if group:
             engine.group = group
         if metrics_port:

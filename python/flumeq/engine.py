@@ -38,7 +38,7 @@ from .errors import ConfigError, EngineError
 from .metrics import serve_metrics
 from .task import Task
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "queue_weights"]
 
 log = logging.getLogger("flumeq.engine")
 
@@ -52,7 +52,9 @@ SLOT_RECLAIMED = 3
 HEARTBEAT = 2.0
 
 
-def _queue_weights(queues: Queues) -> list[tuple[str, int]]:
+def queue_weights(queues: Queues) -> list[tuple[str, int]]:
+    """``queues`` (names, or a mapping of name to weight) as checked
+    ``(name, weight)`` pairs; a ``ConfigError`` says what is wrong."""
     if isinstance(queues, str):
         queues = (queues,)
     pairs = list(queues.items()) if isinstance(queues, Mapping) else [(name, 1) for name in queues]
@@ -154,7 +156,7 @@ class Engine:
             )
         self.handlers = dict(handlers)
         self.url = resolve_url(url)
-        self.queues = _queue_weights(queues)
+        self.queues = queue_weights(queues)
         self.group = group
         self.claim_stale_after = float(claim_stale_after)
         self.retry_base = float(retry_base)
@@ -238,7 +240,7 @@ class Engine:
     def run(self, processes: Optional[int] = None, burst: bool = False) -> dict[str, int]:
         """Serves tasks until SIGINT/SIGTERM (or, with ``burst``, until no task
         is ready, in flight or delayed), then returns counts: processed,
-        failed, retried, dead, skipped, handed_back, left_pending."""
+        failed, retried, dead, skipped, handed_back, left_pending, restarts."""
         count = processes if processes is not None else (os.cpu_count() or 1)
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ConfigError(f"processes must be an integer >= 1, got {processes!r}")
