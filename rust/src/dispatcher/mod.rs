@@ -186,8 +186,7 @@ async fn writer(
             }
             messages += 1;
         }
-        let mut delay = Duration::from_millis(50);
-        let mut failing = false;
+        let mut patience = Patience::new("writing task outcomes");
         loop {
             let written = store::write_outcomes(
                 &mut connection,
@@ -200,20 +199,11 @@ async fn writer(
             .await;
             match written {
                 Ok(()) => {
-                    if failing {
-                        info!("redis is back; outcomes written");
-                    }
+                    patience.done();
                     delayed.written.fetch_add(messages, Ordering::SeqCst);
                     break;
                 }
-                Err(error) => {
-                    if !failing {
-                        warn!("cannot write task outcomes ({error}); retrying until redis answers");
-                        failing = true;
-                    }
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
+                Err(error) => patience.wait(&error).await,
             }
         }
     }
@@ -232,15 +222,16 @@ pub fn run(region: &Region, config: DispatcherConfig) -> Result<Report, Dispatch
 }
 
 /// Capped exponential waiting between attempts at something Redis must do,
-/// logging the first failure and the recovery once each.
-struct Patience {
+/// logging the first failure and the recovery once each (per failing spell).
+/// Used by start-up, the outcome writer and the delayed-task mover.
+pub(crate) struct Patience {
     what: &'static str,
     delay: Duration,
     warned: bool,
 }
 
 impl Patience {
-    fn new(what: &'static str) -> Self {
+    pub(crate) fn new(what: &'static str) -> Self {
         Self {
             what,
             delay: Duration::from_millis(100),
@@ -248,7 +239,7 @@ impl Patience {
         }
     }
 
-    async fn wait(&mut self, error: &dyn std::fmt::Display) {
+    pub(crate) async fn wait(&mut self, error: &(dyn std::fmt::Display + Sync)) {
         if !self.warned {
             warn!(
                 "{} failed ({error}); retrying until redis answers",
@@ -260,10 +251,13 @@ impl Patience {
         self.delay = (self.delay * 2).min(Duration::from_secs(5));
     }
 
-    fn done(&self) {
+    /// It worked: log the recovery (once per failing spell) and start over.
+    pub(crate) fn done(&mut self) {
         if self.warned {
             info!("{}: redis answers again", self.what);
         }
+        self.warned = false;
+        self.delay = Duration::from_millis(100);
     }
 }
 

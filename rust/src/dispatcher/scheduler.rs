@@ -7,12 +7,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use log::{info, warn};
 use redis::aio::ConnectionManager;
 use redis::RedisResult;
 use tokio::task::JoinHandle;
 
-use super::now_ms;
+use super::{now_ms, Patience};
 use crate::keys::Keys;
 use crate::scripts;
 use crate::streams::QueueSpec;
@@ -84,17 +83,12 @@ impl Scheduler {
 
     async fn run(mut self) {
         let script = redis::Script::new(scripts::MOVE_DUE);
-        let mut failing = false;
-        let mut delay = Duration::from_millis(100);
+        let mut patience = Patience::new("moving due delayed tasks");
         loop {
             let written = self.state.written.load(Ordering::SeqCst);
             match self.pass(&script).await {
                 Ok((left, next_due, more)) => {
-                    if failing {
-                        info!("delayed-task mover: redis is back");
-                        failing = false;
-                        delay = Duration::from_millis(100);
-                    }
+                    patience.done();
                     self.state.left.store(left, Ordering::SeqCst);
                     self.state
                         .pass_after_write
@@ -107,14 +101,7 @@ impl Scheduler {
                     });
                     tokio::time::sleep(sleep).await;
                 }
-                Err(error) => {
-                    if !failing {
-                        warn!("delayed-task mover failed ({error}); retrying with backoff");
-                        failing = true;
-                    }
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
+                Err(error) => patience.wait(&error).await,
             }
         }
     }
