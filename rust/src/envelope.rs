@@ -178,12 +178,14 @@ impl<'a> Found<'a> {
     fn scan(entry: &'a RawEntry) -> Self {
         let mut found = Self::default();
         for (at, (name, value)) in entry.fields.iter().enumerate() {
-            if name.as_ref() == b"type" && found.kind.is_none() {
-                found.kind_at = at;
-            }
             let slot = match name.as_ref() {
                 b"id" => &mut found.id,
-                b"type" => &mut found.kind,
+                b"type" => {
+                    if found.kind.is_none() {
+                        found.kind_at = at;
+                    }
+                    &mut found.kind
+                }
                 b"payload" => &mut found.payload,
                 b"attempt" => &mut found.attempt,
                 b"max_retry" => &mut found.max_retry,
