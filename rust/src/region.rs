@@ -49,11 +49,27 @@ pub struct SlotHeader {
     /// Index + 1 of the running task in `running_batch`; 0 when idle.
     pub running_index: AtomicU32,
     _pad0: u32,
-    /// When the running task started (ms since the epoch).
+    /// When the running task started (`monotonic_ms`).
     pub running_since_ms: AtomicU64,
-    /// When the running task must be stopped (ms since the epoch), 0 = never.
+    /// When the running task must be stopped (`monotonic_ms`), 0 = never.
     pub running_deadline_ms: AtomicU64,
     _pad1: [u64; 2],
+}
+
+/// Milliseconds of `CLOCK_MONOTONIC`: one clock for every process of the
+/// host, so an actor's task start and the dispatcher's timeout check agree,
+/// and wall-clock jumps never fire or hold back a timeout.
+#[must_use]
+pub fn monotonic_ms() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut now);
+    }
+    (now.tv_sec as u64) * 1000 + (now.tv_nsec as u64) / 1_000_000
 }
 
 /// Sizes chosen at creation.

@@ -339,9 +339,10 @@ async fn serve(region: &Region, config: DispatcherConfig) -> Result<Report, Disp
             "taking back {} task(s) this consumer left pending",
             page.len()
         );
+        let now = Instant::now();
         state.backlog.extend(
             page.into_iter()
-                .map(|(queue, entry)| Taken::new(queue, entry)),
+                .map(|(queue, entry)| Taken::new(queue, entry, now)),
         );
     }
 
@@ -543,10 +544,11 @@ async fn serve(region: &Region, config: DispatcherConfig) -> Result<Report, Disp
                                 last_read_empty = false;
                             }
                         }
+                        let now = Instant::now();
                         for (queue, entry) in done {
-                            state.skip_done(Taken::new(queue, entry));
+                            state.skip_done(Taken::new(queue, entry, now));
                         }
-                        state.backlog.extend(new.into_iter().map(|(queue, entry)| Taken::new(queue, entry)));
+                        state.backlog.extend(new.into_iter().map(|(queue, entry)| Taken::new(queue, entry, now)));
                         state.pump();
                     }
                     Err(error) => {
@@ -573,8 +575,9 @@ async fn serve(region: &Region, config: DispatcherConfig) -> Result<Report, Disp
                 }
             }
             page = claims.recv(), if credit > 0 && stopping_since.is_none() => {
+                let now = Instant::now();
                 for (queue, entry, deliveries) in page.unwrap_or_default() {
-                    let taken = Taken::new(queue, entry);
+                    let taken = Taken::new(queue, entry, now);
                     if is_poison(&taken.entry, deliveries) {
                         let message = format!(
                             "delivered {deliveries} times without finishing (its runs keep killing engines)"
@@ -604,9 +607,10 @@ async fn serve(region: &Region, config: DispatcherConfig) -> Result<Report, Disp
     recovery_task.abort();
     // Claimed pages nobody took yet are ours in Redis: hand them back.
     claims.close();
+    let now = Instant::now();
     while let Ok(page) = claims.try_recv() {
         for (queue, entry, _) in page {
-            state.hand_back(Taken::new(queue, entry));
+            state.hand_back(Taken::new(queue, entry, now));
         }
     }
     if let Some(outcomes) = state.take_outcomes() {

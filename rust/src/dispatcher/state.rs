@@ -55,13 +55,13 @@ fn kind_of(entry: &RawEntry) -> &[u8] {
 }
 
 impl Taken {
-    /// A task taken now.
+    /// A task taken at `since` (one clock read serves a whole read's batch).
     #[must_use]
-    pub fn new(queue: u16, entry: RawEntry) -> Self {
+    pub fn new(queue: u16, entry: RawEntry, since: Instant) -> Self {
         Self {
             queue,
             entry,
-            since: Instant::now(),
+            since,
             flags: Flags::default(),
         }
     }
@@ -181,11 +181,12 @@ impl<'r> Dispatcher<'r> {
             .map(|taken| taken.entry.entry_id.clone())
             .collect();
         let before = self.backlog.len();
+        let now = Instant::now();
         self.backlog.extend(
             entries
                 .into_iter()
                 .filter(|(_, entry)| !held.contains(&entry.entry_id))
-                .map(|(queue, entry)| Taken::new(queue, entry)),
+                .map(|(queue, entry)| Taken::new(queue, entry, now)),
         );
         self.backlog.len() - before
     }
@@ -625,7 +626,7 @@ impl<'r> Dispatcher<'r> {
 
     /// Kills actors whose running task passed its hard timeout.
     pub fn enforce_timeouts(&mut self) {
-        let now = now_ms();
+        let now = crate::region::monotonic_ms();
         for slot in 0..self.outstanding.len() {
             let header = self.region.slot(slot);
             if header.state.load(Ordering::SeqCst) != SLOT_RUNNING

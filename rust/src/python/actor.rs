@@ -9,7 +9,6 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 
 use super::errors::error;
-use crate::dispatcher::now_ms;
 use crate::frame::{self, Failure, FailureKind};
 use crate::region::{self, Region, RegionLayout, SLOT_RUNNING};
 use crate::ring::Wait;
@@ -102,6 +101,7 @@ impl PyRegion {
             queues,
             buffer: Mutex::new(Vec::new()),
             times: Mutex::new(RunTimes::default()),
+            clock: (Instant::now(), region::monotonic_ms()),
         })
     }
 }
@@ -132,6 +132,9 @@ pub struct ActorEnd {
     queues: Vec<String>,
     buffer: Mutex<Vec<u8>>,
     times: Mutex<RunTimes>,
+    /// An `Instant` and the `monotonic_ms` of the same moment: one clock read
+    /// per task then serves both the run time and the slot header.
+    clock: (Instant, u64),
 }
 
 fn clip(text: &str) -> &[u8] {
@@ -191,7 +194,8 @@ impl ActorEnd {
             self.times().end(now);
         }
         let header = self.region.slot(self.slot);
-        let now = now_ms();
+        let (base, base_ms) = self.clock;
+        let now = base_ms + now.duration_since(base).as_millis() as u64;
         header.running_batch.store(batch_id, Ordering::SeqCst);
         header.running_since_ms.store(now, Ordering::SeqCst);
         let deadline = if timeout > 0.0 {
