@@ -306,3 +306,20 @@ def test_stats_watch_refreshes_until_ctrl_c_and_at_schedules(redis_url: str) -> 
     assert proc.returncode == 0, output
     assert output.count("flumeq stats") >= 2  # refreshed at least once
     assert "w " in output
+
+
+def test_importing_flumeq_leaves_the_web_and_metrics_stacks_unloaded() -> None:
+    """Producers and actors import flumeq: they must not pay (memory, GC
+    traversals) for prometheus-client, starlette or importlib.metadata."""
+    heavy = ("prometheus_client", "starlette", "uvicorn", "jinja2", "importlib.metadata")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"import sys, flumeq; print([m for m in {heavy!r} if m in sys.modules])",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.strip() == "[]"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+from ._version import __version__ as __version__
 from .admin import Admin
 from .client import DEFAULT_MAX_RETRY, DEFAULT_URL, Client
 from .engine import Engine
@@ -22,8 +23,6 @@ from .errors import (
     RedisUnavailable,
 )
 from .task import Reject, Retry, Task, TaskInfo
-
-__version__ = "0.1.0"
 
 # A library logs; the application decides where to. Records of the Rust core
 # arrive as "flumeq.dispatcher", "flumeq.dispatcher.recovery", ...

@@ -16,7 +16,6 @@ a second signal stops at once, leaving unfinished tasks pending in Redis.
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import os
 import signal
@@ -31,11 +30,11 @@ import orjson
 from multiprocess.connection import wait
 
 from . import _core
+from ._version import __version__
 from .actor import actor_main
 from .admin import Admin
 from .client import resolve_url
 from .errors import ConfigError, EngineError
-from .metrics import serve_metrics
 from .task import Task
 
 __all__ = ["Engine", "queue_weights"]
@@ -71,18 +70,15 @@ def queue_weights(queues: Queues) -> list[tuple[str, int]]:
     return pairs
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("flumeq")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def _metrics_main(url: str, prefix: str, group: str, port: int, queues: list[str]) -> None:
     """Entry point of the metrics process (``metrics_port``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _core.die_with_parent()
+    # prometheus-client loads here only: importing flumeq stays light (fewer
+    # modules and objects for every producer's garbage collector).
+    from .metrics import serve_metrics  # noqa: PLC0415
+
     serve_metrics(Admin(url, prefix=prefix, group=group), port, queues=queues)
 
 
@@ -190,7 +186,7 @@ class Engine:
             "processes": str(processes),
             "started": str(round(time.time() * 1000)),
             "burst": "1" if burst else "0",
-            "version": _version(),
+            "version": __version__,
         }
         if self.metrics_port:
             registry["metrics_port"] = str(self.metrics_port)

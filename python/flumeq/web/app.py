@@ -59,7 +59,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .. import __version__
+from .._version import __version__
 from ..admin import Admin
 from ..errors import ConfigError, FlumeqError, RedisUnavailable
 
