@@ -46,6 +46,15 @@ def test_each_task_runs_exactly_once_and_streams_end_empty(redis_url: str, r: re
     assert r.xpending(STREAM, "flumeq")["pending"] == 0
     stats = client.stats()
     assert (stats["ready"], stats["in_flight"], stats["processed"]) == (0, 0, 5000)
+    # Nothing per task is left behind (memory back to baseline): the empty
+    # stream, the counters and run-time histograms (per type, not per task),
+    # the queue list. The engine's registry entry left with it.
+    assert {key.decode() for key in r.keys("flumeq:*")} == {
+        STREAM,
+        "flumeq:{default}:stats",
+        "flumeq:{default}:durations",
+        "flumeq:queues",
+    }
 
 
 def test_handler_sees_the_task_as_enqueued(redis_url: str, r: redis.Redis) -> None:
