@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -146,3 +148,40 @@ def test_unreachable_redis_is_a_clear_error() -> None:
     assert "user:***@127.0.0.1" in str(full.value) and "secret" not in str(full.value)
     with pytest.raises(flumeq.ConfigError):
         flumeq.Client("notaurl://x")
+
+
+def _wait_child(pid: int, timeout: float = 30.0) -> int:
+    """The exit code of forked child ``pid``; kills it if it takes too long."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError("the forked child did not finish in time")
+
+
+def _entries(r: redis.Redis) -> list[tuple[str, dict[str, str]]]:
+    return [
+        (entry_id.decode(), {key.decode(): value.decode() for key, value in entry.items()})
+        for entry_id, entry in r.xrange(STREAM)
+    ]
+
+
+def test_parent_and_forked_child_draw_different_task_ids(redis_url: str, r: redis.Redis) -> None:
+    flumeq.Client(redis_url).enqueue("before", 0)  # the id generator has state before the fork
+    pid = os.fork()
+    if pid == 0:  # the child: a client of its own, 50 tasks
+        code = 1
+        try:
+            infos = flumeq.Client(redis_url).enqueue_many([("child", n) for n in range(50)])
+            code = 0 if len({info.id for info in infos}) == 50 else 2
+        finally:
+            os._exit(code)
+    assert _wait_child(pid) == 0
+    flumeq.Client(redis_url).enqueue_many([("parent", n) for n in range(50)])
+    ids = [entry["id"] for _, entry in _entries(r)]
+    assert len(ids) == len(set(ids)) == 101
+    assert all(len(id_) == 32 and id_[12] == "4" and id_[16] in "89ab" for id_ in ids)

@@ -39,6 +39,34 @@ Item = tuple[str, bytes, Optional[str], bool]
 
 log = logging.getLogger("flumeq.client")
 
+#: True in a process made by ``os.fork()``. The Rust core draws task ids from
+#: a thread-local generator that fork copies: parent and child (and sibling
+#: children) would then draw the same ids. A forked process makes its ids
+#: here, from ``os.urandom``, until the core reseeds after a fork.
+_forked_process = False
+
+
+def _mark_forked() -> None:
+    global _forked_process  # noqa: PLW0603 (set once per process, by fork)
+    _forked_process = True
+
+
+os.register_at_fork(after_in_child=_mark_forked)
+
+
+def _new_task_id() -> str:
+    """A random task id from the OS, formatted as ``_core.new_task_id`` does
+    (32 hex digits of a version 4 UUID)."""
+    value = int.from_bytes(os.urandom(16), "big")
+    value = (value & ~(0xF << 76)) | (0x4 << 76)
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)
+    return f"{value:032x}"
+
+
+def _with_ids(items: list[Item]) -> list[Item]:
+    """``items`` with an OS-random id for each one that has none."""
+    return [(t, p, id_ or _new_task_id(), idem) for t, p, id_, idem in items]
+
 
 class _Call(NamedTuple):
     """One enqueue call kept while Redis is unreachable."""
@@ -196,6 +224,8 @@ class Client:
     def _send(
         self, call: _Call, unique_key: Optional[str] = None, unique_ttl_ms: int = 1
     ) -> list[tuple[str, Optional[str]]]:
+        if _forked_process:
+            call = call._replace(items=_with_ids(call.items))
         try:
             self.flush()
             pairs = self._write(call, unique_key, unique_ttl_ms)
