@@ -12,7 +12,8 @@ import pytest
 import redis
 
 import flumeq
-from flumeq.redis_server import free_port
+from conftest import wait_until
+from flumeq.redis_server import RedisServer, free_port
 
 STREAM = "flumeq:{default}:stream"
 
@@ -185,3 +186,69 @@ def test_parent_and_forked_child_draw_different_task_ids(redis_url: str, r: redi
     ids = [entry["id"] for _, entry in _entries(r)]
     assert len(ids) == len(set(ids)) == 101
     assert all(len(id_) == 32 and id_[12] == "4" and id_[16] in "89ab" for id_ in ids)
+
+
+def _check_infos(infos: list[flumeq.TaskInfo], type_: str, r: redis.Redis) -> str:
+    """Why ``infos`` do not match the stream's entries ("" when they do)."""
+    stream = {entry["id"]: (entry_id, entry) for entry_id, entry in _entries(r)}
+    for number, info in enumerate(infos):
+        if info.id not in stream:
+            return f"{type_} task {number}: id {info.id} not in the stream"
+        entry_id, entry = stream[info.id]
+        if (entry_id, entry["type"], entry["payload"]) != (info.entry_id, type_, str(number)):
+            return f"{type_} task {number}: {info} does not match entry {entry_id} {entry}"
+    return ""
+
+
+def test_client_used_before_fork_gets_its_own_connection_in_the_child(
+    redis_url: str, r: redis.Redis
+) -> None:
+    client = flumeq.Client(redis_url)
+    client.enqueue("before", 0)  # the connection exists before the fork
+    r.delete(STREAM)
+    go_read, go_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: enqueue 200 tasks while the parent does too
+        code = 1
+        try:
+            os.close(go_write)
+            os.read(go_read, 1)
+            infos = [client.enqueue("child", n) for n in range(200)]
+            own = redis.Redis.from_url(redis_url)  # not the parent's `r`
+            wait_until(lambda: own.xlen(STREAM) == 400, timeout=20)
+            code = 0 if not _check_infos(infos, "child", own) else 2
+        finally:
+            os._exit(code)
+    os.close(go_read)
+    os.write(go_write, b"g")
+    os.close(go_write)
+    infos = [client.enqueue("parent", n) for n in range(200)]
+    assert _wait_child(pid) == 0
+    assert _check_infos(infos, "parent", r) == ""
+    entries = _entries(r)
+    assert len(entries) == r.xlen(STREAM) == 400
+    assert len({entry["id"] for _, entry in entries}) == 400
+    assert client.stats()["ready"] == 400  # the parent's connection still works
+
+
+def test_forked_child_starts_with_an_empty_buffer() -> None:
+    server = RedisServer()
+    client = flumeq.Client(server.url, timeout=0.5)
+    client.enqueue_many([("parent", n) for n in range(3)])  # redis is not up yet
+    assert client.buffered == 3
+    with server:
+        pid = os.fork()
+        if pid == 0:  # the child writes only its own task, not the parent's three
+            code = 1
+            try:
+                code = 0 if client.buffered == 0 else 2
+                client.enqueue("child", 0)
+                code = code or (0 if redis.Redis.from_url(server.url).xlen(STREAM) == 1 else 3)
+            finally:
+                os._exit(code)
+        assert _wait_child(pid) == 0
+        assert client.buffered == 3
+        assert client.flush() == 3
+        r = redis.Redis.from_url(server.url)
+        assert sorted(entry["type"] for _, entry in _entries(r)) == ["child"] + ["parent"] * 3
+        r.close()

@@ -57,10 +57,10 @@ class Admin:
     # -- plumbing ---------------------------------------------------------
 
     def _run(self, *commands: Iterable[reads.Arg]) -> list[Any]:
-        return reads.run(self.client._store, *commands)
+        return reads.run(self.client._connection(), *commands)
 
     def _one(self, *command: reads.Arg) -> Any:
-        return reads.one(self.client._store, *command)
+        return reads.one(self.client._connection(), *command)
 
     def _queue_keys(self, queue: str) -> dict[str, str]:
         problem = _core.queue_problem(queue)
@@ -94,14 +94,14 @@ class Admin:
             names = list(queues)
             for name in names:
                 self._known(name)
-        return reads.queue_rows(self.client._store, self.prefix, self.group, names)
+        return reads.queue_rows(self.client._connection(), self.prefix, self.group, names)
 
     def queue(self, name: str, limit: int = 100) -> dict[str, Any]:
         """One queue in detail: its counts (``consumer_count``), the group's
         ``consumers`` with their pending counts and idle times, ``pending``
         entries with idle times, and the next ``delayed_tasks`` (``limit`` each)."""
         key = self._known(name)
-        (detail,) = reads.queue_rows(self.client._store, self.prefix, self.group, [name])
+        (detail,) = reads.queue_rows(self.client._connection(), self.prefix, self.group, [name])
         consumers, pending, delayed = self._run(
             ["XINFO", "CONSUMERS", key["stream"], self.group],
             ["XPENDING", key["stream"], self.group, "-", "+", limit],
@@ -156,7 +156,7 @@ class Admin:
         return [
             _task(fields, entry_id=entry_id)
             for entry_id, fields in reads.dead_letters(
-                self.client._store, self.prefix, queue, limit
+                self.client._connection(), self.prefix, queue, limit
             )
         ]
 

@@ -165,6 +165,13 @@ class Client:
     ``RedisUnavailable`` while tasks remain buffered. Tasks with a
     ``unique_key`` are never buffered (their check needs Redis).
     ``buffer_size=0`` turns buffering off.
+
+    After ``os.fork()`` the client may be used on both sides: the first call
+    in the child notices the new pid and opens the child's own connection (the
+    inherited one is left to the parent, neither closed nor shared, so replies
+    cannot interleave). The child starts with an empty buffer: tasks the
+    parent had buffered are the parent's to write, and writing them from the
+    child too would enqueue them twice.
     """
 
     def __init__(
@@ -180,19 +187,44 @@ class Client:
         if isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < 0:
             raise InvalidTask(f"buffer_size must be an integer >= 0, got {buffer_size!r}")
         self.buffer_size = buffer_size
+        self._timeout = timeout
         self._store = _core.Store(self.url, prefix, timeout)
+        #: The process that owns ``_store``: another pid means we were forked.
+        self._pid = os.getpid()
         self._buffer: deque[_Call] = deque()
         self._buffered = 0
         atexit.register(_flush_at_exit, weakref.ref(self))
 
+    def _forked(self) -> None:
+        """The first call in a forked child: its own connection and an empty
+        buffer (the parent writes what it buffered). The inherited store is
+        dropped, not closed: its socket is the parent's too."""
+        self._store = _core.Store(self.url, self.prefix, self._timeout)
+        self._buffer = deque()
+        self._buffered = 0
+        self._pid = os.getpid()
+
+    def _connection(self) -> _core.Store:
+        """The store of the calling process (a fresh one after a fork)."""
+        if self._pid != os.getpid():
+            self._forked()
+        return self._store
+
     @property
     def buffered(self) -> int:
-        """Tasks held in memory because Redis was unreachable."""
+        """Tasks this process holds in memory because Redis was unreachable."""
+        if self._pid != os.getpid():
+            self._forked()
         return self._buffered
 
     def flush(self) -> int:
         """Writes the buffered tasks; returns how many. Raises
         ``RedisUnavailable`` (keeping the rest) if Redis is still away."""
+        if self._pid != os.getpid():
+            self._forked()
+        return self._flush()
+
+    def _flush(self) -> int:
         written = 0
         while self._buffer:
             call = self._buffer[0]
@@ -224,10 +256,13 @@ class Client:
     def _send(
         self, call: _Call, unique_key: Optional[str] = None, unique_ttl_ms: int = 1
     ) -> list[tuple[str, Optional[str]]]:
+        if self._pid != os.getpid():
+            self._forked()
         if _forked_process:
             call = call._replace(items=_with_ids(call.items))
         try:
-            self.flush()
+            if self._buffer:
+                self._flush()
             pairs = self._write(call, unique_key, unique_ttl_ms)
             return [(id_, entry_id or None) for id_, entry_id in pairs]
         except RedisUnavailable as error:
@@ -385,7 +420,8 @@ class Client:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise InvalidTask(f"limit must be an integer >= 1, got {limit!r}")
         letters = []
-        for dead_id, letter in reads.dead_letters(self._store, self.prefix, _queue(queue), limit):
+        store = self._connection()
+        for dead_id, letter in reads.dead_letters(store, self.prefix, _queue(queue), limit):
             letter["dead_id"] = dead_id
             for name in ("payload", "labels"):
                 if name in letter:
@@ -401,38 +437,40 @@ class Client:
         ``ids`` are task ids; ``None`` requeues them all. Returns the count moved.
         """
         if ids is None:
-            return self._store.requeue_dead(_queue(queue), None)
+            return self._connection().requeue_dead(_queue(queue), None)
         wanted = [ids] if isinstance(ids, str) else list(ids)
         if not wanted:
             return 0
-        return self._store.requeue_dead(_queue(queue), wanted)
+        return self._connection().requeue_dead(_queue(queue), wanted)
 
     def purge_dead(self, queue: str = "default") -> int:
         """Deletes every dead letter of ``queue``; returns how many there were."""
-        return self._store.purge_dead(_queue(queue))
+        return self._connection().purge_dead(_queue(queue))
 
     def stats(self, queue: str = "default", *, group: str = "flumeq") -> dict[str, int]:
         """Counts for ``queue``: ready, in_flight, delayed, dead, processed, failed."""
-        (row,) = reads.queue_rows(self._store, self.prefix, group, [_queue(queue)], oldest=False)
+        store = self._connection()
+        (row,) = reads.queue_rows(store, self.prefix, group, [_queue(queue)], oldest=False)
         return {name: row[name] for name in STATS}
 
     def ping(self) -> None:
         """Checks that Redis answers; raises ``RedisUnavailable`` if not."""
-        self._store.ping()
+        self._connection().ping()
 
     def close(self) -> None:
         """Writes buffered tasks, then closes the connection (the client may
         still be used; it reconnects). Raises ``RedisUnavailable`` if buffered
         tasks cannot be written; they stay buffered."""
+        store = self._connection()
         if self._buffer:
             try:
-                self.flush()
+                self._flush()
             except RedisUnavailable as error:
                 raise RedisUnavailable(
                     f"{self._buffered} buffered task(s) could not be written: {error}; "
                     "call flush() or close() again once redis is back"
                 ) from error
-        self._store.close()
+        store.close()
 
     def __enter__(self) -> Client:
         return self
