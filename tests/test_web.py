@@ -42,8 +42,10 @@ CHROMIUM = "/usr/bin/chromium"
 DOCS_SHOTS = ROOT / "docs" / "screenshots"
 XSS = "<script>window.pwned=1</script>"
 NO_VALUE = "\N{EN DASH}"  # what the page shows before it has a value
+LOOPBACK = ["localhost", "127.0.0.1", "::1"]
 
 SERVER = """
+import json
 import sys
 
 import uvicorn
@@ -58,13 +60,8 @@ except ImportError as missing:  # pragma: no cover - depends on the machine
     )
 from flumeq.web import create_app
 
-url, port, token = sys.argv[1], int(sys.argv[2]), sys.argv[3] or None
-app = create_app(
-    Admin(url),
-    token=token,
-    require_token=token is not None,
-    allowed_hosts=("localhost", "127.0.0.1", "::1"),
-)
+url, port, options = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+app = create_app(Admin(url), **options)
 uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 """
 
@@ -110,9 +107,19 @@ def _lower(items: Any) -> dict[str, str]:
     return {name.lower(): value for name, value in items}
 
 
-def start_dashboard(redis_url: str, token: str = "") -> tuple[str, subprocess.Popen[bytes]]:
+def start_dashboard(
+    redis_url: str, token: str = "", options: Optional[dict[str, Any]] = None
+) -> tuple[str, subprocess.Popen[bytes]]:
+    """A dashboard in a child process: ``create_app(**options)``; by default
+    ``local_only`` without ``token``, else every request needs ``token``."""
+    if options is None:
+        options = (
+            {"token": token, "require_token": True, "allowed_hosts": LOOPBACK}
+            if token
+            else {"local_only": True}
+        )
     port = free_port()
-    process = spawn_script(SERVER, redis_url, str(port), token)
+    process = spawn_script(SERVER, redis_url, str(port), json.dumps(options))
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 15
     while True:
@@ -315,6 +322,52 @@ def test_serve_refuses_off_localhost_without_token(redis_url: str) -> None:
                 serve(admin, host=host, port=free_port())
         with pytest.raises(flumeq.ConfigError):
             create_app(admin, require_token=True)
+
+
+def test_create_app_needs_a_token_or_local_only(redis_url: str) -> None:
+    with Admin(redis_url) as admin:
+        with pytest.raises(flumeq.ConfigError) as refused:
+            create_app(admin)
+        assert "token=" in str(refused.value) and "local_only=True" in str(refused.value)
+        with pytest.raises(flumeq.ConfigError, match=r"not dashboard\.example"):
+            create_app(admin, local_only=True, allowed_hosts=("localhost", "dashboard.example"))
+    make_dead(redis_url, "q", "charge", {}, "bad")
+    make_dead(redis_url, "q", "charge", {}, "worse")
+
+    # local_only without a token: loopback Host names only, actions open to them.
+    base, process = start_dashboard(redis_url, options={"local_only": True})
+    try:
+        for name in ("127.0.0.1", "localhost", "[::1]"):
+            status, _, _ = request(base + "/", headers={"Host": name})
+            assert status == 200, name
+        for name in ("rebind.example", "192.0.2.7", "localhost.example"):
+            status, _, body = request(base + "/api/overview", headers={"Host": name})
+            assert (status, json.loads(body)["error"]) == (400, "this host name is not served here")
+            status, _, _ = post_json(
+                f"{base}/api/purge/q", {}, {"Host": name, "X-CSRF-Token": csrf_of(base)}
+            )
+            assert status == 400, name
+        assert flumeq.Client(redis_url).stats("q")["dead"] == 2
+        status, _, body = post_json(f"{base}/api/purge/q", {}, {"X-CSRF-Token": csrf_of(base)})
+        assert (status, body) == (200, {"queue": "q", "purged": 2})
+    finally:
+        stop(process)
+
+    # A token, as before: any Host, pages open, actions need the token.
+    make_dead(redis_url, "q", "charge", {}, "again")
+    base, process = start_dashboard(redis_url, options={"token": "t"})
+    try:
+        status, _, _ = request(base + "/", headers={"Host": "dashboard.example"})
+        assert status == 200
+        csrf = csrf_of(base)
+        status, _, _ = post_json(f"{base}/api/purge/q", {}, {"X-CSRF-Token": csrf})
+        assert status == 401
+        status, _, body = post_json(
+            f"{base}/api/purge/q", {}, {"X-CSRF-Token": csrf, "Authorization": "Bearer t"}
+        )
+        assert (status, body) == (200, {"queue": "q", "purged": 1})
+    finally:
+        stop(process)
 
 
 def test_token_guards_pages_and_actions(browser: Browser, redis_url: str) -> None:

@@ -15,7 +15,10 @@ to ``/login`` too when an action is refused with 401. Basic has no logout
 (close the browser). Without TLS the token crosses the network in clear
 text, so put a TLS proxy in front off-localhost.
 
-- ``token=None``: nothing is asked (``serve`` allows this on loopback only).
+- ``token=None``: nothing is asked. ``create_app`` builds such an app only
+  with ``local_only=True``, which answers loopback ``Host`` names only
+  (``serve`` passes it when it listens on loopback without a token); an app
+  mounted anywhere else needs a token.
 - ``token`` set: actions (every method but GET/HEAD) need it.
 - ``require_token=True`` as well: every request needs it, pages included
   (``serve`` sets it when it listens off-localhost).
@@ -26,7 +29,8 @@ secret made per app and embedded in each page as
 request whose ``Origin`` (or ``Sec-Fetch-Site``) shows another site is
 refused. A cross-site form cannot set that header and a cross-site script
 cannot read the page, so it cannot learn the secret. ``serve`` on loopback
-also accepts only loopback ``Host`` names, which stops DNS rebinding.
+(and any app made with ``local_only=True``) accepts only loopback ``Host``
+names, which stops DNS rebinding.
 
 All data is text to the page: Jinja2 autoescapes, the script only writes
 ``textContent``, and the Content-Security-Policy allows no inline script.
@@ -447,19 +451,40 @@ def create_app(
     token: Optional[str] = None,
     require_token: bool = False,
     allowed_hosts: Optional[Iterable[str]] = None,
+    local_only: bool = False,
 ) -> Starlette:
     """The dashboard as an ASGI app over ``admin``.
 
     ``token``: actions need it (HTTP Basic password or Bearer); with
     ``require_token`` every request does. ``allowed_hosts``: ``Host`` names
-    answered (any when ``None``), against DNS rebinding. The caller keeps
-    ``admin`` and closes it.
+    answered (any when ``None``), against DNS rebinding. ``local_only``: only
+    loopback ``Host`` names are answered (``LOOPBACK_NAMES`` unless
+    ``allowed_hosts`` names other loopback ones); it checks the ``Host``
+    header, so the server must listen on loopback too. Without a token the
+    app is built only with ``local_only=True``: an open app mounted elsewhere
+    would let anyone who reaches it requeue and purge dead letters. The
+    caller keeps ``admin`` and closes it.
     """
     if token is not None and not token:
         raise ConfigError("the dashboard token must not be empty")
     if require_token and token is None:
         raise ConfigError("require_token=True needs a token")
+    if token is None and not local_only:
+        raise ConfigError(
+            "refusing to build the dashboard app without a token: wherever it is mounted, "
+            "anyone who can reach it could read payloads and requeue or purge dead letters; "
+            "pass token=... (actions then need it), or local_only=True to answer loopback "
+            "Host names only"
+        )
+    if local_only and allowed_hosts is None:
+        allowed_hosts = LOOPBACK_NAMES
     hosts = None if allowed_hosts is None else frozenset(_host_name(h) for h in allowed_hosts)
+    if local_only and hosts is not None:
+        foreign = sorted(name for name in hosts if not is_loopback(name))
+        if foreign:
+            raise ConfigError(
+                f"local_only=True answers loopback Host names only, not {', '.join(foreign)}"
+            )
     board = _Dashboard(admin, token)
     return Starlette(
         routes=[
@@ -509,6 +534,7 @@ def serve(
         token=token or None,
         require_token=not loopback,
         allowed_hosts=(*LOOPBACK_NAMES, host) if loopback else None,
+        local_only=loopback and not token,
     )
     import uvicorn  # noqa: PLC0415 (only needed to serve)
 
