@@ -21,7 +21,7 @@ from click.testing import CliRunner
 import flumeq
 from conftest import wait_until
 from flumeq.admin import Admin
-from flumeq.cli import main
+from flumeq.cli import _engine_for, load_app, main
 
 APP = """
 import os
@@ -264,6 +264,24 @@ def test_a_killed_worker_drops_out_of_the_registry(
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_worker_takes_metrics_host(
+    redis_url: str, app_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, out = run("worker", "--help", url=redis_url)
+    assert code == 0
+    assert "--metrics-host" in out and "FLUMEQ_METRICS_HOST" in out
+    command = main.commands["worker"]
+    assert command.make_context("worker", ["myapp"]).params["metrics_host"] is None
+    monkeypatch.setenv("FLUMEQ_METRICS_HOST", "::1")
+    assert command.make_context("worker", ["myapp"]).params["metrics_host"] == "::1"
+    # An Engine app gets the address given; a mapping of handlers gets loopback by default.
+    engine = _engine_for(load_app("myapp"), "myapp", redis_url, "flumeq", None, None, 9808, "::1")
+    assert (engine.metrics_port, getattr(engine, "metrics_host", None)) == (9808, "::1")
+    handlers = load_app("myapp:handlers")
+    engine = _engine_for(handlers, "myapp", redis_url, "flumeq", None, None, 9808, None)
+    assert getattr(engine, "metrics_host", None) == "127.0.0.1"
 
 
 def test_python_dash_m_flumeq_help() -> None:

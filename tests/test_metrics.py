@@ -6,13 +6,16 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import threading
+import urllib.request
 
+import psutil
 import redis
 
 import flumeq
 from conftest import spawn_script, wait_until
 from flumeq.admin import Admin
-from flumeq.metrics import DURATION_BUCKETS, render
+from flumeq.metrics import DURATION_BUCKETS, metrics_server, render
 from flumeq.redis_server import RedisServer
 
 
@@ -119,3 +122,57 @@ def test_registry_and_counters_come_back_after_redis_loses_everything() -> None:
             os.killpg(engine.pid, signal.SIGKILL)
             engine.wait()
         server.stop()
+
+
+SERVE_METRICS = """
+import sys
+
+from flumeq.admin import Admin
+from flumeq.metrics import serve_metrics
+
+serve_metrics(Admin(sys.argv[1]), int(sys.argv[2]))
+"""
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        return str(reply.read().decode())
+
+
+def test_metrics_server_listens_on_loopback_by_default(redis_url: str) -> None:
+    server = metrics_server(Admin(redis_url), 0)
+    host, port = server.server_address[:2]
+    assert host == "127.0.0.1"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert sample(scrape(int(port)), "flumeq_redis_up") == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_serve_metrics_binds_only_loopback(redis_url: str) -> None:
+    """serve_metrics with no host: its process listens on 127.0.0.1 alone
+    (it listened on every address before)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = spawn_script(SERVE_METRICS, redis_url, str(port))
+    try:
+
+        def listening() -> list[str]:
+            return [
+                connection.laddr.ip
+                for connection in psutil.Process(process.pid).net_connections(kind="inet")
+                if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port
+            ]
+
+        wait_until(lambda: bool(listening()) or process.poll() is not None, timeout=15)
+        assert process.poll() is None, process.communicate()[1].decode()
+        assert listening() == ["127.0.0.1"]
+        assert sample(scrape(port), "flumeq_redis_up") == 1
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()

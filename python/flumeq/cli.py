@@ -171,6 +171,13 @@ def load_app(path: str) -> Any:
     default=None,
     help="Serve Prometheus /metrics on this port.",
 )
+@click.option(
+    "--metrics-host",
+    envvar="FLUMEQ_METRICS_HOST",
+    default=None,
+    help="Address /metrics listens on; it has no authentication, so widen it only on a "
+    "trusted network [env FLUMEQ_METRICS_HOST; default 127.0.0.1, or an Engine app's own].",
+)
 @redis_options
 def worker(
     app: str,
@@ -181,6 +188,7 @@ def worker(
     log_level: str,
     log_format: str,
     metrics_port: Optional[int],
+    metrics_host: Optional[str],
     url: Optional[str],
     prefix: str,
 ) -> None:
@@ -190,7 +198,9 @@ def worker(
     target = load_app(app)
     queue_spec = parse_queues(queues)
     try:
-        engine = _engine_for(target, app, url, prefix, queue_spec, group, metrics_port)
+        engine = _engine_for(
+            target, app, url, prefix, queue_spec, group, metrics_port, metrics_host
+        )
     except ConfigError as error:
         raise click.BadParameter(str(error)) from None
     log = logging.getLogger("flumeq.cli")
@@ -216,6 +226,7 @@ def _engine_for(
     queues: Optional[Any],
     group: Optional[str],
     metrics_port: Optional[int],
+    metrics_host: Optional[str],
 ) -> Engine:
     if isinstance(target, Engine):
         engine = target
@@ -227,11 +238,13 @@ def _engine_for(
             engine.group = group
         if metrics_port:
             engine.metrics_port = metrics_port
+        if metrics_host is not None:
+            _set_metrics_host(engine, metrics_host)
         if prefix != "flumeq":
             engine.prefix = prefix
         return engine
     if isinstance(target, Mapping):
-        return Engine(
+        engine = Engine(
             target,
             url,
             queues=queues or ("default",),
@@ -239,11 +252,20 @@ def _engine_for(
             prefix=prefix,
             metrics_port=metrics_port,
         )
+        _set_metrics_host(engine, metrics_host or "127.0.0.1")
+        return engine
     raise click.BadParameter(
         f"{app!r} is a {type(target).__name__}; expected an Engine or a mapping of "
         "task type to handler",
         param_hint="'APP'",
     )
+
+
+def _set_metrics_host(engine: Engine, host: str) -> None:
+    """Sets the address the engine's metrics process listens on: an attribute
+    set after construction rather than the ``metrics_host`` keyword, so it
+    also works with an Engine that does not take that keyword yet."""
+    setattr(engine, "metrics_host", host)  # noqa: B010 (a plain assignment once Engine has it)
 
 
 # -- enqueue ----------------------------------------------------------------

@@ -11,11 +11,15 @@ Actors time each run in the core (from the task's ``begin`` to the next
 per queue and type; about once a second, or when they go idle, the histogram
 goes to the dispatcher, which adds it to ``<prefix>:{queue}:durations`` in the
 same MULTI as the batch's outcomes.
+
+``serve_metrics`` listens on 127.0.0.1 unless given another ``host``
+(``flumeq worker --metrics-host``): the endpoint has no authentication.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Iterator, Sequence
 from http.server import ThreadingHTTPServer
 from typing import TYPE_CHECKING
@@ -34,7 +38,7 @@ from . import _core
 if TYPE_CHECKING:
     from .admin import Admin
 
-__all__ = ["DURATION_BUCKETS", "FlumeqCollector", "render", "serve_metrics"]
+__all__ = ["DURATION_BUCKETS", "FlumeqCollector", "metrics_server", "render", "serve_metrics"]
 
 log = logging.getLogger("flumeq.metrics")
 
@@ -145,13 +149,34 @@ def render(admin: Admin, queues: Sequence[str] | None = None) -> tuple[bytes, st
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
-def serve_metrics(
-    admin: Admin, port: int, host: str = "", queues: Sequence[str] | None = None
-) -> None:
-    """Serves ``/metrics`` on ``host:port`` until the process ends (blocks)."""
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+def metrics_server(
+    admin: Admin, port: int, host: str = "127.0.0.1", queues: Sequence[str] | None = None
+) -> ThreadingHTTPServer:
+    """An HTTP server of ``/metrics``, listening on ``host:port`` (an IPv6
+    address such as ``::1`` too; port 0 picks a free one); not yet serving."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FlumeqCollector(admin, queues))
     handler = MetricsHandler.factory(registry)
-    server = ThreadingHTTPServer((host, port), handler)
-    log.info("metrics on http://%s:%d/metrics", host or "0.0.0.0", port)
+    server_class = _Server6 if ":" in host else _Server
+    return server_class((host.strip("[]"), port), handler)
+
+
+def serve_metrics(
+    admin: Admin, port: int, host: str = "127.0.0.1", queues: Sequence[str] | None = None
+) -> None:
+    """Serves ``/metrics`` on ``host:port`` until the process ends (blocks).
+
+    ``host`` defaults to loopback: the endpoint has no authentication, so
+    listen wider (``0.0.0.0``) only where the network is trusted."""
+    server = metrics_server(admin, port, host, queues)
+    shown = f"[{host.strip('[]')}]" if ":" in host else host
+    log.info("metrics on http://%s:%d/metrics", shown, server.server_address[1])
     server.serve_forever()
