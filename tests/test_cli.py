@@ -29,6 +29,8 @@ import time
 import flumeq
 
 def ok(task):
+    if task.payload and task.payload.get("mark"):
+        open(task.payload["mark"], "w").close()
     if task.payload and task.payload.get("sleep"):
         time.sleep(task.payload["sleep"])
 
@@ -222,8 +224,9 @@ def test_worker_registers_serves_metrics_logs_json_and_stops_on_sigterm(
         assert 'flumeq_queue_ready{queue="critical"} 0.0' in text
 
         # A long task is running when SIGTERM comes: it finishes, then the worker exits 0.
-        client.enqueue("ok", {"sleep": 1.5}, queue="critical")
-        wait_until(lambda: client.stats("critical")["in_flight"] == 1, timeout=10)
+        mark = app_dir / "long-task-started"
+        client.enqueue("ok", {"sleep": 1.5, "mark": str(mark)}, queue="critical")
+        wait_until(mark.exists, timeout=10)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 
+from . import _core
 from ._version import __version__ as __version__
 from .admin import Admin
-from .client import DEFAULT_MAX_RETRY, DEFAULT_URL, Client
+from .client import DEFAULT_MAX_RETRY, DEFAULT_URL, MAX_ID_BYTES, MAX_TYPE_BYTES, Client
 from .engine import Engine
 from .errors import (
     BufferFull,
@@ -23,6 +24,10 @@ from .errors import (
     RedisUnavailable,
 )
 from .task import Reject, Retry, Task, TaskInfo
+
+#: Longest error text, and traceback, kept of a failed run (bytes): texts
+#: keep their start, tracebacks their end.
+MAX_TEXT_BYTES: int = _core.MAX_TEXT_BYTES
 
 # A library logs; the application decides where to. Records of the Rust core
 # arrive as "flumeq.dispatcher", "flumeq.dispatcher.recovery", ...
@@ -48,7 +53,10 @@ __all__ = [
     "BufferFull",
     "RedisCommandError",
     "EngineError",
-    # defaults
+    # defaults and bounds
     "DEFAULT_URL",
     "DEFAULT_MAX_RETRY",
+    "MAX_ID_BYTES",
+    "MAX_TYPE_BYTES",
+    "MAX_TEXT_BYTES",
 ]

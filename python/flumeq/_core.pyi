@@ -1,11 +1,29 @@
 """Stubs of flumeq's Rust extension module."""
 
-from typing import Any, Optional, final
+from typing import Any, Final, Optional, final
 
 from typing_extensions import Self
 
 __all__ = [
+    "ASYNC_GRACE_MS",
+    "DEFAULT_BLOCK_MS",
+    "DEFAULT_CONCURRENCY",
+    "DEFAULT_DEAD_MAX_LENGTH",
+    "DEFAULT_PREFETCH",
+    "DEFAULT_READ_COUNT",
+    "DEFAULT_RESULT_RING_BYTES",
+    "DEFAULT_TASK_RING_BYTES",
+    "MAX_ID_BYTES",
+    "MAX_TEXT_BYTES",
+    "MAX_TYPE_BYTES",
+    "REPORT_NAMES",
+    "SLOT_LOST",
+    "SLOT_RECLAIMED",
+    "SLOT_RUNNING",
+    "SLOT_STARTING",
+    "WRITE_GRACE_MS",
     "ActorEnd",
+    "Outcome",
     "Region",
     "Store",
     "die_with_parent",
@@ -15,6 +33,40 @@ __all__ = [
     "queue_problem",
     "run_dispatcher",
 ]
+
+SLOT_STARTING: Final[int]
+SLOT_RUNNING: Final[int]
+SLOT_LOST: Final[int]
+SLOT_RECLAIMED: Final[int]
+MAX_ID_BYTES: Final[int]
+MAX_TYPE_BYTES: Final[int]
+MAX_TEXT_BYTES: Final[int]
+DEFAULT_PREFETCH: Final[int]
+DEFAULT_READ_COUNT: Final[int]
+DEFAULT_TASK_RING_BYTES: Final[int]
+DEFAULT_RESULT_RING_BYTES: Final[int]
+DEFAULT_DEAD_MAX_LENGTH: Final[int]
+DEFAULT_CONCURRENCY: Final[int]
+DEFAULT_BLOCK_MS: Final[int]
+WRITE_GRACE_MS: Final[int]
+ASYNC_GRACE_MS: Final[int]
+REPORT_NAMES: Final[list[str]]
+
+@final
+class Outcome:
+    SUCCEEDED: Final[Outcome]
+    FAILED: Final[Outcome]
+    RETRY: Final[Outcome]
+    REJECTED: Final[Outcome]
+    UNKNOWN_TYPE: Final[Outcome]
+    INVALID: Final[Outcome]
+    NOT_STARTED: Final[Outcome]
+    TIMED_OUT: Final[Outcome]
+    CRASHED: Final[Outcome]
+    EXPIRED: Final[Outcome]
+    TOO_LARGE: Final[Outcome]
+    POISON: Final[Outcome]
+    def __int__(self) -> int: ...
 
 @final
 class Store:
@@ -51,45 +103,40 @@ class Region:
     def slot_state(self, slot: int) -> int: ...
     def closing(self) -> bool: ...
     def close_all(self) -> None: ...
+    def counts(self) -> dict[str, int]: ...
+    def reset_slots(self) -> None: ...
     def actor(self, slot: int, queues: list[str]) -> ActorEnd: ...
 
 @final
 class ActorEnd:
-    def started(self) -> None: ...
+    def started(self, parallel: int = 1) -> None: ...
     def recv(self) -> Optional[tuple[int, list[tuple[Any, ...]]]]: ...
-    def begin(self, batch_id: int, index: int, timeout: float, timed: bool = True) -> bool: ...
+    def stopping(self) -> bool: ...
+    def begin(self, batch_id: int, index: int, timeout: float) -> bool: ...
     def finish(
         self,
         batch_id: int,
         start: int,
         count: int,
-        failures: list[tuple[int, int, int, str, str]],
+        records: list[tuple[int, int, int, str, str]],
     ) -> None: ...
-    def observe(self, index: int, seconds: float) -> None: ...
+    def start_async(self, batch_id: int, index: int, timeout: float) -> bool: ...
+    def done_async(
+        self,
+        batch_id: int,
+        index: int,
+        outcome: int,
+        delay_ms: int,
+        message: str,
+        traceback: str,
+        seconds: float,
+        last: bool = False,
+    ) -> None: ...
+    def wake(self) -> None: ...
 
 def die_with_parent() -> None: ...
 def duration_buckets() -> list[float]: ...
 def queue_problem(name: str) -> Optional[str]: ...
 def key_names(prefix: str, queue: Optional[str] = None) -> dict[str, str]: ...
 def new_task_id() -> str: ...
-def run_dispatcher(
-    region: Region,
-    *,
-    url: str,
-    prefix: str,
-    queues: list[tuple[str, int]],
-    group: str,
-    consumer: str,
-    burst: bool,
-    prefetch: int,
-    read_count: int,
-    block_ms: int,
-    shutdown_timeout_ms: int,
-    dead_max_length: int,
-    claim_stale_after_ms: int,
-    retry_base_ms: int,
-    retry_max_ms: int,
-    processed_ttl_ms: int,
-    registry: list[tuple[str, str]] = ...,
-    heartbeat_ms: int = 0,
-) -> dict[str, int]: ...
+def run_dispatcher(region: Region, settings: dict[str, Any]) -> dict[str, int]: ...

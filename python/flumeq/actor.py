@@ -2,10 +2,19 @@
 report the outcomes back. Task data arrives as bytes and JSON text, never
 pickled; the payload is decoded with orjson right before the call.
 
-Sync handlers run one after another. Async handlers (``async def``) of a
-batch run concurrently on the actor's event loop, at most ``concurrency`` at
-once, each cancelled at its ``timeout``; the actor is still killed if the
-whole group overruns (a coroutine that blocks the loop).
+Sync handlers run one after another; their outcomes go back at least every
+``FLUSH_EVERY`` seconds, plain successes as ranges (no record each). Async
+handlers (``async def``) of a batch run concurrently on the actor's event
+loop, at most ``concurrency`` at once, each with its own ``timeout``
+counted from its own start. Each async task tells the core when it starts
+(so that, should a coroutine block the loop past a timeout, the dispatcher
+kills the actor and blames only the tasks that were running) and when it
+ends (its outcome goes back at once; the dispatcher is woken at most
+``ASYNC_WAKE`` seconds later).
+
+Actors ignore SIGINT and SIGTERM: a signal to the whole process group
+(systemd, a terminal's Ctrl-C) is for the supervisor to act on; it stops
+them gracefully.
 """
 
 from __future__ import annotations
@@ -29,23 +38,27 @@ __all__ = ["actor_main"]
 
 log = logging.getLogger("flumeq.actor")
 
-# Failure kinds of the result frame (see rust/src/frame.rs).
-ERROR = 1
-UNKNOWN_TYPE = 2
-REJECT = 3
-RETRY = 4
-INVALID = 5
-NOT_STARTED = 6
+_Outcome = _core.Outcome
+SUCCEEDED = int(_Outcome.SUCCEEDED)
+FAILED = int(_Outcome.FAILED)
+RETRY = int(_Outcome.RETRY)
+REJECTED = int(_Outcome.REJECTED)
+UNKNOWN_TYPE = int(_Outcome.UNKNOWN_TYPE)
+INVALID = int(_Outcome.INVALID)
+NOT_STARTED = int(_Outcome.NOT_STARTED)
+TIMED_OUT = int(_Outcome.TIMED_OUT)
 
-#: Results of a long batch are reported at least this often (seconds), so a
-#: slow batch does not hold back the acks of its finished tasks.
-FLUSH_EVERY = 0.05
-#: Extra time an async group gets past its longest timeout before the
-#: dispatcher kills the actor (per-task timeouts cancel coroutines first).
-ASYNC_GRACE = 1.0
+#: Outcomes of a long sync batch are reported at least this often (seconds):
+#: a task that finished is acked within about this long, so an engine killed
+#: mid-batch runs few tasks twice.
+FLUSH_EVERY = 0.01
+#: Longest delay between an async task's end and the dispatcher's wake-up:
+#: tasks ending close together share one.
+ASYNC_WAKE = 0.005
 
 Handler = Callable[[Task], Any]
-Failure = tuple[int, int, int, str, str]
+#: ``(index, outcome, delay_ms, message, traceback)``.
+Record = tuple[int, int, int, str, str]
 
 
 def _labels(raw: Optional[bytes]) -> dict[str, str]:
@@ -57,13 +70,13 @@ def _labels(raw: Optional[bytes]) -> dict[str, str]:
     return labels
 
 
-def _failure(index: int, task: Task, error: BaseException) -> Failure:
-    """The result record of a run that raised ``error``."""
+def _failure(index: int, task: Task, error: BaseException) -> Record:
+    """The record of a run that raised ``error``."""
     if isinstance(error, Retry):
         delay_ms = 0 if error.delay is None else max(0, round(error.delay * 1000))
         return (index, RETRY, delay_ms, f"Retry: {error.reason}", "")
     if isinstance(error, Reject):
-        return (index, REJECT, 0, f"Reject: {error.reason}", "")
+        return (index, REJECTED, 0, f"Reject: {error.reason}", "")
     log.warning(
         "task %s (%s) failed: %s: %s",
         task.id,
@@ -73,7 +86,10 @@ def _failure(index: int, task: Task, error: BaseException) -> Failure:
         extra=task_extra(task),
     )
     trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-    return (index, ERROR, 0, f"{type(error).__name__}: {error}", trace)
+    return (index, FAILED, 0, f"{type(error).__name__}: {error}", trace)
+
+
+AsyncItem = tuple[int, Callable[[Task], Awaitable[Any]], Task]
 
 
 class _AsyncRunner:
@@ -83,36 +99,51 @@ class _AsyncRunner:
         self.loop = asyncio.new_event_loop()
         self.concurrency = max(1, concurrency)
         self.end = end
+        self._wake_due = False
 
-    def run(self, group: list[tuple[int, Callable[[Task], Awaitable[Any]], Task]]) -> list[Failure]:
-        return self.loop.run_until_complete(self._run(group))
+    def run(self, batch_id: int, group: list[AsyncItem]) -> None:
+        self.loop.run_until_complete(self._run(batch_id, group))
 
-    async def _run(
-        self, group: list[tuple[int, Callable[[Task], Awaitable[Any]], Task]]
-    ) -> list[Failure]:
+    def _wake(self) -> None:
+        self._wake_due = False
+        self.end.wake()
+
+    async def _run(self, batch_id: int, group: list[AsyncItem]) -> None:
         limit = asyncio.Semaphore(self.concurrency)
+        end = self.end
+        left = len(group)
 
-        async def one(
-            index: int, handler: Callable[[Task], Awaitable[Any]], task: Task
-        ) -> Optional[Failure]:
+        async def one(index: int, handler: Callable[[Task], Awaitable[Any]], task: Task) -> None:
+            nonlocal left
             async with limit:
-                started = perf_counter()
-                try:
-                    if task.timeout > 0:
-                        await asyncio.wait_for(handler(task), task.timeout)
-                    else:
-                        await handler(task)
-                except asyncio.TimeoutError:
-                    message = f"timeout: the handler ran longer than {task.timeout:g}s"
-                    return (index, ERROR, 0, message, "")
-                except Exception as error:
-                    return _failure(index, task, error)
-                finally:
-                    self.end.observe(index, perf_counter() - started)
-                return None
+                seconds = 0.0
+                record: Optional[Record] = None
+                if not end.start_async(batch_id, index, task.timeout):
+                    record = (index, NOT_STARTED, 0, "", "")
+                else:
+                    started = perf_counter()
+                    try:
+                        if task.timeout > 0:
+                            await asyncio.wait_for(handler(task), task.timeout)
+                        else:
+                            await handler(task)
+                    except asyncio.TimeoutError:
+                        message = f"timeout: the handler ran longer than {task.timeout:g}s"
+                        record = (index, TIMED_OUT, 0, message, "")
+                    except (Exception, asyncio.CancelledError) as error:
+                        record = _failure(index, task, error)
+                    seconds = perf_counter() - started
+                left -= 1
+                _, outcome, delay_ms, message, trace = record or (index, SUCCEEDED, 0, "", "")
+                end.done_async(
+                    batch_id, index, outcome, delay_ms, message, trace, seconds, left == 0
+                )
+                if not self._wake_due:
+                    self._wake_due = True
+                    self.loop.call_later(ASYNC_WAKE, self._wake)
 
-        outcomes = await asyncio.gather(*(one(*item) for item in group))
-        return [outcome for outcome in outcomes if outcome is not None]
+        await asyncio.gather(*(one(*item) for item in group))
+        end.wake()
 
 
 def run_batch(
@@ -125,11 +156,15 @@ def run_batch(
 ) -> None:
     """Runs one batch and reports every task's outcome."""
     loads = orjson.loads
-    failures: list[Failure] = []
-    group: list[tuple[int, Any, Task]] = []
+    records: list[Record] = []
+    group: list[AsyncItem] = []
+    # Plain successes go back as the range start..: until an async task is
+    # set aside for later, after which ranges would cover it, so successes
+    # get records of their own.
     start = 0
+    ranged = True
     last_flush = perf_counter()
-    stopping = False
+    stopped_at: Optional[int] = None
     for index, (
         task_id,
         type_,
@@ -143,7 +178,7 @@ def run_batch(
     ) in enumerate(tasks):
         handler = handlers.get(type_)
         if handler is None:
-            failures.append(
+            records.append(
                 (index, UNKNOWN_TYPE, 0, f"no handler registered for task type {type_!r}", "")
             )
             continue
@@ -161,48 +196,51 @@ def run_batch(
             )
         except (orjson.JSONDecodeError, ValueError) as error:
             field = "payload" if isinstance(error, orjson.JSONDecodeError) else "labels"
-            failures.append((index, INVALID, 0, f"task {task_id}: field '{field}': {error}", ""))
+            records.append((index, INVALID, 0, f"task {task_id}: field '{field}': {error}", ""))
             continue
         if is_async is not None and is_async.get(type_):
+            if ranged:
+                if index > start:
+                    end.finish(batch_id, start, index - start, records)
+                    records = []
+                ranged = False
             group.append((index, handler, task))
             continue
         if not end.begin(batch_id, index, timeout):
             # The engine is stopping: hand this task and the rest back unrun.
-            failures.extend((rest, NOT_STARTED, 0, "", "") for rest in range(index, len(tasks)))
-            stopping = True
+            stopped_at = index
             break
         try:
             handler(task)
+            if not ranged:
+                records.append((index, SUCCEEDED, 0, "", ""))
         except Exception as error:
-            failures.append(_failure(index, task, error))
+            records.append(_failure(index, task, error))
         now = perf_counter()
-        if not group and now - last_flush >= FLUSH_EVERY:
-            # Ranges must be whole: no flush while async tasks wait behind.
-            end.finish(batch_id, start, index + 1 - start, failures)
-            start, failures, last_flush = index + 1, [], now
+        if now - last_flush >= FLUSH_EVERY:
+            if ranged:
+                end.finish(batch_id, start, index + 1 - start, records)
+                start = index + 1
+            else:
+                end.finish(batch_id, 0, 0, records)
+            records, last_flush = [], now
+    if stopped_at is not None:
+        records.extend((rest, NOT_STARTED, 0, "", "") for rest in range(stopped_at, len(tasks)))
+        done = stopped_at
+    else:
+        done = len(tasks)
+    # The sync part ends before the async group runs (its last task must not
+    # look running meanwhile).
+    if ranged:
+        if done > start or records or not tasks:
+            end.finish(batch_id, start, done - start, records)
+    elif records or group:
+        end.finish(batch_id, 0, 0, records)
     if group:
-        failures.extend(_run_group(end, batch_id, group, runner, stopping))
-        failures.sort()
-    if start < len(tasks) or not tasks:
-        end.finish(batch_id, start, len(tasks) - start, failures)
-
-
-def _run_group(
-    end: _core.ActorEnd,
-    batch_id: int,
-    group: list[tuple[int, Any, Task]],
-    runner: Optional[_AsyncRunner],
-    stopping: bool,
-) -> list[Failure]:
-    """Runs a batch's async tasks together, or hands them back if stopping."""
-    if stopping or runner is None:
-        return [(index, NOT_STARTED, 0, "", "") for index, _, _ in group]
-    timeouts = [task.timeout for _, _, task in group]
-    # The group's hard limit: its longest timeout plus a grace; no limit if any has none.
-    limit = 0.0 if min(timeouts) <= 0 else max(timeouts) + ASYNC_GRACE
-    if not end.begin(batch_id, group[0][0], limit, timed=False):
-        return [(index, NOT_STARTED, 0, "", "") for index, _, _ in group]
-    return runner.run(group)
+        if stopped_at is not None or runner is None:
+            end.finish(batch_id, 0, 0, [(index, NOT_STARTED, 0, "", "") for index, _, _ in group])
+        else:
+            runner.run(batch_id, group)
 
 
 def actor_main(
@@ -210,17 +248,17 @@ def actor_main(
     slot: int,
     handlers: Mapping[str, Handler],
     queues: Sequence[str],
-    concurrency: int = 100,
+    concurrency: int = _core.DEFAULT_CONCURRENCY,
 ) -> None:
     """Entry point of an actor process (forked by the engine's supervisor)."""
-    # Ctrl-C reaches the whole process group; only the supervisor decides.
+    # A signal to the whole process group is the supervisor's to act on.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _core.die_with_parent()
     is_async = {name: inspect.iscoroutinefunction(handler) for name, handler in handlers.items()}
     end = region.actor(slot, list(queues))
     runner = _AsyncRunner(end, concurrency) if any(is_async.values()) else None
-    end.started()
+    end.started(runner.concurrency if runner else 1)
     while True:
         batch = end.recv()
         if batch is None:

@@ -31,41 +31,14 @@ DEFAULT_MAX_RETRY = 25
 DEFAULT_TIMEOUT = 30.0
 #: What ``Client.stats`` reports (``flumeq.Admin.overview`` has more).
 STATS = ("ready", "in_flight", "delayed", "dead", "processed", "failed")
-#: Longest task type accepted (bytes).
-MAX_TYPE_LENGTH = 1024
+#: Longest task type and task id accepted (bytes), as the core bounds them.
+MAX_TYPE_BYTES: int = _core.MAX_TYPE_BYTES
+MAX_ID_BYTES: int = _core.MAX_ID_BYTES
 
 Seconds = Union[float, int, timedelta]
 Item = tuple[str, bytes, Optional[str], bool]
 
 log = logging.getLogger("flumeq.client")
-
-#: True in a process made by ``os.fork()``. The Rust core draws task ids from
-#: a thread-local generator that fork copies: parent and child (and sibling
-#: children) would then draw the same ids. A forked process makes its ids
-#: here, from ``os.urandom``, until the core reseeds after a fork.
-_forked_process = False
-
-
-def _mark_forked() -> None:
-    global _forked_process  # noqa: PLW0603 (set once per process, by fork)
-    _forked_process = True
-
-
-os.register_at_fork(after_in_child=_mark_forked)
-
-
-def _new_task_id() -> str:
-    """A random task id from the OS, formatted as ``_core.new_task_id`` does
-    (32 hex digits of a version 4 UUID)."""
-    value = int.from_bytes(os.urandom(16), "big")
-    value = (value & ~(0xF << 76)) | (0x4 << 76)
-    value = (value & ~(0x3 << 62)) | (0x2 << 62)
-    return f"{value:032x}"
-
-
-def _with_ids(items: list[Item]) -> list[Item]:
-    """``items`` with an OS-random id for each one that has none."""
-    return [(t, p, id_ or _new_task_id(), idem) for t, p, id_, idem in items]
 
 
 class _Call(NamedTuple):
@@ -116,9 +89,22 @@ def _epoch_ms(name: str, value: datetime, type_: str) -> int:
 def _check_type(type_: Any) -> str:
     if not isinstance(type_, str) or not type_:
         raise InvalidTask(f"task type must be a non-empty string, got {type_!r}")
-    if len(type_.encode()) > MAX_TYPE_LENGTH:
-        raise InvalidTask(f"task type {type_[:40]!r}... is longer than {MAX_TYPE_LENGTH} bytes")
+    if len(type_) * 4 > MAX_TYPE_BYTES and len(type_.encode()) > MAX_TYPE_BYTES:
+        raise InvalidTask(f"task type {type_[:40]!r}... is longer than {MAX_TYPE_BYTES} bytes")
     return type_
+
+
+def _check_id(type_: str, task_id: Any, where: str = "") -> None:
+    """Checks a caller's task id (``where`` names the item of a batch)."""
+    if not isinstance(task_id, str) or not task_id:
+        raise InvalidTask(
+            f"{where}task {type_!r}: task_id must be a non-empty string, got {task_id!r}"
+        )
+    if len(task_id) * 4 > MAX_ID_BYTES and len(task_id.encode()) > MAX_ID_BYTES:
+        raise InvalidTask(
+            f"{where}task {type_!r}: task_id {task_id[:40]!r}... is longer than "
+            f"{MAX_ID_BYTES} bytes"
+        )
 
 
 def _payload(type_: str, payload: Any) -> bytes:
@@ -258,8 +244,6 @@ class Client:
     ) -> list[tuple[str, Optional[str]]]:
         if self._pid != os.getpid():
             self._forked()
-        if _forked_process:
-            call = call._replace(items=_with_ids(call.items))
         try:
             if self._buffer:
                 self._flush()
@@ -323,10 +307,8 @@ class Client:
             )
         type_ = _check_type(type)
         body = _payload(type_, payload)
-        if task_id is not None and (not isinstance(task_id, str) or not task_id):
-            raise InvalidTask(
-                f"task {type_!r}: task_id must be a non-empty string, got {task_id!r}"
-            )
+        if task_id is not None:
+            _check_id(type_, task_id)
         timeout_ms = 0 if timeout is None else round(_seconds("timeout", timeout, type_) * 1000)
         if delay is not None and at is not None:
             raise InvalidTask(f"task {type_!r}: give delay or at, not both")
@@ -378,7 +360,7 @@ class Client:
                     f"item {number}: expected (type, payload) or (type, payload, task_id), got {item!r}"
                 )
             type_ = item[0]
-            if type_.__class__ is not str or not type_:
+            if type_.__class__ is not str or not type_ or len(type_) * 4 > MAX_TYPE_BYTES:
                 _check_type(type_)
             try:
                 body = dumps(item[1])
@@ -387,6 +369,8 @@ class Client:
                     f"item {number} (task {type_!r}): payload is not JSON-serialisable: {error}"
                 ) from None
             task_id = item[2] if len(item) == 3 else None
+            if task_id is not None:
+                _check_id(type_, task_id, f"item {number}: ")
             prepared.append((type_, body, task_id, task_id is not None))
         if not prepared:
             return []

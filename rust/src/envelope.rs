@@ -63,6 +63,13 @@ pub mod field {
     pub const RAW: &str = "raw";
 }
 
+/// Longest task id (bytes). Ids travel with every delivery and name keys
+/// (done markers), so they are kept short; the client refuses longer ones
+/// and a hand-written entry with one is dead-lettered.
+pub const MAX_ID_BYTES: usize = 1024;
+/// Longest task type (bytes).
+pub const MAX_TYPE_BYTES: usize = 1024;
+
 /// Fields a dead letter adds to the task's own; never copied from a task
 /// (they are written anew) nor carried into its next run.
 pub const DEAD_LETTER_FIELDS: [&str; 7] = [
@@ -230,6 +237,20 @@ fn non_empty<'a>(value: Option<&'a [u8]>, name: &'static str) -> Result<&'a str,
     Ok(value)
 }
 
+fn bounded<'a>(value: &'a str, name: &'static str, max: usize) -> Result<&'a str, EnvelopeError> {
+    if value.len() > max {
+        return Err(EnvelopeError {
+            field: name,
+            problem: format!(
+                "longer than {max} bytes ({} bytes, starting {})",
+                value.len(),
+                shown(value.as_bytes())
+            ),
+        });
+    }
+    Ok(value)
+}
+
 fn integer<T: std::str::FromStr>(value: &[u8], name: &'static str) -> Result<T, EnvelopeError> {
     std::str::from_utf8(value)
         .ok()
@@ -285,8 +306,12 @@ pub fn parse(entry: &RawEntry) -> Result<TaskRef<'_>, EnvelopeError> {
 /// a caller can find the type again without another pass.
 pub fn parse_indexed(entry: &RawEntry) -> Result<(TaskRef<'_>, usize), EnvelopeError> {
     let found = Found::scan(entry);
-    let id = non_empty(found.id, field::ID)?;
-    let kind = non_empty(found.kind, field::TYPE)?;
+    let id = bounded(non_empty(found.id, field::ID)?, field::ID, MAX_ID_BYTES)?;
+    let kind = bounded(
+        non_empty(found.kind, field::TYPE)?,
+        field::TYPE,
+        MAX_TYPE_BYTES,
+    )?;
     let payload = required(found.payload, field::PAYLOAD)?;
     let timeout_ms = match found.timeout {
         Some(value) => seconds_ms(value, field::TIMEOUT)?,
@@ -518,6 +543,24 @@ mod tests {
             let message = parse(&raw).err().map(|error| error.to_string());
             assert_eq!(message.as_deref(), Some(expected));
         }
+    }
+
+    #[test]
+    fn ids_and_types_past_their_bound_are_refused() {
+        let long = "i".repeat(MAX_ID_BYTES + 1);
+        let raw = entry(&[("id", &long), ("type", "x"), ("payload", "1")]);
+        let message = parse(&raw).err().map(|error| error.to_string());
+        assert!(
+            message
+                .as_deref()
+                .is_some_and(|m| m
+                    .starts_with("field 'id': longer than 1024 bytes (1025 bytes, starting 'iiii")),
+            "{message:?}"
+        );
+        let raw = entry(&[("id", "t"), ("type", &long), ("payload", "1")]);
+        assert_eq!(parse(&raw).err().map(|error| error.field), Some("type"));
+        let fits = "i".repeat(MAX_ID_BYTES);
+        assert!(parse(&entry(&[("id", &fits), ("type", "x"), ("payload", "1")])).is_ok());
     }
 
     #[test]

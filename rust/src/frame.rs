@@ -1,49 +1,72 @@
 //! The byte layout of the frames carried by the rings.
 //!
-//! Task frame (dispatcher → actor), little endian:
+//! Every frame starts with the same header, little endian:
 //!
 //! ```text
-//! batch_id u64 | count u32 | then count records:
+//! kind u8 | pad [u8; 3] | count u32 | batch_id u64
+//! ```
+//!
+//! Task ring (dispatcher → actor):
+//!
+//! - `TASKS`: `count` task records of batch `batch_id`:
+//!   ```text
 //!   queue u16 | id_len u16 | type_len u16 | pad u16 | attempt u32 | max_retry u32
 //!   enqueued_at_ms u64 | timeout_ms u64 | payload_len u32 | labels_len u32 (MAX = none)
 //!   id | type | payload | labels
-//! ```
+//!   ```
+//!   Ids and types are bounded (`envelope::MAX_ID_BYTES`, `MAX_TYPE_BYTES`),
+//!   so their `u16` lengths hold.
+//! - `CONTROL`: messages to a running actor (kept for cancellation); an
+//!   actor refuses kinds it does not know, loudly.
 //!
-//! Result frame (actor → dispatcher): tasks `start .. start + count` of batch
-//! `batch_id` are finished; the ones listed as failures failed, all others
-//! succeeded.
+//! Result ring (actor → dispatcher):
 //!
-//! ```text
-//! batch_id u64 | start u32 | count u32 | failures u32 | then per failure:
-//!   index u32 | kind u8 | pad [u8; 3] | delay_ms u64 | message_len u32 | traceback_len u32
-//!   message | traceback
-//! ```
+//! - `RESULTS`: outcomes of tasks of batch `batch_id`:
+//!   ```text
+//!   range_start u32 | range_count u32 | work_us u64 | parallel u32 | pad u32
+//!   then count records:
+//!   index u32 | outcome u8 | pad [u8; 3] | delay_ms u64
+//!   message_len u32 | traceback_len u32 | value_len u32 | pad u32
+//!   message | traceback | value
+//!   ```
+//!   Each record ends its task with its `Outcome` (a success may carry a
+//!   return value). Then every task of `range_start .. range_start +
+//!   range_count` not ended yet succeeded: a run of plain successes costs no
+//!   record. `work_us` is the run time of the tasks the frame ends, and
+//!   `parallel` how many ran at once (1 for sync handlers), which the
+//!   dispatcher's prefetch learns from.
+//! - `STARTED`: `count` records `index u32 | pad u32 | deadline_ms u64` of
+//!   async tasks that started (deadline on `CLOCK_MONOTONIC`, 0 = none), so
+//!   a dispatcher that kills a blocked event loop blames the tasks that ran.
+//! - `RUN_TIMES`: JSON of handler run-time histograms (see `timing`).
 
 use crate::envelope::TaskRef;
+use crate::outcome::Outcome;
 
-/// The batch id that marks a run-times frame (actor → dispatcher) instead of
-/// a result frame: `u64::MAX | JSON` where the JSON is a list of
-/// `[queue index, type, seconds in all, [[bucket, runs], ...]]`.
-/// Real batch ids count up from 1 and never get there.
-pub const DURATIONS_BATCH: u64 = u64::MAX;
-
-/// Encodes a run-times frame into `buffer` (cleared first).
-pub fn write_durations(buffer: &mut Vec<u8>, json: &[u8]) {
-    buffer.clear();
-    buffer.extend_from_slice(&DURATIONS_BATCH.to_le_bytes());
-    buffer.extend_from_slice(json);
+/// Frame kinds of the task ring.
+pub mod task_kind {
+    /// A batch of tasks.
+    pub const TASKS: u8 = 1;
+    /// Messages to a running actor.
+    pub const CONTROL: u8 = 2;
 }
 
-/// The JSON of a run-times frame, or `None` for any other frame.
-#[must_use]
-pub fn read_durations(bytes: &[u8]) -> Option<&[u8]> {
-    let (head, rest) = bytes.split_first_chunk::<8>()?;
-    (u64::from_le_bytes(*head) == DURATIONS_BATCH).then_some(rest)
+/// Frame kinds of the result ring.
+pub mod result_kind {
+    /// Outcomes of finished tasks.
+    pub const RESULTS: u8 = 1;
+    /// Async tasks that started, with their deadlines.
+    pub const STARTED: u8 = 2;
+    /// Handler run-time histograms (JSON).
+    pub const RUN_TIMES: u8 = 3;
 }
 
-const TASK_HEADER: usize = 12;
+/// Bytes of the common header.
+pub const HEADER: usize = 16;
 const TASK_RECORD: usize = 40;
-const FAILURE_RECORD: usize = 24;
+const RESULTS_HEAD: usize = 24;
+const RESULT_RECORD: usize = 32;
+const STARTED_RECORD: usize = 16;
 const NO_LABELS: u32 = u32::MAX;
 
 /// A frame that does not follow the layout (a bug or memory corruption).
@@ -52,6 +75,34 @@ const NO_LABELS: u32 = u32::MAX;
 pub struct FrameError {
     what: &'static str,
     detail: String,
+}
+
+/// The common header of a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// What the frame holds (`task_kind` or `result_kind`).
+    pub kind: u8,
+    /// Records in the frame.
+    pub count: u32,
+    /// Batch the frame is about (0 when none).
+    pub batch_id: u64,
+}
+
+fn put_header(buffer: &mut Vec<u8>, header: Header) {
+    buffer.push(header.kind);
+    buffer.extend_from_slice(&[0, 0, 0]);
+    buffer.extend_from_slice(&header.count.to_le_bytes());
+    buffer.extend_from_slice(&header.batch_id.to_le_bytes());
+}
+
+/// Reads the common header of `bytes`.
+pub fn header(bytes: &[u8]) -> Result<Header, FrameError> {
+    Reader::new(bytes, "any").head()
+}
+
+/// Sets the record count of a frame already written into `buffer`.
+pub fn set_count(buffer: &mut [u8], count: u32) {
+    buffer[4..8].copy_from_slice(&count.to_le_bytes());
 }
 
 struct Reader<'a> {
@@ -65,20 +116,24 @@ impl<'a> Reader<'a> {
         Self { bytes, at: 0, what }
     }
 
+    fn error(&self, detail: String) -> FrameError {
+        FrameError {
+            what: self.what,
+            detail,
+        }
+    }
+
     fn take(&mut self, len: usize) -> Result<&'a [u8], FrameError> {
         let end = self
             .at
             .checked_add(len)
             .filter(|end| *end <= self.bytes.len());
         let Some(end) = end else {
-            return Err(FrameError {
-                what: self.what,
-                detail: format!(
-                    "needs {len} bytes at offset {}, has {}",
-                    self.at,
-                    self.bytes.len()
-                ),
-            });
+            return Err(self.error(format!(
+                "needs {len} bytes at offset {}, has {}",
+                self.at,
+                self.bytes.len()
+            )));
         };
         let slice = &self.bytes[self.at..end];
         self.at = end;
@@ -105,13 +160,34 @@ impl<'a> Reader<'a> {
     }
 
     fn text(&mut self, len: usize) -> Result<&'a str, FrameError> {
-        let what = self.what;
-        std::str::from_utf8(self.take(len)?).map_err(|_| FrameError {
-            what,
-            detail: "text is not UTF-8".to_owned(),
+        let bytes = self.take(len)?;
+        std::str::from_utf8(bytes).map_err(|_| self.error("text is not UTF-8".to_owned()))
+    }
+
+    /// Reads the common header.
+    fn head(&mut self) -> Result<Header, FrameError> {
+        let kind = self.u8()?;
+        self.take(3)?;
+        let count = self.u32()?;
+        let batch_id = self.u64()?;
+        Ok(Header {
+            kind,
+            count,
+            batch_id,
         })
     }
+
+    /// Reads the common header and checks the frame's kind.
+    fn expect(&mut self, kind: u8) -> Result<Header, FrameError> {
+        let head = self.head()?;
+        if head.kind != kind {
+            return Err(self.error(format!("kind {}, expected {kind}", head.kind)));
+        }
+        Ok(head)
+    }
 }
+
+// ---- task frames ----------------------------------------------------------
 
 /// Bytes one task record takes in a task frame.
 #[must_use]
@@ -123,16 +199,24 @@ pub fn task_record_len(task: &TaskRef<'_>) -> usize {
         + task.labels.map_or(0, <[u8]>::len)
 }
 
-/// Starts a task frame in `buffer` (cleared first).
-pub fn begin_tasks(buffer: &mut Vec<u8>, batch_id: u64, count: u32) {
+/// Starts a task frame in `buffer` (cleared first); `set_count` fixes the
+/// count once the records are in.
+pub fn begin_tasks(buffer: &mut Vec<u8>, batch_id: u64) {
     buffer.clear();
-    buffer.extend_from_slice(&batch_id.to_le_bytes());
-    buffer.extend_from_slice(&count.to_le_bytes());
+    put_header(
+        buffer,
+        Header {
+            kind: task_kind::TASKS,
+            count: 0,
+            batch_id,
+        },
+    );
 }
 
-/// Appends one task record. Ids and types over 64 KiB are refused earlier
-/// (the client and the envelope check), so the `u16` lengths hold.
+/// Appends one task record. Ids and types are bounded by the envelope's
+/// checks, so the `u16` lengths hold.
 pub fn push_task(buffer: &mut Vec<u8>, queue: u16, task: &TaskRef<'_>) {
+    debug_assert!(u16::try_from(task.id.len()).is_ok() && u16::try_from(task.kind.len()).is_ok());
     buffer.reserve(task_record_len(task));
     buffer.extend_from_slice(&queue.to_le_bytes());
     buffer.extend_from_slice(&(task.id.len() as u16).to_le_bytes());
@@ -179,8 +263,8 @@ pub struct TaskRecord<'a> {
 /// Decodes a task frame into its batch id and records.
 pub fn read_tasks(bytes: &[u8]) -> Result<(u64, Vec<TaskRecord<'_>>), FrameError> {
     let mut reader = Reader::new(bytes, "task");
-    let batch_id = reader.u64()?;
-    let count = reader.u32()? as usize;
+    let head = reader.expect(task_kind::TASKS)?;
+    let count = head.count as usize;
     let mut records = Vec::with_capacity(count.min(bytes.len() / TASK_RECORD));
     for _ in 0..count {
         let queue = reader.u16()?;
@@ -213,79 +297,85 @@ pub fn read_tasks(bytes: &[u8]) -> Result<(u64, Vec<TaskRecord<'_>>), FrameError
             labels,
         });
     }
-    Ok((batch_id, records))
+    Ok((head.batch_id, records))
 }
 
-/// How a task failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum FailureKind {
-    /// The handler raised an exception.
-    Error = 1,
-    /// No handler is registered for the task type.
-    UnknownType = 2,
-    /// The handler raised `Reject`: dead-letter, no retry.
-    Reject = 3,
-    /// The handler raised `Retry`: run again after `delay_ms`.
-    Retry = 4,
-    /// The task could not be decoded (bad payload JSON, bad labels).
-    Invalid = 5,
-    /// The actor did not start it because the engine is stopping.
-    NotStarted = 6,
-}
+// ---- result frames --------------------------------------------------------
 
-impl FailureKind {
-    /// The kind for a wire byte.
-    #[must_use]
-    pub fn from_byte(byte: u8) -> Option<Self> {
-        Some(match byte {
-            1 => Self::Error,
-            2 => Self::UnknownType,
-            3 => Self::Reject,
-            4 => Self::Retry,
-            5 => Self::Invalid,
-            6 => Self::NotStarted,
-            _ => return None,
-        })
-    }
-}
-
-/// One failed task in a result frame.
+/// One task's outcome in a result frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Failure<'a> {
+pub struct Record<'a> {
     /// Index of the task in its batch.
     pub index: u32,
-    /// What happened.
-    pub kind: FailureKind,
-    /// Requested delay before the next run (for `Retry`).
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Requested delay before the next run (`Retry`).
     pub delay_ms: u64,
     /// Error text.
     pub message: &'a [u8],
     /// Formatted traceback, may be empty.
     pub traceback: &'a [u8],
+    /// A success's return value (JSON), may be empty.
+    pub value: &'a [u8],
 }
 
+impl Record<'_> {
+    /// Bytes the record takes in a frame.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        RESULT_RECORD + self.message.len() + self.traceback.len() + self.value.len()
+    }
+
+    /// Whether the record is empty (never: records have a fixed part).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+/// The tasks a result frame ends as plain successes, and what their runs cost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Range {
+    /// First index.
+    pub start: u32,
+    /// Number of indices.
+    pub count: u32,
+    /// Run time of the tasks the frame ends, µs.
+    pub work_us: u64,
+    /// How many of them ran at once (1 for sync handlers).
+    pub parallel: u32,
+}
+
+/// Fixed bytes of a result frame without records.
+pub const RESULTS_OVERHEAD: usize = HEADER + RESULTS_HEAD;
+
 /// Encodes a result frame into `buffer` (cleared first).
-pub fn write_results(
-    buffer: &mut Vec<u8>,
-    batch_id: u64,
-    start: u32,
-    count: u32,
-    failures: &[Failure<'_>],
-) {
+pub fn write_results(buffer: &mut Vec<u8>, batch_id: u64, range: Range, records: &[Record<'_>]) {
     buffer.clear();
-    buffer.extend_from_slice(&batch_id.to_le_bytes());
-    buffer.extend_from_slice(&start.to_le_bytes());
-    buffer.extend_from_slice(&count.to_le_bytes());
-    buffer.extend_from_slice(&(failures.len() as u32).to_le_bytes());
-    for failure in failures {
-        buffer.extend_from_slice(&failure.index.to_le_bytes());
-        buffer.extend_from_slice(&[failure.kind as u8, 0, 0, 0]);
-        buffer.extend_from_slice(&failure.delay_ms.to_le_bytes());
-        buffer.extend_from_slice(&(failure.message.len() as u32).to_le_bytes());
-        buffer.extend_from_slice(&(failure.traceback.len() as u32).to_le_bytes());
-        buffer.extend_from_slice(failure.message);
-        buffer.extend_from_slice(failure.traceback);
+    put_header(
+        buffer,
+        Header {
+            kind: result_kind::RESULTS,
+            count: records.len() as u32,
+            batch_id,
+        },
+    );
+    buffer.extend_from_slice(&range.start.to_le_bytes());
+    buffer.extend_from_slice(&range.count.to_le_bytes());
+    buffer.extend_from_slice(&range.work_us.to_le_bytes());
+    buffer.extend_from_slice(&range.parallel.to_le_bytes());
+    buffer.extend_from_slice(&[0; 4]);
+    for record in records {
+        buffer.extend_from_slice(&record.index.to_le_bytes());
+        buffer.extend_from_slice(&[record.outcome as u8, 0, 0, 0]);
+        buffer.extend_from_slice(&record.delay_ms.to_le_bytes());
+        buffer.extend_from_slice(&(record.message.len() as u32).to_le_bytes());
+        buffer.extend_from_slice(&(record.traceback.len() as u32).to_le_bytes());
+        buffer.extend_from_slice(&(record.value.len() as u32).to_le_bytes());
+        buffer.extend_from_slice(&[0; 4]);
+        buffer.extend_from_slice(record.message);
+        buffer.extend_from_slice(record.traceback);
+        buffer.extend_from_slice(record.value);
     }
 }
 
@@ -294,59 +384,139 @@ pub fn write_results(
 pub struct Results<'a> {
     /// Batch the results belong to.
     pub batch_id: u64,
-    /// First finished index.
-    pub start: u32,
-    /// Number of finished tasks from `start`.
-    pub count: u32,
-    /// The finished tasks that failed.
-    pub failures: Vec<Failure<'a>>,
+    /// Plain successes and what the runs cost.
+    pub range: Range,
+    /// Tasks ended with their own outcome.
+    pub records: Vec<Record<'a>>,
 }
 
 /// Decodes a result frame.
 pub fn read_results(bytes: &[u8]) -> Result<Results<'_>, FrameError> {
     let mut reader = Reader::new(bytes, "result");
-    let batch_id = reader.u64()?;
-    let start = reader.u32()?;
-    let count = reader.u32()?;
-    let total = reader.u32()? as usize;
-    let mut failures = Vec::with_capacity(total.min(bytes.len() / FAILURE_RECORD));
+    let head = reader.expect(result_kind::RESULTS)?;
+    let range = Range {
+        start: reader.u32()?,
+        count: reader.u32()?,
+        work_us: reader.u64()?,
+        parallel: reader.u32()?,
+    };
+    reader.take(4)?;
+    if range.start.checked_add(range.count).is_none() {
+        return Err(reader.error(format!("range {}+{} overflows", range.start, range.count)));
+    }
+    let total = head.count as usize;
+    let mut records = Vec::with_capacity(total.min(bytes.len() / RESULT_RECORD));
     for _ in 0..total {
         let index = reader.u32()?;
-        let kind_byte = reader.u8()?;
+        let byte = reader.u8()?;
         reader.take(3)?;
-        let kind = FailureKind::from_byte(kind_byte).ok_or_else(|| FrameError {
-            what: "result",
-            detail: format!("unknown failure kind {kind_byte}"),
-        })?;
+        let outcome = Outcome::from_byte(byte)
+            .ok_or_else(|| reader.error(format!("unknown outcome {byte}")))?;
         let delay_ms = reader.u64()?;
         let message_len = reader.u32()? as usize;
         let traceback_len = reader.u32()? as usize;
-        let message = reader.take(message_len)?;
-        let traceback = reader.take(traceback_len)?;
-        if index < start || index - start >= count {
-            return Err(FrameError {
-                what: "result",
-                detail: format!("failure index {index} outside {start}..{}", start + count),
-            });
-        }
-        failures.push(Failure {
+        let value_len = reader.u32()? as usize;
+        reader.take(4)?;
+        records.push(Record {
             index,
-            kind,
+            outcome,
             delay_ms,
-            message,
-            traceback,
+            message: reader.take(message_len)?,
+            traceback: reader.take(traceback_len)?,
+            value: reader.take(value_len)?,
         });
     }
     Ok(Results {
-        batch_id,
-        start,
-        count,
-        failures,
+        batch_id: head.batch_id,
+        range,
+        records,
     })
 }
 
-/// Fixed overhead of a task frame, for size checks.
-pub const TASK_FRAME_OVERHEAD: usize = TASK_HEADER;
+/// Splits `records` into result frames of at most `max_frame` bytes each and
+/// hands each encoded frame to `emit`. The range goes into the last frame,
+/// so every record is applied before the range counts the rest as
+/// successes. Records must each fit a frame (texts are clipped first).
+pub fn write_results_split(
+    buffer: &mut Vec<u8>,
+    max_frame: usize,
+    batch_id: u64,
+    range: Range,
+    records: &[Record<'_>],
+    mut emit: impl FnMut(&[u8]),
+) {
+    let mut first = 0;
+    let mut size = RESULTS_OVERHEAD;
+    for (at, record) in records.iter().enumerate() {
+        if size + record.len() > max_frame && at > first {
+            let part = Range {
+                start: 0,
+                count: 0,
+                work_us: 0,
+                parallel: range.parallel,
+            };
+            write_results(buffer, batch_id, part, &records[first..at]);
+            emit(buffer);
+            first = at;
+            size = RESULTS_OVERHEAD;
+        }
+        size += record.len();
+    }
+    write_results(buffer, batch_id, range, &records[first..]);
+    emit(buffer);
+}
+
+/// Encodes a `STARTED` frame: async tasks `(index, deadline_ms)` of a batch.
+pub fn write_started(buffer: &mut Vec<u8>, batch_id: u64, started: &[(u32, u64)]) {
+    buffer.clear();
+    put_header(
+        buffer,
+        Header {
+            kind: result_kind::STARTED,
+            count: started.len() as u32,
+            batch_id,
+        },
+    );
+    for (index, deadline_ms) in started {
+        buffer.extend_from_slice(&index.to_le_bytes());
+        buffer.extend_from_slice(&[0; 4]);
+        buffer.extend_from_slice(&deadline_ms.to_le_bytes());
+    }
+}
+
+/// Decodes a `STARTED` frame into its batch id and `(index, deadline_ms)`.
+pub fn read_started(bytes: &[u8]) -> Result<(u64, Vec<(u32, u64)>), FrameError> {
+    let mut reader = Reader::new(bytes, "started");
+    let head = reader.expect(result_kind::STARTED)?;
+    let mut started = Vec::with_capacity((head.count as usize).min(bytes.len() / STARTED_RECORD));
+    for _ in 0..head.count {
+        let index = reader.u32()?;
+        reader.take(4)?;
+        started.push((index, reader.u64()?));
+    }
+    Ok((head.batch_id, started))
+}
+
+/// Encodes a run-times frame into `buffer` (cleared first).
+pub fn write_run_times(buffer: &mut Vec<u8>, json: &[u8]) {
+    buffer.clear();
+    put_header(
+        buffer,
+        Header {
+            kind: result_kind::RUN_TIMES,
+            count: 0,
+            batch_id: 0,
+        },
+    );
+    buffer.extend_from_slice(json);
+}
+
+/// The JSON of a run-times frame.
+pub fn read_run_times(bytes: &[u8]) -> Result<&[u8], FrameError> {
+    let mut reader = Reader::new(bytes, "run-times");
+    reader.expect(result_kind::RUN_TIMES)?;
+    reader.take(bytes.len() - HEADER)
+}
 
 #[cfg(test)]
 mod tests {
@@ -378,13 +548,14 @@ mod tests {
             task("ccc", b"", Some(b"{}")),
         ];
         let mut buffer = Vec::new();
-        begin_tasks(&mut buffer, 77, tasks.len() as u32);
+        begin_tasks(&mut buffer, 77);
         for (queue, task) in tasks.iter().enumerate() {
             push_task(&mut buffer, queue as u16, task);
         }
-        let expected_len: usize =
-            TASK_FRAME_OVERHEAD + tasks.iter().map(task_record_len).sum::<usize>();
+        set_count(&mut buffer, tasks.len() as u32);
+        let expected_len: usize = HEADER + tasks.iter().map(task_record_len).sum::<usize>();
         assert_eq!(buffer.len(), expected_len);
+        assert_eq!(header(&buffer).map(|h| h.kind), Ok(task_kind::TASKS));
         assert!(heap.ring.write_frame(&[&buffer]));
         let decoded = heap
             .ring
@@ -419,52 +590,107 @@ mod tests {
         assert_eq!((decoded.2, decoded.3), (2, 30_000));
     }
 
+    fn record(index: u32, outcome: Outcome, message: &[u8]) -> Record<'_> {
+        Record {
+            index,
+            outcome,
+            delay_ms: 0,
+            message,
+            traceback: b"",
+            value: b"",
+        }
+    }
+
     #[test]
-    fn result_frame_round_trips() {
-        let failures = [
-            Failure {
-                index: 3,
-                kind: FailureKind::Error,
-                delay_ms: 0,
-                message: b"ValueError: boom",
-                traceback: b"Traceback ...",
-            },
-            Failure {
-                index: 5,
-                kind: FailureKind::Retry,
-                delay_ms: 1500,
-                message: b"",
-                traceback: b"",
-            },
+    fn result_frame_round_trips_with_values() {
+        let mut records = vec![
+            record(3, Outcome::Failed, b"ValueError: boom"),
+            record(5, Outcome::Retry, b""),
+            record(9, Outcome::Succeeded, b""),
         ];
+        records[0].traceback = b"Traceback ...";
+        records[1].delay_ms = 1500;
+        records[2].value = b"[1,2]";
+        let range = Range {
+            start: 2,
+            count: 4,
+            work_us: 1234,
+            parallel: 1,
+        };
         let mut buffer = Vec::new();
-        write_results(&mut buffer, 9, 2, 4, &failures);
+        write_results(&mut buffer, 9, range, &records);
         let results = read_results(&buffer).expect("valid");
         assert_eq!(results.batch_id, 9);
-        assert_eq!((results.start, results.count), (2, 4));
-        assert_eq!(results.failures, failures.to_vec());
+        assert_eq!(results.range, range);
+        assert_eq!(results.records, records);
+    }
+
+    #[test]
+    fn big_result_sets_split_into_frames_with_the_range_last() {
+        let text = vec![b'x'; 1000];
+        let records: Vec<Record<'_>> = (0..50)
+            .map(|index| record(index, Outcome::Failed, &text))
+            .collect();
+        let range = Range {
+            start: 0,
+            count: 60,
+            work_us: 7,
+            parallel: 1,
+        };
+        let mut frames = Vec::new();
+        write_results_split(&mut Vec::new(), 4096, 1, range, &records, |frame| {
+            assert!(frame.len() <= 4096);
+            frames.push(frame.to_vec());
+        });
+        assert!(frames.len() > 10);
+        let decoded: Vec<Results<'_>> = frames
+            .iter()
+            .map(|frame| read_results(frame).expect("valid"))
+            .collect();
+        let all: Vec<u32> = decoded
+            .iter()
+            .flat_map(|results| results.records.iter().map(|record| record.index))
+            .collect();
+        assert_eq!(all, (0..50).collect::<Vec<_>>());
+        assert!(decoded[..decoded.len() - 1]
+            .iter()
+            .all(|results| results.range.count == 0));
+        assert_eq!(decoded.last().map(|results| results.range), Some(range));
+    }
+
+    #[test]
+    fn started_and_run_time_frames_round_trip() {
+        let mut buffer = Vec::new();
+        write_started(&mut buffer, 4, &[(0, 10), (7, 0)]);
+        assert_eq!(read_started(&buffer), Ok((4, vec![(0, 10), (7, 0)])));
+        write_run_times(&mut buffer, b"[]");
+        assert_eq!(read_run_times(&buffer), Ok(&b"[]"[..]));
+        assert!(read_results(&buffer).is_err(), "kinds are checked");
     }
 
     #[test]
     fn truncated_or_inconsistent_frames_are_errors_not_panics() {
         let mut buffer = Vec::new();
-        begin_tasks(&mut buffer, 1, 1);
+        begin_tasks(&mut buffer, 1);
         push_task(&mut buffer, 0, &task("a", b"{}", None));
+        set_count(&mut buffer, 1);
         for cut in 0..buffer.len() {
             assert!(read_tasks(&buffer[..cut]).is_err(), "cut at {cut}");
         }
-        let failure = Failure {
-            index: 10,
-            kind: FailureKind::Error,
-            delay_ms: 0,
-            message: b"",
-            traceback: b"",
-        };
-        write_results(&mut buffer, 1, 0, 4, &[failure]);
+        write_results(
+            &mut buffer,
+            1,
+            Range::default(),
+            &[record(0, Outcome::Failed, b"m")],
+        );
+        for cut in 0..buffer.len() {
+            assert!(read_results(&buffer[..cut]).is_err(), "cut at {cut}");
+        }
+        buffer[RESULTS_OVERHEAD + 4] = 200;
         let message = read_results(&buffer).err().map(|error| error.to_string());
         assert_eq!(
             message.as_deref(),
-            Some("malformed result frame: failure index 10 outside 0..4")
+            Some("malformed result frame: unknown outcome 200")
         );
     }
 }

@@ -94,7 +94,15 @@ impl Keys {
         self.queue_key(queue, &format!("done:{task_id}"))
     }
 
-    /// The set of every queue ever enqueued to or served.
+    /// The write marker of one engine (consumer) in a queue: the sequence
+    /// number of its last outcome transaction, so a replay after a lost
+    /// reply is skipped (see `streams::writer`).
+    #[must_use]
+    pub fn written(&self, queue: &str, consumer: &str) -> String {
+        self.queue_key(queue, &format!("written:{consumer}"))
+    }
+
+    /// The hash of handler run-time histograms.
     #[must_use]
     pub fn durations(&self, queue: &str) -> String {
         self.queue_key(queue, "durations")
@@ -112,6 +120,7 @@ impl Keys {
         format!("{}:worker:{consumer}", self.prefix)
     }
 
+    /// The set of every queue ever enqueued to or served.
     #[must_use]
     pub fn queues(&self) -> String {
         format!("{}:queues", self.prefix)
@@ -132,6 +141,7 @@ mod tests {
         assert_eq!(Keys::new("app").queues(), "app:queues");
         assert_eq!(keys.unique("mail", "u:1"), "flumeq:{mail}:unique:u:1");
         assert_eq!(keys.done("mail", "order-7"), "flumeq:{mail}:done:order-7");
+        assert_eq!(keys.written("mail", "pod-1"), "flumeq:{mail}:written:pod-1");
     }
 
     #[test]

@@ -5,11 +5,13 @@
 //! bindings live in the `python` module behind the `python` feature.
 
 pub mod backoff;
+pub mod connection;
 pub mod dispatcher;
 pub mod envelope;
 pub mod frame;
 pub mod futex;
 pub mod keys;
+pub mod outcome;
 pub mod region;
 pub mod ring;
 pub mod scripts;

@@ -25,12 +25,17 @@ pub const SLOT_LOST: u32 = 2;
 /// The dispatcher took the tasks back and emptied the rings; a new actor may start.
 pub const SLOT_RECLAIMED: u32 = 3;
 
-/// Engine-wide flags.
+/// Number of engine counts kept in the region (`dispatcher::Report::NAMES`).
+pub const COUNTS: usize = 8;
+
+/// Engine-wide flags, and the counts of every dispatcher life so far (a
+/// dispatcher adds to them as it goes, so a killed one's work still counts).
 #[repr(C, align(64))]
 struct ControlBlock {
     stop: AtomicU32,
     closing: AtomicU32,
     _pad: [u32; 14],
+    counts: [AtomicU64; COUNTS],
 }
 
 /// What the supervisor and the dispatcher know about one actor.
@@ -48,7 +53,9 @@ pub struct SlotHeader {
     pub running_batch: AtomicU64,
     /// Index + 1 of the running task in `running_batch`; 0 when idle.
     pub running_index: AtomicU32,
-    _pad0: u32,
+    /// How many tasks the actor runs at once (1, or its async concurrency
+    /// when it has async handlers), set when it starts.
+    pub parallel: AtomicU32,
     /// When the running task started (`monotonic_ms`).
     pub running_since_ms: AtomicU64,
     /// When the running task must be stopped (`monotonic_ms`), 0 = never.
@@ -326,6 +333,39 @@ impl Region {
             .store(SLOT_RECLAIMED, Ordering::SeqCst);
     }
 
+    /// Dispatcher: adds `counts` to the engine's counts.
+    pub fn add_counts(&self, counts: &[u64; COUNTS]) {
+        for (total, count) in self.control().counts.iter().zip(counts) {
+            if *count > 0 {
+                total.fetch_add(*count, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The engine's counts over every dispatcher life.
+    #[must_use]
+    pub fn counts(&self) -> [u64; COUNTS] {
+        std::array::from_fn(|at| self.control().counts[at].load(Ordering::Relaxed))
+    }
+
+    /// Supervisor, after its dispatcher died and every actor was killed:
+    /// empties every slot for the next dispatcher and its new actors. The
+    /// stop flag and the counts stay.
+    pub fn reset_slots(&self) {
+        self.control().closing.store(0, Ordering::SeqCst);
+        for slot in 0..self.layout.slots {
+            self.task_ring(slot).reset();
+            self.result_ring(slot).reset();
+            let header = self.slot(slot);
+            header.running_index.store(0, Ordering::SeqCst);
+            header.running_deadline_ms.store(0, Ordering::SeqCst);
+            header.pid.store(0, Ordering::SeqCst);
+            header.state.store(SLOT_RECLAIMED, Ordering::SeqCst);
+        }
+        drain_event(self.results_event());
+        drain_event(self.control_event());
+    }
+
     /// Dispatcher, at the end: tells every actor there is no more work.
     pub fn close_all(&self) {
         self.control().closing.store(1, Ordering::SeqCst);
@@ -398,6 +438,18 @@ mod tests {
         assert!(!region.task_ring(1).has_frame());
         region.mark_starting(1);
         assert_eq!(region.slot(1).generation.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn counts_add_up_across_dispatcher_lives_and_survive_a_reset() {
+        let region = Region::new(layout()).expect("region");
+        region.add_counts(&[1, 0, 0, 0, 0, 0, 0, 2]);
+        assert!(region.task_ring(0).write_frame(&[b"left over"]));
+        region.reset_slots();
+        region.add_counts(&[3, 1, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(region.counts(), [4, 1, 0, 0, 0, 0, 0, 2]);
+        assert!(!region.task_ring(0).has_frame());
+        assert_eq!(region.slot(0).state.load(Ordering::SeqCst), SLOT_RECLAIMED);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Every Lua script flumeq runs. Each takes only keys it declares (all of one
+//! Every Lua script flumeq runs, always by SHA (`EVALSHA`, through
+//! `redis::Script`), loading it when Redis answers `NOSCRIPT`. Each takes only keys it declares (all of one
 //! queue, so with the `{queue}` hash tag they stay legal in Redis Cluster).
 //!
 //! A delayed task (scheduled or waiting for its retry) is stored in the
@@ -108,12 +109,13 @@ if #entries < tonumber(ARGV[2]) then last = '' end
 return {moved, last}
 ";
 
-/// Deletes a dead-letter stream and says how many entries it held.
+/// Deletes a dead-letter stream and says how many entries it held. `UNLINK`
+/// frees a large stream in the background instead of blocking Redis.
 ///
 /// KEYS[1] dead-letter stream. Returns the count removed.
 pub const PURGE_DEAD: &str = r"
 local count = redis.call('XLEN', KEYS[1])
-redis.call('DEL', KEYS[1])
+redis.call('UNLINK', KEYS[1])
 return count
 ";
 

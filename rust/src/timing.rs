@@ -49,6 +49,8 @@ pub struct RunTimes {
     running: Option<(usize, Instant)>,
     histograms: Vec<Histogram>,
     last_report: Instant,
+    /// Handler time since `take_work_us` was last called, µs.
+    work_us: u64,
 }
 
 impl Default for RunTimes {
@@ -59,6 +61,7 @@ impl Default for RunTimes {
             running: None,
             histograms: Vec::new(),
             last_report: Instant::now(),
+            work_us: 0,
         }
     }
 }
@@ -112,8 +115,15 @@ impl RunTimes {
         }
     }
 
+    /// Handler time observed since the last call, µs (what the tasks a
+    /// result frame ends cost: the dispatcher's prefetch learns from it).
+    pub fn take_work_us(&mut self) -> u64 {
+        std::mem::take(&mut self.work_us)
+    }
+
     /// Adds a run of task `index` of the batch that took `seconds`.
     pub fn observe(&mut self, index: usize, seconds: f64) {
+        self.work_us += (seconds * 1e6) as u64;
         let Some(&(queue, kind)) = self.batch.get(index) else {
             return;
         };
@@ -138,7 +148,7 @@ impl RunTimes {
     }
 
     /// The report to send now, if one is due (`idle`: the actor is about to
-    /// wait for work), as the JSON of `frame::DURATIONS_BATCH`. Resets.
+    /// wait for work), as the JSON of a `RUN_TIMES` frame. Resets.
     pub fn take_report(&mut self, idle: bool, now: Instant) -> Option<Vec<u8>> {
         let due = idle || now.duration_since(self.last_report) >= REPORT_EVERY;
         if !due

@@ -2,111 +2,84 @@
 //! rings → collect results → write outcomes back in pipelines.
 //!
 //! It runs on a single-threaded tokio runtime in the engine's dispatcher
-//! process. Start order (stop order is the reverse):
+//! process, as a set of components (after asynq's server), each in its own
+//! module with its parameters, `start()` and `shutdown()`:
 //!
-//! 1. the write connection, and the consumer groups (retried until Redis answers);
-//! 2. this consumer's own pending entries from an earlier life are taken back;
-//! 3. the writer task (outcomes), the scheduler (delayed tasks, `scheduler.rs`)
-//!    and recovery (stale tasks, dead consumers, `recovery.rs`);
-//! 4. the event loop below.
+//! | component | module | does |
+//! |---|---|---|
+//! | read loop | `fetcher` | one outstanding `XREADGROUP` (zero-copy), own pending re-reads |
+//! | actor pool | `pool` | backlog, batches to the rings, results, timeouts, blame, prefetch |
+//! | outcome book | `book` | per-queue outcomes of finished tasks, counts |
+//! | retry policy | `retry` | retry, dead letter or hand back, and when |
+//! | writer | `writer` | outcome pipelines on its own connection, replay-safe |
+//! | scheduler | `scheduler` | due delayed tasks into the streams (atomic Lua) |
+//! | recovery | `recovery` | `XAUTOCLAIM` of dead engines' stale tasks |
+//! | janitor | `janitor` | removal of dead consumers |
+//! | registry | `registry` | this engine's heartbeat entry |
 //!
-//! The loop is driven by: the one outstanding read (`XREADGROUP`, zero-copy
-//! decoded), the results eventfd (actors finished something), the control
-//! eventfd (stop requested, an actor died), pages of claimed stale tasks, and
-//! a 100 ms tick (hard timeouts, keeping held entries fresh). Writes go to the
-//! writer task on its own connection, which merges whatever piled up while
-//! its previous pipeline was in flight: one round trip per batch whatever its
-//! size.
+//! Start order (`serve`; stop order is the reverse, in `Dispatcher::stop`):
+//!
+//! 1. the write connection and the consumer groups (waiting for Redis as long
+//!    as it takes, or until a stop request);
+//! 2. writer, scheduler, recovery, janitor, read loop, registry;
+//! 3. the event loop, whose first read takes back what an earlier life of
+//!    this consumer name left pending.
+//!
+//! The event loop (`Dispatcher::run`) is driven by the read loop's results,
+//! the results eventfd (actors finished something), the control eventfd
+//! (stop requested, an actor died), pages of claimed stale tasks, SIGTERM or
+//! SIGINT (a stop request: the whole process group gets them from systemd or
+//! a terminal), and a 100 ms tick (hard timeouts, held entries).
 
+mod book;
+mod fetcher;
+mod janitor;
+mod patience;
+mod pool;
 mod recovery;
 mod registry;
+mod retry;
 mod scheduler;
-mod state;
+mod settings;
+mod taken;
+mod writer;
 
 use std::future::Future;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use log::{info, warn};
 use redis::aio::ConnectionManager;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
+pub use self::book::Report;
+use self::book::{Book, Failure};
+use self::fetcher::{Fetched, Fetcher, FetcherHandle, ReadRequest};
+use self::janitor::Janitor;
+use self::patience::Patience;
+use self::pool::Pool;
 use self::recovery::{Claimed, Recovery};
 use self::registry::Registry;
+use self::retry::RetryPolicy;
 use self::scheduler::{DelayedState, Scheduler};
-use self::state::{Dispatcher, Taken};
+pub use self::settings::{defaults, Settings};
+use self::taken::Taken;
+use self::writer::{Writer, WriterHandle};
+use crate::backoff::Backoff;
+use crate::connection::Endpoint;
 use crate::envelope::{self, RawEntry};
 use crate::keys::Keys;
+use crate::outcome::Outcome;
 use crate::region::{self, Region};
-use crate::streams::reader::{self, ReadError, Reader};
-use crate::streams::writer::{self as store, WriteSettings};
-use crate::streams::{QueueOutcomes, QueueSpec};
-
-/// How the dispatcher runs; built by the engine from its arguments.
-#[derive(Debug, Clone)]
-pub struct DispatcherConfig {
-    /// Redis URL.
-    pub url: String,
-    /// Key prefix.
-    pub prefix: String,
-    /// Queues served, with their weights.
-    pub queues: Vec<(String, u32)>,
-    /// Consumer group.
-    pub group: String,
-    /// This engine's consumer name in the group.
-    pub consumer: String,
-    /// Stop once nothing is ready, in flight or delayed.
-    pub burst: bool,
-    /// Most tasks handed to one actor and not yet finished.
-    pub prefetch: usize,
-    /// Most entries fetched by one read.
-    pub read_count: usize,
-    /// How long one blocking read waits when the queues are empty.
-    pub block_ms: u64,
-    /// How long a graceful stop waits for running tasks.
-    pub shutdown_timeout_ms: u64,
-    /// Approximate bound of each dead-letter stream.
-    pub dead_max_length: usize,
-    /// Idle time after which another engine's entry is claimed.
-    pub claim_stale_after_ms: u64,
-    /// First retry delay.
-    pub retry_base_ms: u64,
-    /// Largest retry delay.
-    pub retry_max_ms: u64,
-    /// How long done markers of idempotent tasks live.
-    pub processed_ttl_ms: u64,
-    /// What the worker registry shows of this engine (host, pid, queues...).
-    pub registry: Vec<(String, String)>,
-    /// Heartbeat interval of the registry entry (0 = not registered).
-    pub heartbeat_ms: u64,
-}
-
-/// What a dispatcher run did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Report {
-    /// Tasks done successfully.
-    pub processed: u64,
-    /// Failed runs (retried or not).
-    pub failed: u64,
-    /// Failed runs scheduled to run again.
-    pub retried: u64,
-    /// Tasks moved to dead letters.
-    pub dead: u64,
-    /// Deliveries acked without running (their id was already done).
-    pub skipped: u64,
-    /// Tasks handed back unstarted at a graceful stop.
-    pub handed_back: u64,
-    /// Tasks still running at the shutdown deadline, left pending in Redis.
-    pub left_pending: u64,
-    /// Actors that died and were replaced.
-    pub restarts: u64,
-}
+use crate::streams::reader::ReadError;
+use crate::streams::writer::{self as store, WriteScripts, WriteSettings};
+use crate::streams::QueueSpec;
 
 /// Why a dispatcher could not run.
 #[derive(Debug, thiserror::Error)]
@@ -117,11 +90,8 @@ pub enum DispatchError {
     /// A queue name is unusable.
     #[error(transparent)]
     Queue(#[from] crate::keys::QueueNameError),
-    /// Redis refused the configuration (bad URL, ...).
-    #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
-    /// The read connection cannot serve this URL.
-    #[error("redis: {0}")]
+    /// The Redis URL cannot be used.
+    #[error("{0}")]
     Config(String),
 }
 
@@ -131,6 +101,20 @@ pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
+/// A background component's task; `shutdown` stops it wherever it is.
+pub struct Background(JoinHandle<()>);
+
+impl Background {
+    fn spawn(future: impl Future<Output = ()> + Send + 'static) -> Self {
+        Self(tokio::spawn(future))
+    }
+
+    /// Stops the component.
+    pub fn shutdown(self) {
+        self.0.abort();
+    }
 }
 
 /// Registers a duplicate of one of the region's eventfds with tokio.
@@ -148,117 +132,76 @@ fn watch(fd: RawFd) -> std::io::Result<AsyncFd<OwnedFd>> {
         .map_err(|error| error.into_parts().1)
 }
 
-/// What one read brought.
-struct Fetched {
-    /// Our own pending entries, re-read after a lost reply (some we hold).
-    own: Vec<(u16, RawEntry)>,
-    /// New entries to run.
-    new: Vec<(u16, RawEntry)>,
-    /// New entries whose task id is already done.
-    done: Vec<(u16, RawEntry)>,
+/// SIGTERM and SIGINT, caught in the dispatcher: the supervisor's Python
+/// handlers cannot run while this process is inside Rust, and a signal to
+/// the whole process group must stop the engine gracefully, not kill it.
+struct Signals {
+    streams: Vec<Signal>,
 }
 
-/// A finished read: the connection back, and what it brought.
-type ReadOutcome = (Reader, Result<Fetched, ReadError>);
-type ReadFuture = Pin<Box<dyn Future<Output = ReadOutcome> + Send>>;
-
-async fn maybe_read(read: &mut Option<ReadFuture>) -> ReadOutcome {
-    match read {
-        Some(future) => future.await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Writes outcomes as they come, retrying forever while Redis is away.
-async fn writer(
-    mut receiver: mpsc::UnboundedReceiver<Vec<QueueOutcomes>>,
-    mut connection: ConnectionManager,
-    keys: Keys,
-    queues: Arc<Vec<QueueSpec>>,
-    settings: WriteSettings,
-    delayed: Arc<DelayedState>,
-) {
-    while let Some(mut merged) = receiver.recv().await {
-        let mut messages = 1;
-        while let Ok(more) = receiver.try_recv() {
-            for (into, from) in merged.iter_mut().zip(more) {
-                into.merge(from);
-            }
-            messages += 1;
-        }
-        let mut patience = Patience::new("writing task outcomes");
-        loop {
-            let written = store::write_outcomes(
-                &mut connection,
-                &keys,
-                &queues,
-                &settings,
-                &merged,
-                now_ms(),
-            )
-            .await;
-            match written {
-                Ok(()) => {
-                    patience.done();
-                    delayed.written.fetch_add(messages, Ordering::SeqCst);
-                    break;
+impl Signals {
+    fn new() -> Self {
+        let streams = [SignalKind::terminate(), SignalKind::interrupt()]
+            .into_iter()
+            .filter_map(|kind| match signal(kind) {
+                Ok(stream) => Some(stream),
+                Err(error) => {
+                    warn!("cannot watch signal {}: {error}", kind.as_raw_value());
+                    None
                 }
-                Err(error) => patience.wait(&error).await,
+            })
+            .collect();
+        Self { streams }
+    }
+
+    /// Resolves when one of the signals arrives.
+    async fn recv(&mut self) {
+        loop {
+            if self.streams.is_empty() {
+                return std::future::pending().await;
             }
+            let (arrived, at) = {
+                let polls = self
+                    .streams
+                    .iter_mut()
+                    .map(|stream| Box::pin(stream.recv()));
+                first_of(polls).await
+            };
+            if arrived.is_some() {
+                return;
+            }
+            // The signal driver is gone: stop watching this one (never spin).
+            drop(self.streams.swap_remove(at));
         }
     }
+}
+
+/// Waits for the first of `futures` to finish: its output and position.
+async fn first_of<F: Future + Unpin>(futures: impl Iterator<Item = F>) -> (F::Output, usize) {
+    let mut futures: Vec<F> = futures.collect();
+    std::future::poll_fn(move |context| {
+        for (at, future) in futures.iter_mut().enumerate() {
+            if let std::task::Poll::Ready(output) = std::pin::Pin::new(future).poll(context) {
+                return std::task::Poll::Ready((output, at));
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 /// Runs the dispatcher until a stop request (or, in burst mode, until no work
 /// is left). Blocks the calling thread; call it without holding the GIL.
-pub fn run(region: &Region, config: DispatcherConfig) -> Result<Report, DispatchError> {
-    for (name, _) in &config.queues {
+pub fn run(region: &Region, settings: Settings) -> Result<Report, DispatchError> {
+    for (name, _) in &settings.queues {
         crate::keys::validate_queue(name)?;
     }
+    let endpoint =
+        Endpoint::parse(&settings.url).map_err(|error| DispatchError::Config(error.to_string()))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(serve(region, config))
-}
-
-/// Capped exponential waiting between attempts at something Redis must do,
-/// logging the first failure and the recovery once each (per failing spell).
-/// Used by start-up, the outcome writer and the delayed-task mover.
-pub(crate) struct Patience {
-    what: &'static str,
-    delay: Duration,
-    warned: bool,
-}
-
-impl Patience {
-    pub(crate) fn new(what: &'static str) -> Self {
-        Self {
-            what,
-            delay: Duration::from_millis(100),
-            warned: false,
-        }
-    }
-
-    pub(crate) async fn wait(&mut self, error: &(dyn std::fmt::Display + Sync)) {
-        if !self.warned {
-            warn!(
-                "{} failed ({error}); retrying until redis answers",
-                self.what
-            );
-            self.warned = true;
-        }
-        tokio::time::sleep(self.delay).await;
-        self.delay = (self.delay * 2).min(Duration::from_secs(5));
-    }
-
-    /// It worked: log the recovery (once per failing spell) and start over.
-    pub(crate) fn done(&mut self) {
-        if self.warned {
-            info!("{}: redis answers again", self.what);
-        }
-        self.warned = false;
-        self.delay = Duration::from_millis(100);
-    }
+    runtime.block_on(serve(region, settings.checked(), endpoint))
 }
 
 /// A delivery whose count says it was handed out more often than its runs
@@ -267,361 +210,491 @@ fn is_poison(entry: &RawEntry, deliveries: u64) -> bool {
     envelope::parse(entry).is_ok_and(|task| deliveries > u64::from(task.max_retry) + 2)
 }
 
-#[expect(
-    clippy::too_many_lines,
-    reason = "the event loop reads best in one piece"
-)]
-async fn serve(region: &Region, config: DispatcherConfig) -> Result<Report, DispatchError> {
-    let keys = Keys::new(&config.prefix);
-    let queues: Vec<QueueSpec> = config
-        .queues
-        .iter()
-        .map(|(name, weight)| QueueSpec {
-            name: name.clone(),
-            weight: (*weight).max(1),
-            stream: keys.stream(name),
-        })
-        .collect();
-    let response_timeout = Duration::from_millis(config.block_ms + 10_000);
-    let make_reader = |role: &str| {
-        let name = format!("flumeq:{}:{role}:{}", config.consumer, std::process::id());
-        Reader::new(&config.url, response_timeout, &name)
-            .map_err(|error| DispatchError::Config(error.to_string()))
-    };
-    let mut reader = make_reader("reader")?;
-    let recovery_reader = make_reader("recovery")?;
-    // Fail fast on a malformed URL; otherwise wait for Redis as long as it takes.
-    redis::Client::open(config.url.as_str())?;
+/// The write connection and the consumer groups, retried until Redis answers.
+async fn prepare(
+    endpoint: &Endpoint,
+    timeout: Duration,
+    keys: &Keys,
+    queues: &[QueueSpec],
+    group: &str,
+) -> ConnectionManager {
     let mut patience = Patience::new("connecting to redis");
-    let writer_connection = loop {
-        match store::connect(&config.url, response_timeout).await {
+    let mut connection = loop {
+        match endpoint.connect_managed(timeout).await {
             Ok(connection) => break connection,
             Err(error) => patience.wait(&error).await,
         }
     };
     patience.done();
-    let mut group_connection = writer_connection.clone();
     let mut patience = Patience::new("creating consumer groups");
-    while let Err(error) =
-        store::ensure_groups(&mut group_connection, &keys, &queues, &config.group).await
-    {
+    while let Err(error) = store::ensure_groups(&mut connection, keys, queues, group).await {
         patience.wait(&error).await;
     }
     patience.done();
+    connection
+}
 
-    let mut state = Dispatcher::new(region, config.clone(), queues);
-    // Take back what an earlier life of this consumer name left pending.
-    let mut after = vec![Bytes::from_static(b"0"); state.queues.len()];
-    let mut patience = Patience::new("reading own pending tasks");
-    loop {
-        let queues = Arc::clone(&state.queues);
-        let read = reader::read_own_pending(
-            &mut reader,
-            &queues,
-            &config.group,
-            &config.consumer,
-            500,
-            &mut after,
-        )
-        .await;
-        let page = match read {
-            Ok(page) => page,
-            Err(error) => {
-                patience.wait(&error).await;
-                continue;
+/// Resolves once a stop was requested (by the supervisor or a signal).
+async fn stop_requested(region: &Region, control: &AsyncFd<OwnedFd>, signals: &mut Signals) {
+    while !region.stop_requested() {
+        tokio::select! {
+            guard = control.readable() => {
+                if let Ok(mut guard) = guard {
+                    region::drain_event(region.control_event());
+                    guard.clear_ready();
+                } else {
+                    return std::future::pending().await;
+                }
             }
-        };
-        patience.done();
-        if page.is_empty() {
-            break;
+            () = signals.recv() => region.request_stop(),
         }
-        info!(
-            "taking back {} task(s) this consumer left pending",
-            page.len()
-        );
-        let now = Instant::now();
-        state.backlog.extend(
-            page.into_iter()
-                .map(|(queue, entry)| Taken::new(queue, entry, now)),
-        );
     }
+}
 
-    let delayed_state = Arc::new(DelayedState::default());
-    let (sender, receiver) = mpsc::unbounded_channel();
-    let writer_task = tokio::spawn(writer(
-        receiver,
-        writer_connection.clone(),
-        keys.clone(),
-        Arc::clone(&state.queues),
-        WriteSettings {
-            group: config.group.clone(),
-            consumer: config.consumer.clone(),
-            dead_max_length: config.dead_max_length,
-            processed_ttl_ms: config.processed_ttl_ms,
-        },
-        Arc::clone(&delayed_state),
-    ));
-    let scheduler_task = Scheduler {
-        connection: writer_connection.clone(),
+#[expect(
+    clippy::too_many_lines,
+    reason = "the start order of every component, in one place"
+)]
+async fn serve(
+    region: &Region,
+    settings: Settings,
+    endpoint: Endpoint,
+) -> Result<Report, DispatchError> {
+    let keys = Keys::new(&settings.prefix);
+    let queues: Arc<Vec<QueueSpec>> = Arc::new(
+        settings
+            .queues
+            .iter()
+            .map(|(name, weight)| QueueSpec {
+                name: name.clone(),
+                weight: (*weight).max(1),
+                stream: keys.stream(name),
+            })
+            .collect(),
+    );
+    let control = watch(region.control_event())?;
+    let results = watch(region.results_event())?;
+    let mut signals = Signals::new();
+    let response_timeout = Duration::from_millis(settings.block_ms + 10_000);
+    let connection = tokio::select! {
+        connection = prepare(&endpoint, response_timeout, &keys, &queues, &settings.group) => connection,
+        () = stop_requested(region, &control, &mut signals) => {
+            info!("stopped before redis answered");
+            region.close_all();
+            return Ok(Report::default());
+        }
+    };
+    let raw = |role: &str| {
+        let name = format!("flumeq:{}:{role}:{}", settings.consumer, std::process::id());
+        endpoint.raw(&name, response_timeout)
+    };
+
+    let delayed = Arc::new(DelayedState::default());
+    let writer = Writer {
+        connection: connection.clone(),
         keys: keys.clone(),
-        queues: Arc::clone(&state.queues),
-        dead_max_length: config.dead_max_length,
-        state: Arc::clone(&delayed_state),
+        queues: Arc::clone(&queues),
+        settings: WriteSettings {
+            group: settings.group.clone(),
+            consumer: settings.consumer.clone(),
+            dead_max_length: settings.dead_max_length,
+            processed_ttl_ms: settings.processed_ttl_ms,
+            scripts: WriteScripts::default(),
+        },
+        delayed: Arc::clone(&delayed),
     }
     .start();
-    let (claim_sender, mut claims) = mpsc::channel::<Vec<Claimed>>(1);
+    let scheduler = Scheduler {
+        connection: connection.clone(),
+        keys: keys.clone(),
+        queues: Arc::clone(&queues),
+        dead_max_length: settings.dead_max_length,
+        state: Arc::clone(&delayed),
+    }
+    .start();
+    let (claim_sender, claims) = mpsc::channel::<Vec<Claimed>>(1);
     let lost_reply = Arc::new(AtomicBool::new(false));
-    let recovery_task = Recovery {
-        reader: recovery_reader,
-        queues: Arc::clone(&state.queues),
-        group: config.group.clone(),
-        consumer: config.consumer.clone(),
-        stale_ms: config.claim_stale_after_ms,
+    let recovery = Recovery {
+        reader: raw("recovery"),
+        queues: Arc::clone(&queues),
+        group: settings.group.clone(),
+        consumer: settings.consumer.clone(),
+        stale_ms: settings.claim_stale_after_ms,
         sender: claim_sender,
         lost_reply: Arc::clone(&lost_reply),
     }
     .start();
-
-    let mut registry = Registry::new(
-        writer_connection.clone(),
+    let janitor = Janitor {
+        reader: raw("janitor"),
+        queues: Arc::clone(&queues),
+        group: settings.group.clone(),
+        consumer: settings.consumer.clone(),
+        stale_ms: settings.claim_stale_after_ms,
+    }
+    .start();
+    let fetcher = Fetcher {
+        reader: raw("reader"),
+        keys: keys.clone(),
+        queues: Arc::clone(&queues),
+        group: settings.group.clone(),
+        consumer: settings.consumer.clone(),
+    }
+    .start();
+    let registry = Registry::new(
+        connection.clone(),
         &keys,
-        &config.consumer,
-        config.registry.clone(),
-        Duration::from_millis(config.heartbeat_ms),
+        &settings.consumer,
+        settings.registry.clone(),
+        Duration::from_millis(settings.heartbeat_ms),
     );
-    let results_event = watch(region.results_event())?;
-    let control_event = watch(region.control_event())?;
+    let policy = RetryPolicy {
+        backoff: Backoff {
+            base_ms: settings.retry_base_ms,
+            max_ms: settings.retry_max_ms,
+        },
+    };
+    let refresh_every =
+        Duration::from_millis(settings.claim_stale_after_ms / 3).max(Duration::from_millis(50));
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut dispatcher = Dispatcher {
+        region,
+        pool: Pool::new(region, settings.prefetch, refresh_every),
+        book: Book::new(keys.clone(), Arc::clone(&queues), policy),
+        keys,
+        queues,
+        settings,
+        fetcher,
+        writer,
+        claims,
+        lost_reply,
+        delayed,
+        registry,
+        connection,
+        control,
+        results,
+        signals,
+        tick,
+        stopping_since: None,
+        recover: true,
+        last_read_empty: false,
+        read_retry_at: None,
+        read_delay: Duration::from_millis(100),
+        read_failing: false,
+        pending_checked: None,
+    };
+    dispatcher.run().await?;
+    Ok(dispatcher.stop(recovery, janitor, scheduler).await)
+}
 
-    let mut reader_slot = Some(reader);
-    let mut read: Option<ReadFuture> = None;
-    let mut stopping_since: Option<Instant> = None;
-    let mut last_read_empty = false;
-    let mut read_retry_at: Option<Instant> = None;
-    let mut read_delay = Duration::from_millis(100);
-    let mut read_failing = false;
-    let mut sent: u64 = 0;
-    let mut pending_checked: Option<Instant> = None;
+/// The running dispatcher: its components and the event loop's state.
+struct Dispatcher<'r> {
+    region: &'r Region,
+    settings: Settings,
+    keys: Keys,
+    queues: Arc<Vec<QueueSpec>>,
+    pool: Pool<'r>,
+    book: Book,
+    fetcher: FetcherHandle,
+    writer: WriterHandle,
+    claims: mpsc::Receiver<Vec<Claimed>>,
+    /// Raised by recovery when a claim's reply may have been lost.
+    lost_reply: Arc<AtomicBool>,
+    delayed: Arc<DelayedState>,
+    registry: Registry,
+    /// For the burst check and recreating groups.
+    connection: ConnectionManager,
+    control: AsyncFd<OwnedFd>,
+    results: AsyncFd<OwnedFd>,
+    signals: Signals,
+    tick: tokio::time::Interval,
+    stopping_since: Option<Instant>,
+    /// The next read re-reads our own pending entries first.
+    recover: bool,
+    last_read_empty: bool,
+    read_retry_at: Option<Instant>,
+    read_delay: Duration,
+    read_failing: bool,
+    pending_checked: Option<Instant>,
+}
 
-    loop {
-        if stopping_since.is_none() && region.stop_requested() {
-            info!(
-                "stop requested: taking no new tasks; {} in flight",
-                state.in_flight()
-            );
-            stopping_since = Some(Instant::now());
-            state.hand_back_backlog();
-        }
-        let idle = state.in_flight() == 0;
-        if read.is_none() && idle {
-            if stopping_since.is_some() {
-                break;
-            }
-            let nothing_delayed = delayed_state.left.load(Ordering::SeqCst) == 0
-                && delayed_state.written.load(Ordering::SeqCst) == sent
-                && delayed_state.pass_after_write.load(Ordering::SeqCst) > sent;
-            let check_due =
-                pending_checked.is_none_or(|at| at.elapsed() >= Duration::from_millis(100));
-            if config.burst && last_read_empty && nothing_delayed && check_due {
-                // Nothing here: but tasks other consumers hold (alive, or dead
-                // and soon claimed by recovery), or that the mover just made
-                // due, are still in the streams.
-                pending_checked = Some(Instant::now());
-                match store::tasks_in_streams(&mut group_connection, &state.queues, &config.group)
-                    .await
-                {
-                    Ok(0) => break,
-                    Ok(_) => {}
-                    Err(error) => warn!("cannot count pending tasks: {error}"),
-                }
-            }
-        }
-        if let Some(since) = stopping_since {
-            if since.elapsed() >= Duration::from_millis(config.shutdown_timeout_ms) {
-                state.report.left_pending = state.in_flight() as u64;
-                warn!(
-                    "shutdown timeout passed; leaving {} running task(s) pending for another engine",
-                    state.report.left_pending
+impl Dispatcher<'_> {
+    async fn run(&mut self) -> Result<(), DispatchError> {
+        loop {
+            if self.stopping_since.is_none() && self.region.stop_requested() {
+                info!(
+                    "stop requested: taking no new tasks; {} in flight",
+                    self.pool.in_flight()
                 );
-                break;
+                self.stopping_since = Some(Instant::now());
             }
-        }
-        let may_read = read_retry_at.is_none_or(|at| Instant::now() >= at);
-        let credit = state.credit();
-        if read.is_none() && stopping_since.is_none() && may_read && credit > 0 {
-            // After a lost reply, re-read our own pending entries, but only
-            // once every outcome is written (else a finished task whose ack
-            // is still queued would look like one to run again).
-            let recover = delayed_state.written.load(Ordering::SeqCst) == sent
-                && lost_reply.swap(false, Ordering::SeqCst);
-            if let Some(mut connection) = reader_slot.take() {
-                let count = credit.min(config.read_count);
-                // Burst mode with nothing in flight asks without blocking, so
-                // it can tell "empty" at once; otherwise block (never spin).
-                let block = if config.burst && idle {
-                    0
-                } else if config.burst {
-                    100
-                } else {
-                    config.block_ms
-                };
-                let queues = Arc::clone(&state.queues);
-                let group = config.group.clone();
-                let consumer = config.consumer.clone();
-                let keys = keys.clone();
-                read = Some(Box::pin(async move {
-                    let result = async {
-                        let mut own = Vec::new();
-                        if recover {
-                            let mut after = vec![Bytes::from_static(b"0"); queues.len()];
-                            loop {
-                                let page = reader::read_own_pending(
-                                    &mut connection,
-                                    &queues,
-                                    &group,
-                                    &consumer,
-                                    500,
-                                    &mut after,
-                                )
-                                .await?;
-                                if page.is_empty() {
-                                    break;
-                                }
-                                own.extend(page);
-                            }
-                        }
-                        let entries = reader::read_new(
-                            &mut connection,
-                            &queues,
-                            &group,
-                            &consumer,
-                            count,
-                            block,
-                        )
-                        .await?;
-                        let (new, done) =
-                            reader::split_done(&mut connection, &keys, &queues, entries).await?;
-                        Ok(Fetched { own, new, done })
-                    }
-                    .await;
-                    (connection, result)
-                }));
+            if self.stopping_since.is_some() {
+                // Also what comes back from actors that died meanwhile.
+                self.pool.hand_back_backlog(&mut self.book);
             }
+            let idle = self.pool.in_flight() == 0;
+            if idle && !self.fetcher.busy() {
+                if self.stopping_since.is_some() {
+                    break;
+                }
+                if self.burst_finished().await {
+                    break;
+                }
+            }
+            if let Some(since) = self.stopping_since {
+                if since.elapsed() >= Duration::from_millis(self.settings.shutdown_timeout_ms) {
+                    let left = self.pool.in_flight() as u64;
+                    self.book.count_left_pending(left);
+                    warn!(
+                        "shutdown timeout passed; leaving {left} running task(s) pending for another engine"
+                    );
+                    break;
+                }
+            }
+            self.maybe_read(idle);
+            let credit = self.pool.credit();
+            let taking = credit > 0 && self.stopping_since.is_none();
+            tokio::select! {
+                guard = self.control.readable() => {
+                    let mut guard = guard?;
+                    region::drain_event(self.region.control_event());
+                    guard.clear_ready();
+                    self.pool.reclaim_lost(&mut self.book);
+                    self.pool.pump(&mut self.book);
+                }
+                guard = self.results.readable() => {
+                    let mut guard = guard?;
+                    region::drain_event(self.region.results_event());
+                    guard.clear_ready();
+                    self.pool.collect_all(&mut self.book);
+                    self.pool.pump(&mut self.book);
+                }
+                fetched = self.fetcher.next() => self.on_fetched(fetched).await,
+                page = self.claims.recv(), if taking => self.on_claims(page.unwrap_or_default()),
+                _ = self.tick.tick() => {
+                    // Async actors write STARTED frames without waking us.
+                    self.pool.collect_all(&mut self.book);
+                    self.pool.enforce_timeouts();
+                    self.pool.reclaim_lost(&mut self.book);
+                    self.pool.refresh_held(&mut self.book);
+                    self.pool.pump(&mut self.book);
+                    self.registry.beat(&self.book.totals, self.pool.in_flight());
+                }
+                () = self.signals.recv() => {
+                    info!("signal received: stopping gracefully");
+                    self.region.request_stop();
+                }
+            }
+            self.flush();
         }
+        self.flush();
+        Ok(())
+    }
 
-        tokio::select! {
-            guard = control_event.readable() => {
-                let mut guard = guard?;
-                region::drain_event(region.control_event());
-                guard.clear_ready();
-                state.reclaim_lost_slots();
-                state.pump();
+    /// Publishes the counts and hands the outcomes to the writer.
+    fn flush(&mut self) {
+        let fresh = self.book.take_fresh();
+        self.region.add_counts(&fresh.to_array());
+        if let Some(outcomes) = self.book.take() {
+            self.writer.send(outcomes);
+        }
+    }
+
+    /// Burst mode: whether nothing is ready, pending in any consumer, or
+    /// delayed (checked at most every 100 ms).
+    async fn burst_finished(&mut self) -> bool {
+        let sent = self.writer.sent;
+        let nothing_delayed = self.delayed.left.load(Ordering::SeqCst) == 0
+            && self.delayed.written.load(Ordering::SeqCst) == sent
+            && self.delayed.pass_after_write.load(Ordering::SeqCst) > sent;
+        let check_due = self
+            .pending_checked
+            .is_none_or(|at| at.elapsed() >= Duration::from_millis(100));
+        if !(self.settings.burst && self.last_read_empty && nothing_delayed && check_due) {
+            return false;
+        }
+        // Nothing here: but tasks other consumers hold (alive, or dead and
+        // soon claimed by recovery), or that the mover just made due, are
+        // still in the streams.
+        self.pending_checked = Some(Instant::now());
+        match store::tasks_in_streams(&mut self.connection, &self.queues, &self.settings.group)
+            .await
+        {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(error) => {
+                warn!("cannot count pending tasks: {error}");
+                false
             }
-            guard = results_event.readable() => {
-                let mut guard = guard?;
-                region::drain_event(region.results_event());
-                guard.clear_ready();
-                state.collect_results();
-                state.pump();
-            }
-            (connection, result) = maybe_read(&mut read) => {
-                read = None;
-                reader_slot = Some(connection);
-                match result {
-                    Ok(Fetched { own, new, done }) => {
-                        if read_failing {
-                            info!("redis is back; reading again");
-                            read_failing = false;
-                        }
-                        read_delay = Duration::from_millis(100);
-                        read_retry_at = None;
-                        last_read_empty = new.is_empty() && done.is_empty();
-                        if !own.is_empty() {
-                            let taken = state.take_back_unheld(own);
-                            if taken > 0 {
-                                info!("took back {taken} task(s) delivered to us while a reply was lost");
-                                last_read_empty = false;
-                            }
-                        }
-                        let now = Instant::now();
-                        for (queue, entry) in done {
-                            state.skip_done(Taken::new(queue, entry, now));
-                        }
-                        state.backlog.extend(new.into_iter().map(|(queue, entry)| Taken::new(queue, entry, now)));
-                        state.pump();
-                    }
-                    Err(error) => {
-                        if error.reply_may_be_lost() {
-                            lost_reply.store(true, Ordering::SeqCst);
-                        }
-                        if error.is_missing_group() {
-                            // The stream or group vanished (FLUSHALL, a Redis
-                            // restart without persistence): create them again.
-                            let created = store::ensure_groups(
-                                &mut group_connection, &keys, &state.queues, &config.group,
-                            ).await;
-                            if let Err(error) = created {
-                                warn!("cannot recreate consumer groups: {error}");
-                            }
-                        }
-                        if !read_failing {
-                            warn!("reading tasks failed ({error}); retrying with backoff");
-                            read_failing = true;
-                        }
-                        read_retry_at = Some(Instant::now() + read_delay);
-                        read_delay = (read_delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Asks for a read when actors have room and none is outstanding.
+    fn maybe_read(&mut self, idle: bool) {
+        let may = self.read_retry_at.is_none_or(|at| Instant::now() >= at);
+        let credit = self.pool.credit();
+        if self.fetcher.busy() || self.stopping_since.is_some() || !may || credit == 0 {
+            return;
+        }
+        // After a lost reply, re-read our own pending entries, but only once
+        // every outcome is written (else a finished task whose ack is still
+        // queued would look like one to run again).
+        let written = self.delayed.written.load(Ordering::SeqCst) == self.writer.sent;
+        let recover = self.recover || (written && self.lost_reply.swap(false, Ordering::SeqCst));
+        // Burst mode with nothing in flight asks without blocking, so it can
+        // tell "empty" at once; otherwise block (never spin).
+        let block_ms = if self.settings.burst && idle {
+            0
+        } else if self.settings.burst {
+            100
+        } else {
+            self.settings.block_ms
+        };
+        self.fetcher.request(ReadRequest {
+            count: credit.min(self.settings.read_count),
+            block_ms,
+            recover,
+        });
+        if self.fetcher.busy() {
+            self.recover = false;
+        }
+    }
+
+    async fn on_fetched(&mut self, fetched: Result<Fetched, ReadError>) {
+        match fetched {
+            Ok(Fetched { own, new, done }) => {
+                if self.read_failing {
+                    info!("redis is back; reading again");
+                    self.read_failing = false;
+                }
+                self.read_delay = Duration::from_millis(100);
+                self.read_retry_at = None;
+                self.last_read_empty = new.is_empty() && done.is_empty();
+                if !own.is_empty() {
+                    let taken = self.take_back(own);
+                    if taken > 0 {
+                        info!("took back {taken} task(s) this consumer left pending");
+                        self.last_read_empty = false;
                     }
                 }
-            }
-            page = claims.recv(), if credit > 0 && stopping_since.is_none() => {
                 let now = Instant::now();
-                for (queue, entry, deliveries) in page.unwrap_or_default() {
-                    let taken = Taken::new(queue, entry, now);
-                    if is_poison(&taken.entry, deliveries) {
-                        let message = format!(
-                            "delivered {deliveries} times without finishing (its runs keep killing engines)"
-                        );
-                        state.dead(taken, "poison", message.into_bytes(), Vec::new(), true);
-                    } else {
-                        state.backlog.push_back(taken);
+                for (queue, entry) in done {
+                    self.book.skip_done(Taken::new(queue, entry, now));
+                }
+                self.pool.backlog.extend(
+                    new.into_iter()
+                        .map(|(queue, entry)| Taken::new(queue, entry, now)),
+                );
+                self.pool.pump(&mut self.book);
+            }
+            Err(error) => {
+                if error.reply_may_be_lost() {
+                    self.lost_reply.store(true, Ordering::SeqCst);
+                }
+                if error.is_missing_group() {
+                    // The stream or group vanished (FLUSHALL, a Redis restart
+                    // without persistence): create them again.
+                    let created = store::ensure_groups(
+                        &mut self.connection,
+                        &self.keys,
+                        &self.queues,
+                        &self.settings.group,
+                    )
+                    .await;
+                    if let Err(error) = created {
+                        warn!("cannot recreate consumer groups: {error}");
                     }
                 }
-                state.pump();
-            }
-            _ = tick.tick() => {
-                state.enforce_timeouts();
-                state.reclaim_lost_slots();
-                state.refresh_held();
-                state.pump();
-                registry.beat(&state.report, state.in_flight());
-            }
-        }
-        if let Some(outcomes) = state.take_outcomes() {
-            // The writer only stops when the sender is dropped below.
-            if sender.send(outcomes).is_ok() {
-                sent += 1;
+                if !self.read_failing {
+                    warn!("reading tasks failed ({error}); retrying with backoff");
+                    self.read_failing = true;
+                }
+                self.read_retry_at = Some(Instant::now() + self.read_delay);
+                self.read_delay = (self.read_delay * 2).min(Duration::from_secs(5));
             }
         }
     }
-    recovery_task.abort();
-    // Claimed pages nobody took yet are ours in Redis: hand them back.
-    claims.close();
-    let now = Instant::now();
-    while let Ok(page) = claims.try_recv() {
-        for (queue, entry, _) in page {
-            state.hand_back(Taken::new(queue, entry, now));
+
+    /// Takes back our own pending entries that we do not hold (an earlier
+    /// life's, or delivered while a reply was lost); the poison ones go to
+    /// the dead letters. Returns how many were taken.
+    fn take_back(&mut self, own: Vec<(u16, RawEntry, u64)>) -> usize {
+        let unheld = self.pool.unheld(own);
+        let now = Instant::now();
+        let mut taken = 0;
+        for (queue, entry, deliveries) in unheld {
+            self.take_or_bury(Taken::new(queue, entry, now), deliveries);
+            taken += 1;
+        }
+        taken
+    }
+
+    /// Queues a task delivered `deliveries` times, or buries it as poison.
+    fn take_or_bury(&mut self, taken: Taken, deliveries: u64) {
+        if is_poison(&taken.entry, deliveries) {
+            let message = format!(
+                "delivered {deliveries} times without finishing (its runs keep killing engines)"
+            );
+            self.book
+                .dead(taken, &Failure::new(Outcome::Poison, message.as_bytes()));
+        } else {
+            self.pool.backlog.push_back(taken);
         }
     }
-    if let Some(outcomes) = state.take_outcomes() {
-        let _ = sender.send(outcomes);
+
+    fn on_claims(&mut self, page: Vec<Claimed>) {
+        let now = Instant::now();
+        for (queue, entry, deliveries) in page {
+            self.take_or_bury(Taken::new(queue, entry, now), deliveries);
+        }
+        self.pool.pump(&mut self.book);
     }
-    region.close_all();
-    drop(sender);
-    if let Err(error) = writer_task.await {
-        warn!("outcome writer failed: {error}");
+
+    /// Stops the components, in the reverse of their start order, and
+    /// writes the last outcomes within a bounded grace. Returns the counts.
+    async fn stop(
+        self,
+        recovery: Background,
+        janitor: Background,
+        scheduler: Background,
+    ) -> Report {
+        let Self {
+            region,
+            mut book,
+            fetcher,
+            mut writer,
+            mut claims,
+            mut registry,
+            ..
+        } = self;
+        fetcher.shutdown();
+        janitor.shutdown();
+        recovery.shutdown();
+        // Claimed pages nobody took yet are ours in Redis: hand them back.
+        claims.close();
+        let now = Instant::now();
+        while let Ok(page) = claims.try_recv() {
+            for (queue, entry, _) in page {
+                book.hand_back(Taken::new(queue, entry, now));
+            }
+        }
+        scheduler.shutdown();
+        // The actors exit once they see their rings closed.
+        region.close_all();
+        region.add_counts(&book.take_fresh().to_array());
+        if let Some(outcomes) = book.take() {
+            writer.send(outcomes);
+        }
+        let grace = Duration::from_millis(defaults::WRITE_GRACE_MS);
+        let left = writer.shutdown(Instant::now() + grace).await;
+        if left > 0 {
+            warn!(
+                "{left} finished task outcome(s) could not be written (redis unreachable for {}s); \
+                 those tasks stay pending in redis and will run again",
+                grace.as_secs()
+            );
+        }
+        registry.leave().await;
+        book.totals
     }
-    scheduler_task.abort();
-    registry.leave().await;
-    Ok(state.report)
 }

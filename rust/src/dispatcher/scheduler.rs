@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use redis::RedisResult;
-use tokio::task::JoinHandle;
 
-use super::{now_ms, Patience};
+use super::patience::Patience;
+use super::{now_ms, Background};
 use crate::keys::Keys;
 use crate::scripts;
 use crate::streams::QueueSpec;
@@ -48,10 +48,10 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// Starts the mover; abort the handle to stop it (each pass is atomic).
+    /// Starts the mover (stopping it anywhere is safe: each pass is atomic).
     #[must_use]
-    pub fn start(self) -> JoinHandle<()> {
-        tokio::spawn(self.run())
+    pub fn start(self) -> Background {
+        Background::spawn(self.run())
     }
 
     async fn pass(&mut self, script: &redis::Script) -> RedisResult<(u64, Option<u64>, bool)> {

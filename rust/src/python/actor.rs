@@ -1,21 +1,20 @@
 //! `Region` (created by the supervisor before it forks) and `ActorEnd` (an
 //! actor process's side of its two rings).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
 use super::errors::error;
-use crate::frame::{self, Failure, FailureKind};
+use crate::dispatcher::{defaults, Report};
+use crate::frame::{self, Range, Record};
+use crate::outcome::{clip, Outcome};
 use crate::region::{self, Region, RegionLayout, SLOT_RUNNING};
 use crate::ring::Wait;
 use crate::timing::{RunTimes, DURATION_BUCKETS};
-
-/// Longest error text and traceback kept per failure (bytes).
-const MAX_TEXT: usize = 16 * 1024;
 
 /// The shared memory of one engine. Create it before forking any process.
 #[pyclass(module = "flumeq._core", name = "Region", frozen)]
@@ -26,7 +25,7 @@ pub struct PyRegion {
 #[pymethods]
 impl PyRegion {
     #[new]
-    #[pyo3(signature = (processes, task_ring_bytes = 8 << 20, result_ring_bytes = 1 << 20))]
+    #[pyo3(signature = (processes, task_ring_bytes = defaults::TASK_RING_BYTES, result_ring_bytes = defaults::RESULT_RING_BYTES))]
     fn new(
         py: Python<'_>,
         processes: usize,
@@ -92,6 +91,22 @@ impl PyRegion {
         self.inner.close_all();
     }
 
+    /// The engine's counts (processed, failed, ...) over every dispatcher
+    /// life so far.
+    fn counts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let dict = PyDict::new(py);
+        for (name, count) in Report::NAMES.iter().zip(self.inner.counts()) {
+            dict.set_item(*name, count)?;
+        }
+        Ok(dict)
+    }
+
+    /// Supervisor, after its dispatcher died and its actors were killed:
+    /// empties every slot for a new dispatcher and new actors.
+    fn reset_slots(&self) {
+        self.inner.reset_slots();
+    }
+
     /// The actor side of `slot`, for the process that runs it.
     fn actor(&self, slot: usize, queues: Vec<String>) -> PyResult<ActorEnd> {
         self.check(slot)?;
@@ -102,6 +117,7 @@ impl PyRegion {
             buffer: Mutex::new(Vec::new()),
             times: Mutex::new(RunTimes::default()),
             clock: (Instant::now(), region::monotonic_ms()),
+            parallel: AtomicU32::new(1),
         })
     }
 }
@@ -135,25 +151,40 @@ pub struct ActorEnd {
     /// An `Instant` and the `monotonic_ms` of the same moment: one clock read
     /// per task then serves both the run time and the slot header.
     clock: (Instant, u64),
+    /// How many async tasks this actor runs at once (1 without async handlers).
+    parallel: AtomicU32,
 }
 
-fn clip(text: &str) -> &[u8] {
-    let bytes = text.as_bytes();
-    if bytes.len() <= MAX_TEXT {
-        return bytes;
-    }
-    let mut end = MAX_TEXT;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &bytes[..end]
+type PyRecord = (u32, u8, u64, String, String);
+
+fn records(failures: &[PyRecord]) -> PyResult<Vec<Record<'_>>> {
+    failures
+        .iter()
+        .map(|(index, outcome, delay_ms, message, traceback)| {
+            let outcome = Outcome::from_byte(*outcome).ok_or_else(|| {
+                pyo3::exceptions::PyValueError::new_err(format!("unknown outcome {outcome}"))
+            })?;
+            Ok(Record {
+                index: *index,
+                outcome,
+                delay_ms: *delay_ms,
+                message: clip(message, false).as_bytes(),
+                traceback: clip(traceback, true).as_bytes(),
+                value: b"",
+            })
+        })
+        .collect()
 }
 
 #[pymethods]
 impl ActorEnd {
-    /// Marks the slot running with this process's pid.
-    fn started(&self) {
+    /// Marks the slot running with this process's pid; `parallel` is how
+    /// many async tasks it runs at once (1 without async handlers).
+    #[pyo3(signature = (parallel = 1))]
+    fn started(&self, parallel: u32) {
         let header = self.region.slot(self.slot);
+        self.parallel.store(parallel.max(1), Ordering::Relaxed);
+        header.parallel.store(parallel.max(1), Ordering::SeqCst);
         header.pid.store(std::process::id(), Ordering::SeqCst);
         header.running_index.store(0, Ordering::SeqCst);
         header.state.store(SLOT_RUNNING, Ordering::SeqCst);
@@ -177,41 +208,38 @@ impl ActorEnd {
         }
     }
 
-    /// Records that task `index` of `batch_id` starts now, with its timeout.
-    /// Returns `False` when the engine is stopping: the task must not start.
-    /// With `timed`, its run time counts from now to the next `begin` or
-    /// `finish` (an async group passes `False` and reports each task with
-    /// `observe`).
-    #[pyo3(signature = (batch_id, index, timeout, timed = true))]
-    fn begin(&self, batch_id: u64, index: u32, timeout: f64, timed: bool) -> bool {
+    /// Whether the engine is stopping (no task may start).
+    fn stopping(&self) -> bool {
+        self.region.stop_requested()
+    }
+
+    /// Records that sync task `index` of `batch_id` starts now, with its
+    /// timeout. Returns `False` when the engine is stopping: the task must
+    /// not start. Its run time counts from now to the next `begin` or
+    /// `finish`.
+    fn begin(&self, batch_id: u64, index: u32, timeout: f64) -> bool {
         if self.region.stop_requested() {
             return false;
         }
         let now = Instant::now();
-        if timed {
-            self.times().begin(index as usize, now);
-        } else {
-            self.times().end(now);
-        }
+        self.times().begin(index as usize, now);
         let header = self.region.slot(self.slot);
-        let (base, base_ms) = self.clock;
-        let now = base_ms + now.duration_since(base).as_millis() as u64;
+        let now = self.monotonic(now);
         header.running_batch.store(batch_id, Ordering::SeqCst);
         header.running_since_ms.store(now, Ordering::SeqCst);
-        let deadline = if timeout > 0.0 {
-            now + (timeout * 1000.0).ceil() as u64
-        } else {
-            0
-        };
-        header.running_deadline_ms.store(deadline, Ordering::SeqCst);
+        header
+            .running_deadline_ms
+            .store(deadline(now, timeout), Ordering::SeqCst);
         header.running_index.store(index + 1, Ordering::SeqCst);
         true
     }
 
-    /// Reports tasks `start .. start + count` of `batch_id` finished.
-    /// `failures` lists `(index, kind, delay_ms, message, traceback)` for the
-    /// ones that did not succeed. Waits (GIL released) if the ring is full.
-    #[pyo3(signature = (batch_id, start, count, failures))]
+    /// Reports tasks `start .. start + count` of `batch_id` finished: those
+    /// in `records` with their `(index, outcome, delay_ms, message,
+    /// traceback)`, the others succeeded. Records may also name tasks outside
+    /// the range. Waits (GIL released) if the ring is full; never fails for
+    /// size (big reports are split over several frames).
+    #[pyo3(signature = (batch_id, start, count, records))]
     #[expect(
         clippy::needless_pass_by_value,
         reason = "PyO3 extracts arguments as owned values"
@@ -222,53 +250,103 @@ impl ActorEnd {
         batch_id: u64,
         start: u32,
         count: u32,
-        failures: Vec<(u32, u8, u64, String, String)>,
+        records: Vec<PyRecord>,
     ) -> PyResult<()> {
         self.region
             .slot(self.slot)
             .running_index
             .store(0, Ordering::SeqCst);
         let now = Instant::now();
-        self.times().end(now);
-        let mut records = Vec::with_capacity(failures.len());
-        for (index, kind, delay_ms, message, traceback) in &failures {
-            let kind = FailureKind::from_byte(*kind).ok_or_else(|| {
-                pyo3::exceptions::PyValueError::new_err(format!("unknown failure kind {kind}"))
-            })?;
-            records.push(Failure {
-                index: *index,
-                kind,
-                delay_ms: *delay_ms,
-                message: clip(message),
-                traceback: clip(traceback),
-            });
-        }
-        let mut buffer = self
-            .buffer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Run times go out about once a second, and before the actor idles;
-        // ahead of the results, so a dispatcher that stops once every result
-        // is in has them too.
-        // One wake-up of the dispatcher carries both frames.
+        let work_us = {
+            let mut times = self.times();
+            times.end(now);
+            times.take_work_us()
+        };
+        let parsed = self::records(&records)?;
         let idle = !self.region.task_ring(self.slot).has_frame();
-        let report = self.times().take_report(idle, now);
-        if let Some(json) = report {
-            frame::write_durations(&mut buffer, &json);
-            if buffer.len() <= self.region.result_ring(self.slot).max_frame() {
-                self.write(py, &buffer)?;
-            }
-        }
-        frame::write_results(&mut buffer, batch_id, start, count, &records);
-        self.write(py, &buffer)?;
+        self.send_run_times(py, idle, now)?;
+        let range = Range {
+            start,
+            count,
+            work_us,
+            parallel: 1,
+        };
+        self.send_results(py, batch_id, range, &parsed)?;
         region::signal_event(self.region.results_event());
         Ok(())
     }
 
-    /// Adds a run of task `index` of the current batch that took `seconds`
-    /// (async tasks, which run together, are timed one by one in Python).
-    fn observe(&self, index: usize, seconds: f64) {
-        self.times().observe(index, seconds);
+    /// An async task `index` of `batch_id` starts now. Returns `False` when
+    /// the engine is stopping (it must not start). Tells the dispatcher at
+    /// once, without waking it: should the event loop block, the tasks that
+    /// were running are known.
+    fn start_async(
+        &self,
+        py: Python<'_>,
+        batch_id: u64,
+        index: u32,
+        timeout: f64,
+    ) -> PyResult<bool> {
+        if self.region.stop_requested() {
+            return Ok(false);
+        }
+        let due = deadline(self.monotonic(Instant::now()), timeout);
+        let mut buffer = self.buffer();
+        frame::write_started(&mut buffer, batch_id, &[(index, due)]);
+        self.write(py, &buffer)?;
+        Ok(true)
+    }
+
+    /// An async task `index` of `batch_id` ended after `seconds`, with
+    /// `outcome` (and its delay and texts). Written at once, without waking
+    /// the dispatcher (`wake` does, once per group of these). `last`: the
+    /// batch has no more async tasks running (run times go out first).
+    #[pyo3(signature = (batch_id, index, outcome, delay_ms, message, traceback, seconds, last = false))]
+    #[expect(clippy::too_many_arguments, reason = "one record, field by field")]
+    fn done_async(
+        &self,
+        py: Python<'_>,
+        batch_id: u64,
+        index: u32,
+        outcome: u8,
+        delay_ms: u64,
+        message: String,
+        traceback: String,
+        seconds: f64,
+        last: bool,
+    ) -> PyResult<()> {
+        let work_us = {
+            let mut times = self.times();
+            times.observe(index as usize, seconds);
+            times.take_work_us()
+        };
+        if last {
+            self.send_run_times(py, true, Instant::now())?;
+        }
+        let record = [(index, outcome, delay_ms, message, traceback)];
+        let parsed = self::records(&record)?;
+        let range = Range {
+            start: 0,
+            count: 0,
+            work_us,
+            parallel: self.parallel.load(Ordering::Relaxed),
+        };
+        self.send_results(py, batch_id, range, &parsed)
+    }
+
+    /// Wakes the dispatcher to read what was written.
+    fn wake(&self) {
+        region::signal_event(self.region.results_event());
+    }
+}
+
+/// The deadline of a run started at `now` (monotonic ms) with `timeout`
+/// seconds, 0 for none.
+fn deadline(now: u64, timeout: f64) -> u64 {
+    if timeout > 0.0 {
+        now + (timeout * 1000.0).ceil() as u64
+    } else {
+        0
     }
 }
 
@@ -279,9 +357,55 @@ impl ActorEnd {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    fn buffer(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        self.buffer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn monotonic(&self, now: Instant) -> u64 {
+        let (base, base_ms) = self.clock;
+        base_ms + now.duration_since(base).as_millis() as u64
+    }
+
+    /// Sends the run-time histograms when due (about once a second, and
+    /// before the actor idles), ahead of the results they belong with, so a
+    /// dispatcher that stops once every result is in has them too.
+    fn send_run_times(&self, py: Python<'_>, idle: bool, now: Instant) -> PyResult<()> {
+        let Some(json) = self.times().take_report(idle, now) else {
+            return Ok(());
+        };
+        let mut buffer = self.buffer();
+        frame::write_run_times(&mut buffer, &json);
+        if buffer.len() <= self.region.result_ring(self.slot).max_frame() {
+            self.write(py, &buffer)?;
+        }
+        Ok(())
+    }
+
+    /// Writes result frames, as many as the records need.
+    fn send_results(
+        &self,
+        py: Python<'_>,
+        batch_id: u64,
+        range: Range,
+        records: &[Record<'_>],
+    ) -> PyResult<()> {
+        let max_frame = self.region.result_ring(self.slot).max_frame();
+        let mut buffer = self.buffer();
+        let mut failure = Ok(());
+        frame::write_results_split(&mut buffer, max_frame, batch_id, range, records, |bytes| {
+            if failure.is_ok() {
+                failure = self.write(py, bytes);
+            }
+        });
+        failure
+    }
+
     /// Writes one frame to the result ring, without waking the dispatcher
-    /// (the caller does, once per call of `finish`). When the ring is full it
-    /// wakes it first, then waits (GIL released) for room.
+    /// (callers do, once per report). When the ring is full it wakes it
+    /// first, then waits (GIL released) for room. A frame larger than the
+    /// ring cannot be written: callers keep frames below `max_frame`.
     fn write(&self, py: Python<'_>, buffer: &[u8]) -> PyResult<()> {
         let ring = self.region.result_ring(self.slot);
         if buffer.len() > ring.max_frame() {
@@ -303,8 +427,12 @@ impl ActorEnd {
     }
 
     fn decode<'py>(&self, py: Python<'py>, bytes: &[u8]) -> PyResult<(u64, Bound<'py, PyList>)> {
-        let (batch_id, records) = frame::read_tasks(bytes)
-            .map_err(|failure| pyo3::exceptions::PyRuntimeError::new_err(failure.to_string()))?;
+        let (batch_id, records) = frame::read_tasks(bytes).map_err(|failure| {
+            pyo3::exceptions::PyRuntimeError::new_err(format!(
+                "actor {}: {failure} (this is a bug in flumeq)",
+                self.slot
+            ))
+        })?;
         self.times()
             .start_batch(records.iter().map(|record| (record.queue, record.kind)));
         let queues: Vec<Bound<'py, PyString>> = self

@@ -4,6 +4,7 @@
 use pyo3::prelude::*;
 
 mod actor;
+mod constants;
 mod dispatch;
 mod errors;
 mod store;
@@ -13,6 +14,7 @@ mod store;
 fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     // Route the core's `log` records to Python's `logging` (logger "flumeq.core").
     let _ = pyo3_log::Logger::new(module.py(), pyo3_log::Caching::LoggersAndLevels)?.install();
+    constants::register(module)?;
     store::register(module)?;
     actor::register(module)?;
     dispatch::register(module)?;

@@ -1,5 +1,6 @@
 //! `Store`: the client's synchronous Redis access.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -13,7 +14,30 @@ use crate::envelope::TaskRef;
 use crate::keys::{validate_queue, Keys};
 use crate::streams::client::SyncStore;
 
+/// The pid the id generator was last seeded for: `fork` copies the
+/// generator's state, so a child (and its siblings) would draw the parent's
+/// ids. Checked once per enqueue call, and reseeded from the OS in a new
+/// process.
+static SEEDED_FOR: AtomicU32 = AtomicU32::new(0);
+
+fn reseed_after_fork() {
+    let pid = std::process::id();
+    if SEEDED_FOR.swap(pid, Ordering::Relaxed) != pid {
+        let mut seed = [0u8; 8];
+        // SAFETY: getrandom(2) writes at most `seed.len()` bytes into `seed`.
+        let got = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
+        let seed = if got == 8 {
+            u64::from_le_bytes(seed)
+        } else {
+            // No entropy syscall: the pid and the clock still differ per process.
+            u64::from(pid) ^ (crate::dispatcher::now_ms() << 20)
+        };
+        fastrand::seed(seed);
+    }
+}
+
 /// A new random task id: 32 lowercase hex digits (a UUID4 without dashes).
+/// Call `reseed_after_fork` first, once per batch of ids.
 fn new_task_id() -> String {
     let mut value = fastrand::u128(..);
     value = (value & !(0xf << 76)) | (0x4 << 76);
@@ -50,7 +74,7 @@ impl Store {
     #[pyo3(signature = (url, prefix = "flumeq", timeout = 5.0))]
     fn new(py: Python<'_>, url: &str, prefix: &str, timeout: f64) -> PyResult<Self> {
         let store = SyncStore::new(url, prefix, Duration::from_secs_f64(timeout.max(0.001)))
-            .map_err(|failure| error(py, "ConfigError", format!("bad redis URL: {failure}")))?;
+            .map_err(|failure| error(py, "ConfigError", failure.to_string()))?;
         Ok(Self {
             inner: Mutex::new(store),
         })
@@ -96,6 +120,7 @@ impl Store {
                 "unique_key applies to one task at a time".to_owned(),
             ));
         }
+        reseed_after_fork();
         let ids: Vec<String> = items
             .iter()
             .map(|(_, _, id, _)| id.clone().unwrap_or_else(new_task_id))
@@ -220,6 +245,7 @@ fn to_python<'py>(py: Python<'py>, value: &Value) -> PyResult<Bound<'py, PyAny>>
 /// A new task id (what the client uses when none is given).
 #[pyfunction(name = "new_task_id")]
 fn py_new_task_id() -> String {
+    reseed_after_fork();
     new_task_id()
 }
 

@@ -5,8 +5,9 @@
 
 use std::time::Duration;
 
-use redis::{Pipeline, RedisResult, Value};
+use redis::{ErrorKind, Pipeline, RedisResult, Script, ServerErrorKind, Value};
 
+use crate::connection::Endpoint;
 use crate::envelope::{delayed_member, TaskRef};
 use crate::keys::Keys;
 use crate::scripts;
@@ -59,31 +60,56 @@ fn count_enqueued(pipe: &mut redis::Pipeline, stats: &str, tasks: &[TaskRef<'_>]
     }
 }
 
+/// The client's Lua scripts, called by SHA (`EVALSHA`) and loaded when
+/// Redis does not know them (`NOSCRIPT`: it restarted, or was flushed).
+struct ClientScripts {
+    enqueue_unique: Script,
+    requeue_dead: Script,
+    purge_dead: Script,
+}
+
+impl Default for ClientScripts {
+    fn default() -> Self {
+        Self {
+            enqueue_unique: Script::new(scripts::ENQUEUE_UNIQUE),
+            requeue_dead: Script::new(scripts::REQUEUE_DEAD),
+            purge_dead: Script::new(scripts::PURGE_DEAD),
+        }
+    }
+}
+
+fn is_no_script(error: &redis::RedisError) -> bool {
+    error.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
+}
+
 /// The synchronous store the client uses.
 pub struct SyncStore {
-    client: redis::Client,
+    endpoint: Endpoint,
     connection: Option<redis::Connection>,
     keys: Keys,
+    scripts: ClientScripts,
     timeout: Duration,
 }
 
 impl SyncStore {
     /// A store for `url`; connects lazily.
-    pub fn new(url: &str, prefix: &str, timeout: Duration) -> RedisResult<Self> {
+    pub fn new(
+        url: &str,
+        prefix: &str,
+        timeout: Duration,
+    ) -> Result<Self, crate::connection::UrlError> {
         Ok(Self {
-            client: redis::Client::open(url)?,
+            endpoint: Endpoint::parse(url)?,
             connection: None,
             keys: Keys::new(prefix),
+            scripts: ClientScripts::default(),
             timeout,
         })
     }
 
     fn connection(&mut self) -> RedisResult<&mut redis::Connection> {
         if self.connection.is_none() {
-            let connection = self.client.get_connection_with_timeout(self.timeout)?;
-            connection.set_read_timeout(Some(self.timeout))?;
-            connection.set_write_timeout(Some(self.timeout))?;
-            self.connection = Some(connection);
+            self.connection = Some(self.endpoint.connect_sync(self.timeout)?);
         }
         match self.connection.as_mut() {
             Some(connection) => Ok(connection),
@@ -96,11 +122,24 @@ impl SyncStore {
     /// on a fresh one; a timeout is not retried (the command may be running).
     fn run<T>(
         &mut self,
-        mut call: impl FnMut(&mut redis::Connection, &Keys) -> RedisResult<T>,
+        mut call: impl FnMut(&mut redis::Connection, &Keys, &ClientScripts) -> RedisResult<T>,
     ) -> RedisResult<T> {
         let reused = self.connection.is_some();
         let keys = self.keys.clone();
-        let result = call(self.connection()?, &keys);
+        let scripts = std::mem::take(&mut self.scripts);
+        let result = self.run_once(&mut call, &keys, &scripts, reused);
+        self.scripts = scripts;
+        result
+    }
+
+    fn run_once<T>(
+        &mut self,
+        call: &mut impl FnMut(&mut redis::Connection, &Keys, &ClientScripts) -> RedisResult<T>,
+        keys: &Keys,
+        scripts: &ClientScripts,
+        reused: bool,
+    ) -> RedisResult<T> {
+        let result = call(self.connection()?, keys, scripts);
         let Err(error) = &result else {
             return result;
         };
@@ -110,7 +149,7 @@ impl SyncStore {
         // A broken or timed-out connection may hold half a reply: drop it.
         self.connection = None;
         if reused && !error.is_timeout() {
-            return call(self.connection()?, &keys);
+            return call(self.connection()?, keys, scripts);
         }
         result
     }
@@ -122,7 +161,7 @@ impl SyncStore {
 
     /// Round trip check.
     pub fn ping(&mut self) -> RedisResult<()> {
-        self.run(|connection, _| redis::cmd("PING").query::<()>(connection))
+        self.run(|connection, _, _| redis::cmd("PING").query::<()>(connection))
     }
 
     /// Appends `tasks` to `queue`'s stream; returns their entry ids.
@@ -131,7 +170,7 @@ impl SyncStore {
     /// packed and written while Redis still works on chunk k, and chunk k's
     /// replies are read only then, so client and server work overlap.
     pub fn enqueue(&mut self, queue: &str, tasks: &[TaskRef<'_>]) -> RedisResult<Vec<String>> {
-        self.run(|connection, keys| {
+        self.run(|connection, keys, _| {
             let stream = keys.stream(queue);
             let mut ids = Vec::with_capacity(tasks.len());
             let mut register = redis::pipe();
@@ -172,7 +211,7 @@ impl SyncStore {
     /// Schedules `tasks` for `due_ms` (ms since the epoch) in the queue's
     /// delayed ZSET; the dispatcher's mover appends them to the stream then.
     pub fn schedule(&mut self, queue: &str, tasks: &[TaskRef<'_>], due_ms: u64) -> RedisResult<()> {
-        self.run(|connection, keys| {
+        self.run(|connection, keys, _| {
             let delayed = keys.delayed(queue);
             for chunk in tasks.chunks(ENQUEUE_CHUNK) {
                 let mut pipe = redis::pipe();
@@ -207,35 +246,39 @@ impl SyncStore {
         ttl_ms: u64,
         due_ms: u64,
     ) -> RedisResult<Option<String>> {
-        self.run(|connection, keys| {
+        self.run(|connection, keys, scripts| {
             let fields = task.to_fields();
             let member = delayed_member(
                 fields
                     .iter()
                     .map(|(name, value)| (name.as_bytes(), value.as_slice())),
             );
-            let mut cmd = redis::cmd("EVAL");
-            cmd.arg(scripts::ENQUEUE_UNIQUE)
-                .arg(4)
-                .arg(keys.unique(queue, key))
-                .arg(keys.stream(queue))
-                .arg(keys.delayed(queue))
-                .arg(keys.stats(queue))
+            let mut invocation = scripts.enqueue_unique.prepare_invoke();
+            invocation
+                .key(keys.unique(queue, key))
+                .key(keys.stream(queue))
+                .key(keys.delayed(queue))
+                .key(keys.stats(queue))
                 .arg(task.id)
                 .arg(ttl_ms.max(1))
                 .arg(due_ms)
                 .arg(member)
                 .arg(task.kind);
             for (name, value) in &fields {
-                cmd.arg(*name).arg(value.as_slice());
+                invocation.arg(*name).arg(value.as_slice());
             }
-            let (reply,): (Option<String>,) = redis::pipe()
-                .cmd("SADD")
-                .arg(keys.queues())
-                .arg(queue)
-                .ignore()
-                .add_command(cmd)
-                .query(connection)?;
+            let mut pipe = redis::pipe();
+            pipe.cmd("SADD").arg(keys.queues()).arg(queue).ignore();
+            pipe.invoke_script(&invocation);
+            let reply: RedisResult<(Option<String>,)> = pipe.query(connection);
+            let (reply,) = match reply {
+                Err(error) if is_no_script(&error) => {
+                    // Nothing was written (the script never ran): load, retry.
+                    invocation.load(connection)?;
+                    pipe.query(connection)?
+                }
+                other => other?,
+            };
             Ok(reply)
         })
     }
@@ -244,19 +287,18 @@ impl SyncStore {
     /// id is in `ids`, or all when `ids` is empty. Walks the dead-letter stream
     /// in steps of 500 so Redis is never blocked long. Returns the count moved.
     pub fn requeue_dead(&mut self, queue: &str, ids: &[String]) -> RedisResult<u64> {
-        self.run(|connection, keys| {
+        self.run(|connection, keys, scripts| {
             let mut cursor = "-".to_owned();
             let mut moved = 0;
             loop {
-                let (count, next): (u64, String) = redis::cmd("EVAL")
-                    .arg(scripts::REQUEUE_DEAD)
-                    .arg(2)
-                    .arg(keys.dead(queue))
-                    .arg(keys.stream(queue))
+                let (count, next): (u64, String) = scripts
+                    .requeue_dead
+                    .key(keys.dead(queue))
+                    .key(keys.stream(queue))
                     .arg(&cursor)
                     .arg(500)
                     .arg(ids)
-                    .query(connection)?;
+                    .invoke(connection)?;
                 moved += count;
                 if next.is_empty() {
                     return Ok(moved);
@@ -268,12 +310,8 @@ impl SyncStore {
 
     /// Deletes every dead letter of `queue`; returns how many there were.
     pub fn purge_dead(&mut self, queue: &str) -> RedisResult<u64> {
-        self.run(|connection, keys| {
-            redis::cmd("EVAL")
-                .arg(scripts::PURGE_DEAD)
-                .arg(1)
-                .arg(keys.dead(queue))
-                .query(connection)
+        self.run(|connection, keys, scripts| {
+            scripts.purge_dead.key(keys.dead(queue)).invoke(connection)
         })
     }
 
@@ -281,7 +319,7 @@ impl SyncStore {
     /// pipeline for the admin tools. A command Redis refuses comes back as a
     /// `Value::ServerError` in its place; the others still run.
     pub fn pipeline(&mut self, commands: &[Vec<Vec<u8>>]) -> RedisResult<Vec<Value>> {
-        self.run(|connection, _| {
+        self.run(|connection, _, _| {
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
             for command in commands {

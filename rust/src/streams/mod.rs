@@ -2,10 +2,10 @@
 //!
 //! - [`client`]: the synchronous store behind `flumeq.Client` (no threads, so a
 //!   process that enqueues may still fork its actors safely);
-//! - [`reader`]: the dispatcher's read connection, the hot path: commands packed
-//!   by redis-rs, replies decoded zero-copy by `redis-protocol`;
-//! - [`writer`]: the dispatcher's write connection (redis-rs
-//!   `ConnectionManager`, reconnecting by itself): groups, acks, dead letters;
+//! - [`reader`]: the dispatcher's read commands, the hot path, on zero-copy
+//!   connections (`connection::RawConnection`);
+//! - [`writer`]: the dispatcher's write commands, on its reconnecting
+//!   connection: groups, acks, dead letters, counters;
 //! - [`reply`]: turning stream replies into entries.
 
 pub mod client;
@@ -105,18 +105,29 @@ impl QueueOutcomes {
     /// Whether there is nothing to write.
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.finished.is_empty()
+        !self.needs_block() && self.unlock.is_empty() && self.refresh.is_empty()
+    }
+
+    /// Whether anything must go into the queue's transaction (everything but
+    /// the refreshes and unique-key releases, which are safe to repeat).
+    #[must_use]
+    pub fn needs_block(&self) -> bool {
+        !(self.finished.is_empty()
             && self.dead.is_empty()
             && self.delayed.is_empty()
             && self.append.is_empty()
             && self.done_ids.is_empty()
-            && self.unlock.is_empty()
-            && self.refresh.is_empty()
             && self.processed == 0
             && self.failed == 0
             && self.skipped == 0
             && self.dead_count == 0
-            && self.durations.is_empty()
+            && self.durations.is_empty())
+    }
+
+    /// Tasks whose outcome this holds (each finished entry is one task).
+    #[must_use]
+    pub fn tasks(&self) -> usize {
+        self.finished.len()
     }
 
     /// The counters of task type `kind`, made on first use. Entries without

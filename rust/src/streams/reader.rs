@@ -1,231 +1,18 @@
-//! The dispatcher's read connection, the hot path.
-//!
-//! Profiling showed redis-rs's reply parser and the allocations of its `Value`
-//! tree (about 16 per task entry) costing the dispatcher more than all the rest
-//! of its work together. This connection keeps redis-rs for what it does well
-//! (URL parsing, command packing) and decodes replies with `redis-protocol`,
-//! whose `BytesFrame`s are views into one read buffer: no copy per field.
-//!
-//! It is strictly request/response (one batch of commands at a time), which
-//! is all the reader needs. Any error drops the socket; the next call
-//! reconnects.
+//! The dispatcher's read commands, on zero-copy connections (the hot path):
+//! new entries, this consumer's own pending entries, done-marker checks and
+//! delivery counts.
 
-use std::io;
-use std::time::Duration;
-
-use bytes::BytesMut;
-use redis::{Cmd, ConnectionAddr, ConnectionInfo, IntoConnectionInfo};
-use redis_protocol::resp2::decode::decode_bytes_mut;
+use redis::Cmd;
 use redis_protocol::resp2::types::BytesFrame;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixStream};
 
 use super::{reply, QueueSpec};
+use crate::connection::{RawConnection, RawError};
 use crate::envelope::RawEntry;
 
+/// The read connection type (kept under the name callers know).
+pub type Reader = RawConnection;
 /// Why a read failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ReadError {
-    /// The socket failed or closed.
-    #[error("connection: {0}")]
-    Io(#[from] io::Error),
-    /// No complete reply within the response timeout.
-    #[error("no reply within {0:?}")]
-    Timeout(Duration),
-    /// Redis answered with an error.
-    #[error("{0}")]
-    Server(String),
-    /// The reply could not be decoded.
-    #[error("bad reply: {0}")]
-    Protocol(String),
-    /// The URL cannot be served by this connection.
-    #[error("{0}")]
-    Config(String),
-}
-
-impl ReadError {
-    /// Whether Redis said the consumer group (or its stream) does not exist.
-    #[must_use]
-    pub fn is_missing_group(&self) -> bool {
-        matches!(self, Self::Server(message) if message.starts_with("NOGROUP"))
-    }
-
-    /// Whether the command may have run without its reply reaching us (the
-    /// connection broke or timed out): a read may have delivered entries
-    /// that we never saw.
-    #[must_use]
-    pub fn reply_may_be_lost(&self) -> bool {
-        matches!(self, Self::Io(_) | Self::Timeout(_) | Self::Protocol(_))
-    }
-}
-
-enum Socket {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
-impl Socket {
-    async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
-        match self {
-            Self::Tcp(stream) => stream.write_all(bytes).await,
-            Self::Unix(stream) => stream.write_all(bytes).await,
-        }
-    }
-
-    async fn read_buf(&mut self, buffer: &mut BytesMut) -> io::Result<usize> {
-        match self {
-            Self::Tcp(stream) => stream.read_buf(buffer).await,
-            Self::Unix(stream) => stream.read_buf(buffer).await,
-        }
-    }
-}
-
-/// One request/response connection with zero-copy reply decoding.
-pub struct Reader {
-    info: ConnectionInfo,
-    name: String,
-    socket: Option<Socket>,
-    buffer: BytesMut,
-    packed: Vec<u8>,
-    timeout: Duration,
-}
-
-impl Reader {
-    /// A reader for `url`; connects on first use and names its connection
-    /// `name` (`CLIENT SETNAME`, shown by `CLIENT LIST`).
-    pub fn new(url: &str, timeout: Duration, name: &str) -> Result<Self, ReadError> {
-        let info = url
-            .into_connection_info()
-            .map_err(|error| ReadError::Config(format!("bad redis URL: {error}")))?;
-        if !matches!(
-            info.addr(),
-            ConnectionAddr::Tcp(..) | ConnectionAddr::Unix(_)
-        ) {
-            return Err(ReadError::Config(
-                "TLS connections (rediss://) are not supported yet".to_owned(),
-            ));
-        }
-        Ok(Self {
-            info,
-            name: name.replace(' ', "_"),
-            socket: None,
-            buffer: BytesMut::with_capacity(256 * 1024),
-            packed: Vec::with_capacity(4096),
-            timeout,
-        })
-    }
-
-    async fn connect(&mut self) -> Result<(), ReadError> {
-        let mut socket = match self.info.addr() {
-            ConnectionAddr::Tcp(host, port) => {
-                let stream = TcpStream::connect((host.as_str(), *port)).await?;
-                stream.set_nodelay(true)?;
-                Socket::Tcp(stream)
-            }
-            ConnectionAddr::Unix(path) => Socket::Unix(UnixStream::connect(path).await?),
-            _ => return Err(ReadError::Config("TLS is not supported".to_owned())),
-        };
-        self.buffer.clear();
-        let settings = self.info.redis_settings();
-        let mut handshake = Vec::new();
-        if let Some(password) = settings.password() {
-            let mut auth = redis::cmd("AUTH");
-            if let Some(user) = settings.username() {
-                auth.arg(user);
-            }
-            auth.arg(password);
-            handshake.push(auth);
-        }
-        if settings.db() != 0 {
-            handshake.push(redis::cmd("SELECT").arg(settings.db()).clone());
-        }
-        handshake.push(redis::cmd("CLIENT").arg("SETNAME").arg(&self.name).clone());
-        {
-            let mut packed = Vec::new();
-            for cmd in &handshake {
-                cmd.write_packed_command(&mut packed);
-            }
-            socket.write_all(&packed).await?;
-            for _ in &handshake {
-                let frame = read_frame(&mut socket, &mut self.buffer).await?;
-                if let BytesFrame::Error(message) = frame {
-                    return Err(ReadError::Server(message.to_string()));
-                }
-            }
-        }
-        self.socket = Some(socket);
-        Ok(())
-    }
-
-    /// Sends `commands` in one write and returns their replies in order.
-    /// A reply that is an error becomes `ReadError::Server`.
-    pub async fn query(&mut self, commands: &[Cmd]) -> Result<Vec<BytesFrame>, ReadError> {
-        let timeout = self.timeout;
-        match tokio::time::timeout(timeout, self.query_inner(commands)).await {
-            Ok(Ok(frames)) => Ok(frames),
-            Ok(Err(error)) => {
-                if !matches!(error, ReadError::Server(_)) {
-                    self.socket = None;
-                }
-                Err(error)
-            }
-            Err(_) => {
-                self.socket = None;
-                Err(ReadError::Timeout(timeout))
-            }
-        }
-    }
-
-    async fn query_inner(&mut self, commands: &[Cmd]) -> Result<Vec<BytesFrame>, ReadError> {
-        if self.socket.is_none() {
-            self.connect().await?;
-        }
-        let Some(socket) = self.socket.as_mut() else {
-            return Err(ReadError::Config("not connected".to_owned()));
-        };
-        self.packed.clear();
-        for cmd in commands {
-            cmd.write_packed_command(&mut self.packed);
-        }
-        socket.write_all(&self.packed).await?;
-        let mut frames = Vec::with_capacity(commands.len());
-        let mut failure = None;
-        for _ in commands {
-            match read_frame(socket, &mut self.buffer).await? {
-                BytesFrame::Error(message) => {
-                    failure = Some(ReadError::Server(message.to_string()));
-                }
-                frame => frames.push(frame),
-            }
-        }
-        // Every reply was read, so the connection stays usable after an error.
-        match failure {
-            Some(error) => Err(error),
-            None => Ok(frames),
-        }
-    }
-}
-
-async fn read_frame(socket: &mut Socket, buffer: &mut BytesMut) -> Result<BytesFrame, ReadError> {
-    loop {
-        if !buffer.is_empty() {
-            match decode_bytes_mut(buffer) {
-                Ok(Some((frame, _, _))) => return Ok(frame),
-                Ok(None) => {}
-                Err(error) => return Err(ReadError::Protocol(error.to_string())),
-            }
-        }
-        if buffer.capacity() - buffer.len() < 64 * 1024 {
-            buffer.reserve(256 * 1024);
-        }
-        if socket.read_buf(buffer).await? == 0 {
-            return Err(ReadError::Io(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "redis closed the connection",
-            )));
-        }
-    }
-}
+pub type ReadError = RawError;
 
 fn xreadgroup(group: &str, consumer: &str, count: usize, block_ms: Option<u64>) -> Cmd {
     let mut cmd = redis::cmd("XREADGROUP");
@@ -368,4 +155,46 @@ pub async fn split_done(
         }
     }
     Ok((run, skipped))
+}
+
+/// The delivery count of each of `entries` (in `stream`), in one round trip:
+/// how often Redis handed it out (a read, a claim, a re-read of our own).
+pub async fn deliveries(
+    reader: &mut Reader,
+    stream: &str,
+    group: &str,
+    entries: &[RawEntry],
+) -> Result<Vec<u64>, ReadError> {
+    if entries.is_empty() {
+        return Ok(Vec::new());
+    }
+    let commands: Vec<Cmd> = entries
+        .iter()
+        .map(|entry| {
+            let mut cmd = redis::cmd("XPENDING");
+            cmd.arg(stream)
+                .arg(group)
+                .arg(entry.entry_id.as_ref())
+                .arg(entry.entry_id.as_ref())
+                .arg(1);
+            cmd
+        })
+        .collect();
+    let replies = reader.query(&commands).await?;
+    Ok(replies
+        .into_iter()
+        .map(|reply| {
+            let count = match reply {
+                BytesFrame::Array(rows) => rows.first().and_then(|row| match row {
+                    BytesFrame::Array(fields) => fields.get(3).and_then(|field| match field {
+                        BytesFrame::Integer(value) => Some(*value),
+                        _ => None,
+                    }),
+                    _ => None,
+                }),
+                _ => None,
+            };
+            count.unwrap_or(1).max(1) as u64
+        })
+        .collect())
 }

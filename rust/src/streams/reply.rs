@@ -15,6 +15,24 @@ fn bulk(frame: BytesFrame) -> Option<Bytes> {
     }
 }
 
+/// The bytes of a string reply, borrowed.
+#[must_use]
+pub fn text(frame: &BytesFrame) -> Option<&Bytes> {
+    match frame {
+        BytesFrame::BulkString(bytes) | BytesFrame::SimpleString(bytes) => Some(bytes),
+        _ => None,
+    }
+}
+
+/// The value of an integer reply.
+#[must_use]
+pub fn integer(frame: &BytesFrame) -> Option<i64> {
+    match frame {
+        BytesFrame::Integer(value) => Some(*value),
+        _ => None,
+    }
+}
+
 /// Parses one `[id, [field, value, ...]]` entry. An entry whose fields are
 /// nil (deleted while pending) yields an entry with no fields.
 #[must_use]

@@ -1,26 +1,17 @@
-//! The dispatcher's write connection: consumer groups, acks, dead letters,
-//! counters. redis-rs `ConnectionManager` reconnects by itself; callers retry.
+//! The dispatcher's write commands: consumer groups, and the outcomes of
+//! finished tasks (acks, dead letters, retries, counters) in one pipeline.
 
-use std::time::Duration;
-
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Cmd, RedisResult, Value};
+use redis::aio::ConnectionManager;
+use redis::{Cmd, RedisError, RedisResult, Value};
 
 use super::{QueueOutcomes, QueueSpec};
 use crate::envelope::{field, DEAD_LETTER_FIELDS};
 use crate::keys::Keys;
 use crate::scripts;
 
-/// Connects the dispatcher's async connection (reconnecting by itself).
-pub async fn connect(url: &str, response_timeout: Duration) -> RedisResult<ConnectionManager> {
-    let client = redis::Client::open(url)?;
-    let config = ConnectionManagerConfig::new()
-        .set_response_timeout(Some(response_timeout))
-        .set_connection_timeout(Some(Duration::from_secs(2)))
-        .set_number_of_retries(2)
-        .set_max_delay(Duration::from_secs(2));
-    ConnectionManager::new_with_config(client, config).await
-}
+/// How long the write marker of a queue lives (ms): far longer than any
+/// replay waits, and removed at a graceful stop anyway.
+pub const WRITTEN_MARKER_TTL_MS: u64 = 24 * 3600 * 1000;
 
 /// Creates the consumer group of every queue (at id 0, so tasks enqueued
 /// before the first engine started are served) and registers the queues.
@@ -92,6 +83,55 @@ pub struct WriteSettings {
     pub dead_max_length: usize,
     /// How long done markers live, ms.
     pub processed_ttl_ms: u64,
+    /// The scripts a write calls.
+    pub scripts: WriteScripts,
+}
+
+/// One attempt at writing a set of outcomes.
+#[derive(Debug, Clone, Copy)]
+pub struct Attempt {
+    /// The set's sequence number (one per set, the same for every attempt).
+    pub seq: u64,
+    /// An earlier attempt failed: skip the blocks it applied.
+    pub replay: bool,
+}
+
+/// The scripts an outcome write may call (by SHA, loaded on `NOSCRIPT`).
+#[derive(Debug, Clone)]
+pub struct WriteScripts {
+    refresh: redis::Script,
+    release: redis::Script,
+}
+
+impl Default for WriteScripts {
+    fn default() -> Self {
+        Self {
+            refresh: redis::Script::new(scripts::REFRESH_OWN),
+            release: redis::Script::new(scripts::RELEASE_UNIQUE),
+        }
+    }
+}
+
+impl WriteScripts {
+    /// Loads both scripts (after Redis said `NOSCRIPT`: it restarted, or its
+    /// script cache was flushed).
+    pub async fn load(&self, connection: &mut ConnectionManager) -> RedisResult<()> {
+        let mut pipe = redis::pipe();
+        pipe.load_script(&self.refresh).ignore();
+        pipe.load_script(&self.release).ignore();
+        pipe.query_async::<()>(connection).await
+    }
+}
+
+/// Why a write of outcomes failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// Redis did not answer, or refused the pipeline; retry it.
+    #[error("{0}")]
+    Redis(#[from] RedisError),
+    /// A script was not in Redis' cache: load the scripts, then retry.
+    #[error("redis lost its scripts (NOSCRIPT)")]
+    NoScript,
 }
 
 fn add_fields<'a>(cmd: &mut Cmd, fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) {
@@ -100,14 +140,151 @@ fn add_fields<'a>(cmd: &mut Cmd, fields: impl IntoIterator<Item = (&'a [u8], &'a
     }
 }
 
+/// Adds one queue's MULTI/EXEC block to `pipe`; `marker` is set inside it.
 #[expect(
     clippy::too_many_lines,
     reason = "one MULTI block per queue, in the order Redis must apply it"
 )]
-/// Writes the outcomes of every queue in one pipeline: per queue one
-/// MULTI/EXEC holding dead letters, scheduled retries, re-appended tasks,
-/// `XACK` + `XDEL` of the finished entries, counters, done markers and
-/// released unique keys. Either all of a queue's block happens or none.
+fn add_block(
+    pipe: &mut redis::Pipeline,
+    keys: &Keys,
+    queue: &QueueSpec,
+    settings: &WriteSettings,
+    outcome: &QueueOutcomes,
+    now_ms: u64,
+    marker: (&str, u64),
+) {
+    pipe.cmd("MULTI");
+    let dead_key = keys.dead(&queue.name);
+    for dead in &outcome.dead {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(&dead_key)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(settings.dead_max_length)
+            .arg("*");
+        add_fields(
+            &mut cmd,
+            dead.entry
+                .fields
+                .iter()
+                .filter(|(name, _)| {
+                    !DEAD_LETTER_FIELDS
+                        .iter()
+                        .any(|own| own.as_bytes() == name.as_ref())
+                })
+                .map(|(name, value)| (name.as_ref(), value.as_ref())),
+        );
+        cmd.arg(field::REASON)
+            .arg(dead.reason)
+            .arg(field::ERROR)
+            .arg(dead.error.as_slice())
+            .arg(field::TRACEBACK)
+            .arg(dead.traceback.as_slice())
+            .arg(field::ATTEMPTS)
+            .arg(dead.attempts)
+            .arg(field::FAILED_AT)
+            .arg(now_ms)
+            .arg(field::ORIGIN_ID)
+            .arg(dead.entry.entry_id.as_ref());
+        pipe.add_command(cmd);
+    }
+    if !outcome.delayed.is_empty() {
+        let mut cmd = redis::cmd("ZADD");
+        cmd.arg(keys.delayed(&queue.name));
+        for (due, member) in &outcome.delayed {
+            cmd.arg(*due).arg(member);
+        }
+        pipe.add_command(cmd);
+    }
+    for fields in &outcome.append {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(&queue.stream).arg("*");
+        add_fields(
+            &mut cmd,
+            fields
+                .iter()
+                .map(|(name, value)| (name.as_ref(), value.as_ref())),
+        );
+        pipe.add_command(cmd);
+    }
+    if !outcome.finished.is_empty() {
+        let ids: Vec<&[u8]> = outcome.finished.iter().map(AsRef::as_ref).collect();
+        pipe.cmd("XACK")
+            .arg(&queue.stream)
+            .arg(&settings.group)
+            .arg(&ids);
+        pipe.cmd("XDEL").arg(&queue.stream).arg(&ids);
+    }
+    let stats = keys.stats(&queue.name);
+    for (name, count) in [
+        ("processed", outcome.processed),
+        ("failed", outcome.failed),
+        ("retried", outcome.retried),
+        ("skipped", outcome.skipped),
+        ("dead", outcome.dead_count),
+    ] {
+        if count > 0 {
+            pipe.cmd("HINCRBY").arg(&stats).arg(name).arg(count);
+        }
+    }
+    for (kind, counts) in &outcome.by_type {
+        for (name, count) in [
+            ("processed", counts.processed),
+            ("failed", counts.failed),
+            ("retried", counts.retried),
+            ("dead", counts.dead),
+        ] {
+            if count > 0 {
+                let mut field = Vec::with_capacity(name.len() + 1 + kind.len());
+                field.extend_from_slice(name.as_bytes());
+                field.push(b'|');
+                field.extend_from_slice(kind);
+                pipe.cmd("HINCRBY").arg(&stats).arg(field).arg(count);
+            }
+        }
+    }
+    if !outcome.durations.is_empty() {
+        let key = keys.durations(&queue.name);
+        for durations in &outcome.durations {
+            pipe.cmd("HINCRBYFLOAT")
+                .arg(&key)
+                .arg(format!("{}|sum", durations.kind))
+                .arg(durations.sum);
+            for (bucket, count) in &durations.buckets {
+                pipe.cmd("HINCRBY")
+                    .arg(&key)
+                    .arg(format!("{}|{bucket}", durations.kind))
+                    .arg(*count);
+            }
+        }
+    }
+    for id in &outcome.done_ids {
+        let key = keys.done(&queue.name, &String::from_utf8_lossy(id));
+        pipe.cmd("SET")
+            .arg(key)
+            .arg(1)
+            .arg("PX")
+            .arg(settings.processed_ttl_ms.max(1));
+    }
+    pipe.cmd("SET")
+        .arg(marker.0)
+        .arg(marker.1)
+        .arg("PX")
+        .arg(WRITTEN_MARKER_TTL_MS);
+    pipe.cmd("EXEC");
+}
+
+/// Writes the outcomes of every queue in one pipeline.
+///
+/// Per queue, one MULTI/EXEC holds dead letters, scheduled retries,
+/// re-appended tasks, `XACK` + `XDEL` of the finished entries, counters and
+/// done markers: either all of a queue's block happens or none. The block
+/// also sets the queue's write marker to `seq`. After a failure the caller
+/// calls again with `replay`: blocks whose marker already holds `seq` were
+/// applied (only their reply was lost) and are skipped, so a replay never
+/// appends a task or counts it twice. Unique-key releases and refreshes of
+/// held entries follow the blocks as scripts; they are safe to repeat.
 pub async fn write_outcomes(
     connection: &mut ConnectionManager,
     keys: &Keys,
@@ -115,157 +292,99 @@ pub async fn write_outcomes(
     settings: &WriteSettings,
     outcomes: &[QueueOutcomes],
     now_ms: u64,
-) -> RedisResult<()> {
+    attempt: Attempt,
+) -> Result<(), WriteError> {
+    let Attempt { seq, replay } = attempt;
+    let scripts = &settings.scripts;
+    let blocks: Vec<(usize, String)> = queues
+        .iter()
+        .zip(outcomes)
+        .enumerate()
+        .filter(|(_, (_, outcome))| outcome.needs_block())
+        .map(|(at, (queue, _))| (at, keys.written(&queue.name, &settings.consumer)))
+        .collect();
+    let mut applied = vec![false; blocks.len()];
+    if replay && !blocks.is_empty() {
+        let mut pipe = redis::pipe();
+        for (_, marker) in &blocks {
+            pipe.cmd("GET").arg(marker);
+        }
+        let markers: Vec<Option<u64>> = pipe.query_async(connection).await?;
+        for (done, marker) in applied.iter_mut().zip(markers) {
+            *done = marker == Some(seq);
+        }
+    }
     let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for ((at, marker), done) in blocks.iter().zip(&applied) {
+        if !done {
+            add_block(
+                &mut pipe,
+                keys,
+                &queues[*at],
+                settings,
+                &outcomes[*at],
+                now_ms,
+                (marker, seq),
+            );
+        }
+    }
     for (queue, outcome) in queues.iter().zip(outcomes) {
-        if outcome.is_empty() {
-            continue;
-        }
-        pipe.cmd("MULTI").ignore();
-        let dead_key = keys.dead(&queue.name);
-        for dead in &outcome.dead {
-            let mut cmd = redis::cmd("XADD");
-            cmd.arg(&dead_key)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(settings.dead_max_length)
-                .arg("*");
-            add_fields(
-                &mut cmd,
-                dead.entry
-                    .fields
-                    .iter()
-                    .filter(|(name, _)| {
-                        !DEAD_LETTER_FIELDS
-                            .iter()
-                            .any(|own| own.as_bytes() == name.as_ref())
-                    })
-                    .map(|(name, value)| (name.as_ref(), value.as_ref())),
-            );
-            cmd.arg(field::REASON)
-                .arg(dead.reason)
-                .arg(field::ERROR)
-                .arg(dead.error.as_slice())
-                .arg(field::TRACEBACK)
-                .arg(dead.traceback.as_slice())
-                .arg(field::ATTEMPTS)
-                .arg(dead.attempts)
-                .arg(field::FAILED_AT)
-                .arg(now_ms)
-                .arg(field::ORIGIN_ID)
-                .arg(dead.entry.entry_id.as_ref());
-            pipe.add_command(cmd).ignore();
-        }
-        if !outcome.delayed.is_empty() {
-            let mut cmd = redis::cmd("ZADD");
-            cmd.arg(keys.delayed(&queue.name));
-            for (due, member) in &outcome.delayed {
-                cmd.arg(*due).arg(member);
-            }
-            pipe.add_command(cmd).ignore();
-        }
-        for fields in &outcome.append {
-            let mut cmd = redis::cmd("XADD");
-            cmd.arg(&queue.stream).arg("*");
-            add_fields(
-                &mut cmd,
-                fields
-                    .iter()
-                    .map(|(name, value)| (name.as_ref(), value.as_ref())),
-            );
-            pipe.add_command(cmd).ignore();
-        }
-        if !outcome.finished.is_empty() {
-            let ids: Vec<&[u8]> = outcome.finished.iter().map(AsRef::as_ref).collect();
-            pipe.cmd("XACK")
-                .arg(&queue.stream)
-                .arg(&settings.group)
-                .arg(&ids)
-                .ignore();
-            pipe.cmd("XDEL").arg(&queue.stream).arg(&ids).ignore();
-        }
         if !outcome.refresh.is_empty() {
             let ids: Vec<&[u8]> = outcome.refresh.iter().map(AsRef::as_ref).collect();
-            pipe.cmd("EVAL")
-                .arg(scripts::REFRESH_OWN)
-                .arg(1)
-                .arg(&queue.stream)
-                .arg(&settings.group)
-                .arg(&settings.consumer)
-                .arg(&ids)
-                .ignore();
-        }
-        let stats = keys.stats(&queue.name);
-        for (name, count) in [
-            ("processed", outcome.processed),
-            ("failed", outcome.failed),
-            ("retried", outcome.retried),
-            ("skipped", outcome.skipped),
-            ("dead", outcome.dead_count),
-        ] {
-            if count > 0 {
-                pipe.cmd("HINCRBY")
-                    .arg(&stats)
-                    .arg(name)
-                    .arg(count)
-                    .ignore();
-            }
-        }
-        for (kind, counts) in &outcome.by_type {
-            for (name, count) in [
-                ("processed", counts.processed),
-                ("failed", counts.failed),
-                ("retried", counts.retried),
-                ("dead", counts.dead),
-            ] {
-                if count > 0 {
-                    let mut field = Vec::with_capacity(name.len() + 1 + kind.len());
-                    field.extend_from_slice(name.as_bytes());
-                    field.push(b'|');
-                    field.extend_from_slice(kind);
-                    pipe.cmd("HINCRBY")
-                        .arg(&stats)
-                        .arg(field)
-                        .arg(count)
-                        .ignore();
-                }
-            }
-        }
-        if !outcome.durations.is_empty() {
-            let key = keys.durations(&queue.name);
-            for durations in &outcome.durations {
-                pipe.cmd("HINCRBYFLOAT")
-                    .arg(&key)
-                    .arg(format!("{}|sum", durations.kind))
-                    .arg(durations.sum)
-                    .ignore();
-                for (bucket, count) in &durations.buckets {
-                    pipe.cmd("HINCRBY")
-                        .arg(&key)
-                        .arg(format!("{}|{bucket}", durations.kind))
-                        .arg(*count)
-                        .ignore();
-                }
-            }
-        }
-        for id in &outcome.done_ids {
-            let key = keys.done(&queue.name, &String::from_utf8_lossy(id));
-            pipe.cmd("SET")
-                .arg(key)
-                .arg(1)
-                .arg("PX")
-                .arg(settings.processed_ttl_ms.max(1))
-                .ignore();
+            pipe.invoke_script(
+                scripts
+                    .refresh
+                    .key(&queue.stream)
+                    .arg(&settings.group)
+                    .arg(&settings.consumer)
+                    .arg(&ids),
+            );
         }
         for (key, owner) in &outcome.unlock {
-            pipe.cmd("EVAL")
-                .arg(scripts::RELEASE_UNIQUE)
-                .arg(1)
-                .arg(key)
-                .arg(owner.as_ref())
-                .ignore();
+            pipe.invoke_script(scripts.release.key(key).arg(owner.as_ref()));
         }
-        pipe.cmd("EXEC").ignore();
     }
-    pipe.query_async::<()>(connection).await
+    if pipe.cmd_iter().next().is_none() {
+        return Ok(());
+    }
+    let replies: Vec<Value> = pipe.query_async(connection).await?;
+    check_replies(&replies)
+}
+
+/// Finds what went wrong in a pipeline's replies: a `NOSCRIPT` (load and
+/// retry), an aborted transaction (retry), or an error inside an applied
+/// transaction (logged: the data is in a shape no retry can mend).
+fn check_replies(replies: &[Value]) -> Result<(), WriteError> {
+    let mut no_script = false;
+    for reply in replies {
+        match reply {
+            Value::ServerError(error) if error.code() == "NOSCRIPT" => no_script = true,
+            Value::ServerError(error) if error.code() == "EXECABORT" => {
+                return Err(WriteError::Redis(RedisError::from(error.clone())));
+            }
+            Value::ServerError(error) => {
+                // MULTI answers OK and queued commands QUEUED; an error here
+                // was refused at queueing time, and EXEC then aborts.
+                log::debug!("outcome write: {}", error.details().unwrap_or("error"));
+            }
+            Value::Array(results) => {
+                for result in results {
+                    if let Value::ServerError(error) = result {
+                        log::warn!(
+                            "an outcome command failed inside its transaction ({}: {}); \
+                             the rest was applied",
+                            error.code(),
+                            error.details().unwrap_or("")
+                        );
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if no_script {
+        return Err(WriteError::NoScript);
+    }
+    Ok(())
 }

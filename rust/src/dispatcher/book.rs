@@ -1,0 +1,389 @@
+//! The outcome book: what finished tasks need written back, per queue, and
+//! the engine's counts. Each task's outcome goes through the retry policy
+//! here; nothing here waits or talks to Redis (the writer ships `take()`).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::now_ms;
+use super::retry::{Decision, RetryPolicy};
+use super::taken::Taken;
+use crate::envelope;
+use crate::keys::Keys;
+use crate::outcome::Outcome;
+use crate::streams::{DeadLetter, Durations, QueueOutcomes, QueueSpec};
+
+/// What a dispatcher run did. The supervisor adds these up across the
+/// dispatcher's lives (they are published into the shared region).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Tasks done successfully.
+    pub processed: u64,
+    /// Failed runs (retried or not).
+    pub failed: u64,
+    /// Failed runs scheduled to run again.
+    pub retried: u64,
+    /// Tasks moved to dead letters.
+    pub dead: u64,
+    /// Deliveries acked without running (their id was already done).
+    pub skipped: u64,
+    /// Tasks handed back unstarted at a graceful stop.
+    pub handed_back: u64,
+    /// Tasks still running at the shutdown deadline, left pending in Redis.
+    pub left_pending: u64,
+    /// Actors that died and were replaced.
+    pub restarts: u64,
+}
+
+impl Report {
+    /// The names of the counts, in `to_array` order.
+    pub const NAMES: [&'static str; 8] = [
+        "processed",
+        "failed",
+        "retried",
+        "dead",
+        "skipped",
+        "handed_back",
+        "left_pending",
+        "restarts",
+    ];
+
+    /// The counts in `NAMES` order.
+    #[must_use]
+    pub fn to_array(&self) -> [u64; 8] {
+        [
+            self.processed,
+            self.failed,
+            self.retried,
+            self.dead,
+            self.skipped,
+            self.handed_back,
+            self.left_pending,
+            self.restarts,
+        ]
+    }
+
+    /// Adds `other`.
+    pub fn add(&mut self, other: &Self) {
+        self.processed += other.processed;
+        self.failed += other.failed;
+        self.retried += other.retried;
+        self.dead += other.dead;
+        self.skipped += other.skipped;
+        self.handed_back += other.handed_back;
+        self.left_pending += other.left_pending;
+        self.restarts += other.restarts;
+    }
+}
+
+/// How a run ended without success, as the book needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct Failure<'a> {
+    /// The outcome.
+    pub outcome: Outcome,
+    /// Error text.
+    pub message: &'a [u8],
+    /// Traceback, may be empty.
+    pub traceback: &'a [u8],
+    /// Delay the handler asked for (`Retry(delay=...)`), ms.
+    pub delay_ms: Option<u64>,
+}
+
+impl<'a> Failure<'a> {
+    /// A failure with a message and nothing else.
+    #[must_use]
+    pub fn new(outcome: Outcome, message: &'a [u8]) -> Self {
+        Self {
+            outcome,
+            message,
+            traceback: b"",
+            delay_ms: None,
+        }
+    }
+}
+
+/// The outcome book.
+pub struct Book {
+    keys: Keys,
+    queues: Arc<Vec<QueueSpec>>,
+    policy: RetryPolicy,
+    outcomes: Vec<QueueOutcomes>,
+    /// Counts since the dispatcher started.
+    pub totals: Report,
+    /// Counts not yet published to the shared region.
+    fresh: Report,
+}
+
+impl Book {
+    /// An empty book for `queues`.
+    #[must_use]
+    pub fn new(keys: Keys, queues: Arc<Vec<QueueSpec>>, policy: RetryPolicy) -> Self {
+        let count = queues.len();
+        Self {
+            keys,
+            queues,
+            policy,
+            outcomes: vec![QueueOutcomes::default(); count],
+            totals: Report::default(),
+            fresh: Report::default(),
+        }
+    }
+
+    fn count(&mut self, change: impl Fn(&mut Report)) {
+        change(&mut self.totals);
+        change(&mut self.fresh);
+    }
+
+    /// Counts handed out since the last call (to publish them).
+    pub fn take_fresh(&mut self) -> Report {
+        std::mem::take(&mut self.fresh)
+    }
+
+    /// An actor died and is replaced.
+    pub fn count_restart(&mut self) {
+        self.count(|report| report.restarts += 1);
+    }
+
+    /// Tasks still running at the shutdown deadline.
+    pub fn count_left_pending(&mut self, tasks: u64) {
+        self.count(|report| report.left_pending += tasks);
+    }
+
+    fn queue_of(&mut self, taken: &Taken) -> &mut QueueOutcomes {
+        &mut self.outcomes[usize::from(taken.queue)]
+    }
+
+    /// Ends a delivery with `outcome` (`Succeeded`, or a failure with its
+    /// texts): acked, retried, dead-lettered or handed back, by the policy.
+    pub fn finish(&mut self, taken: Taken, failure: &Failure<'_>) {
+        if failure.outcome == Outcome::Succeeded {
+            self.done(taken);
+            return;
+        }
+        let (attempt, max_retry) = taken.attempts();
+        let decision = self.policy.decide(
+            failure.outcome,
+            attempt,
+            max_retry,
+            failure.delay_ms,
+            fastrand::f64(),
+        );
+        match decision {
+            Decision::Done => self.done(taken),
+            Decision::HandBack => self.hand_back(taken),
+            Decision::Dead => self.dead(taken, failure),
+            Decision::Retry { delay_ms } => self.retry(taken, attempt, delay_ms, failure.message),
+        }
+    }
+
+    /// A run succeeded. Only tasks that went through an actor succeed, so
+    /// their flags are known.
+    pub fn done(&mut self, taken: Taken) {
+        self.release_unique(&taken);
+        let outcome = &mut self.outcomes[usize::from(taken.queue)];
+        if taken.flags.idempotent {
+            if let Some(id) = taken.entry.get(envelope::field::ID) {
+                outcome.done_ids.push(Bytes::copy_from_slice(id));
+            }
+        }
+        outcome.type_counts(taken.kind()).processed += 1;
+        outcome.finished.push(taken.entry.entry_id);
+        outcome.processed += 1;
+        self.count(|report| report.processed += 1);
+    }
+
+    /// A delivery of a task whose id is already done: ack it without running.
+    pub fn skip_done(&mut self, taken: Taken) {
+        let outcome = self.queue_of(&taken);
+        outcome.finished.push(taken.entry.entry_id);
+        outcome.skipped += 1;
+        self.count(|report| report.skipped += 1);
+    }
+
+    /// An entry deleted while pending (no fields): drop it from the group.
+    pub fn drop_deleted(&mut self, taken: Taken) {
+        self.queue_of(&taken).finished.push(taken.entry.entry_id);
+    }
+
+    /// Moves a task to the dead letters with the failure's reason and texts.
+    pub fn dead(&mut self, taken: Taken, failure: &Failure<'_>) {
+        self.release_unique(&taken);
+        let ran = failure.outcome.ran();
+        let attempts =
+            envelope::parse(&taken.entry).map_or(0, |task| task.attempt + u32::from(ran));
+        let outcome = &mut self.outcomes[usize::from(taken.queue)];
+        outcome.finished.push(taken.entry.entry_id.clone());
+        let counts = outcome.type_counts(taken.kind());
+        counts.dead += 1;
+        if ran {
+            counts.failed += 1;
+            outcome.failed += 1;
+        }
+        outcome.dead_count += 1;
+        outcome.dead.push(DeadLetter {
+            entry: taken.entry,
+            reason: failure.outcome.name(),
+            error: failure.message.to_vec(),
+            traceback: failure.traceback.to_vec(),
+            attempts,
+        });
+        self.count(|report| {
+            report.dead += 1;
+            report.failed += u64::from(ran);
+        });
+    }
+
+    /// Schedules the next run of a failed task (attempt + 1, carrying the error).
+    fn retry(&mut self, taken: Taken, attempt: u32, delay_ms: u64, error: &[u8]) {
+        let fields = envelope::next_run_fields(&taken.entry, attempt + 1, error);
+        let outcome = &mut self.outcomes[usize::from(taken.queue)];
+        if delay_ms == 0 {
+            outcome.append.push(fields);
+        } else {
+            let member = envelope::delayed_member(
+                fields
+                    .iter()
+                    .map(|(name, value)| (name.as_ref(), value.as_ref())),
+            );
+            outcome.delayed.push((now_ms() + delay_ms, member));
+        }
+        let counts = outcome.type_counts(taken.kind());
+        counts.failed += 1;
+        counts.retried += 1;
+        outcome.finished.push(taken.entry.entry_id);
+        outcome.failed += 1;
+        outcome.retried += 1;
+        self.count(|report| {
+            report.failed += 1;
+            report.retried += 1;
+        });
+    }
+
+    /// Hands a taken task back to the stream unchanged (graceful stop).
+    pub fn hand_back(&mut self, taken: Taken) {
+        let outcome = self.queue_of(&taken);
+        outcome.append.push(taken.entry.fields);
+        outcome.finished.push(taken.entry.entry_id);
+        self.count(|report| report.handed_back += 1);
+    }
+
+    /// Keeps one of our long-held entries fresh, so nobody claims it.
+    pub fn refresh(&mut self, queue: u16, entry_id: Bytes) {
+        self.outcomes[usize::from(queue)].refresh.push(entry_id);
+    }
+
+    /// Adds an actor's handler run times to the outcomes of their queue.
+    pub fn add_durations(&mut self, queue: u16, durations: Durations) {
+        if let Some(outcome) = self.outcomes.get_mut(usize::from(queue)) {
+            outcome.add_durations(durations);
+        }
+    }
+
+    /// Queues the release of the task's unique-key lock. Known flags spare
+    /// a task without a key the field lookup.
+    fn release_unique(&mut self, taken: &Taken) {
+        if taken.flags.parsed && !taken.flags.unique {
+            return;
+        }
+        let (Some(key), Some(id)) = (
+            taken.entry.get(envelope::field::UNIQUE_KEY),
+            taken.entry.get(envelope::field::ID),
+        ) else {
+            return;
+        };
+        let queue = &self.queues[usize::from(taken.queue)].name;
+        let lock = self.keys.unique(queue, &String::from_utf8_lossy(key));
+        self.outcomes[usize::from(taken.queue)]
+            .unlock
+            .push((lock, Bytes::copy_from_slice(id)));
+    }
+
+    /// Whatever piled up for the writer since the last call.
+    pub fn take(&mut self) -> Option<Vec<QueueOutcomes>> {
+        if self.outcomes.iter().all(QueueOutcomes::is_empty) {
+            return None;
+        }
+        let fresh = vec![QueueOutcomes::default(); self.outcomes.len()];
+        Some(std::mem::replace(&mut self.outcomes, fresh))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::backoff::Backoff;
+    use crate::envelope::RawEntry;
+
+    fn book() -> Book {
+        let queues = Arc::new(vec![QueueSpec {
+            name: "q".to_owned(),
+            weight: 1,
+            stream: "flumeq:{q}:stream".to_owned(),
+        }]);
+        let policy = RetryPolicy {
+            backoff: Backoff {
+                base_ms: 0,
+                max_ms: 0,
+            },
+        };
+        Book::new(Keys::default(), queues, policy)
+    }
+
+    fn taken(id: &str, attempt: u32, max_retry: u32) -> Taken {
+        let fields = [
+            ("id", id.to_owned()),
+            ("type", "t".to_owned()),
+            ("payload", "{}".to_owned()),
+            ("attempt", attempt.to_string()),
+            ("max_retry", max_retry.to_string()),
+            ("unique_key", "k".to_owned()),
+        ];
+        let entry = RawEntry {
+            entry_id: Bytes::from(format!("1-{attempt}")),
+            fields: fields
+                .into_iter()
+                .map(|(name, value)| (Bytes::from(name), Bytes::from(value)))
+                .collect(),
+        };
+        Taken::new(0, entry, Instant::now())
+    }
+
+    #[test]
+    fn failures_retry_then_die_and_every_path_acks_the_entry() {
+        let mut book = book();
+        book.finish(taken("a", 0, 1), &Failure::new(Outcome::Failed, b"boom"));
+        book.finish(taken("b", 1, 1), &Failure::new(Outcome::Crashed, b"killed"));
+        book.finish(taken("c", 0, 5), &Failure::new(Outcome::NotStarted, b""));
+        book.finish(taken("d", 0, 5), &Failure::new(Outcome::Invalid, b"bad"));
+        let outcomes = book.take().expect("outcomes");
+        let queue = &outcomes[0];
+        assert_eq!(queue.finished.len(), 4);
+        // a: retried now (zero backoff) with attempt 1 and its error; c: handed back.
+        assert_eq!(queue.append.len(), 2);
+        assert_eq!(
+            queue.dead.iter().map(|d| d.reason).collect::<Vec<_>>(),
+            ["crashed", "invalid"]
+        );
+        assert_eq!(queue.dead[0].attempts, 2, "the crash was its second run");
+        assert_eq!(queue.dead[1].attempts, 0, "an invalid task never ran");
+        assert_eq!((queue.failed, queue.retried, queue.dead_count), (2, 1, 2));
+        // Both dead tasks held the unique key: released (flags unknown, so looked up).
+        assert_eq!(queue.unlock.len(), 2);
+        assert_eq!(
+            book.totals,
+            Report {
+                failed: 2,
+                retried: 1,
+                dead: 2,
+                handed_back: 1,
+                ..Report::default()
+            }
+        );
+        assert_eq!(book.take_fresh(), book.totals);
+        assert_eq!(book.take_fresh(), Report::default());
+        assert!(book.take().is_none());
+    }
+}

@@ -1,0 +1,78 @@
+//! A task the dispatcher took from Redis: pending in our consumer until its
+//! outcome is written.
+
+use std::time::Instant;
+
+use crate::envelope::{self, RawEntry};
+
+/// What finishing a task must also do, learnt when it was parsed for its
+/// actor (so finishing it needs no second look at the fields).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Flags {
+    /// It holds a unique-key lock to release.
+    pub unique: bool,
+    /// Its id is the caller's: write a done marker on success.
+    pub idempotent: bool,
+    /// Index of its `type` field, for counting by type without a search.
+    pub kind_at: usize,
+    /// Whether the fields above were learnt (the task went to an actor).
+    pub parsed: bool,
+}
+
+/// A task taken from Redis.
+#[derive(Debug)]
+pub struct Taken {
+    /// Index of its queue.
+    pub queue: u16,
+    /// The entry as read.
+    pub entry: RawEntry,
+    /// When we took it (to keep long-held entries fresh).
+    pub since: Instant,
+    /// Learnt when handed to an actor.
+    pub flags: Flags,
+    /// It was in a batch whose actor died with nothing to blame: it runs
+    /// alone from now on, so that a death it causes is pinned on it.
+    pub suspect: bool,
+}
+
+impl Taken {
+    /// A task taken at `since` (one clock read serves a whole read's batch).
+    #[must_use]
+    pub fn new(queue: u16, entry: RawEntry, since: Instant) -> Self {
+        Self {
+            queue,
+            entry,
+            since,
+            flags: Flags::default(),
+            suspect: false,
+        }
+    }
+
+    /// The task type (empty when missing).
+    #[must_use]
+    pub fn kind(&self) -> &[u8] {
+        if self.flags.parsed {
+            if let Some((_, kind)) = self.entry.fields.get(self.flags.kind_at) {
+                return kind;
+            }
+        }
+        self.entry.get(envelope::field::TYPE).unwrap_or_default()
+    }
+
+    /// `(attempt, max_retry)` of the task (`(0, 0)` when unreadable).
+    #[must_use]
+    pub fn attempts(&self) -> (u32, u32) {
+        envelope::parse(&self.entry).map_or((0, 0), |task| (task.attempt, task.max_retry))
+    }
+
+    /// "task id (entry id)" for logs.
+    #[must_use]
+    pub fn label(&self) -> String {
+        let id = self
+            .entry
+            .get(envelope::field::ID)
+            .map(|id| String::from_utf8_lossy(id).into_owned())
+            .unwrap_or_default();
+        format!("{id} (entry {})", self.entry.id_text())
+    }
+}

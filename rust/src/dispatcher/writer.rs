@@ -1,0 +1,216 @@
+//! The outcome writer: a task on its own connection that writes whatever
+//! outcomes the event loop sends, merging everything that piled up while its
+//! previous pipeline was in flight (one round trip per batch, whatever its
+//! size). While Redis is away it retries with backoff, replaying a write
+//! harmlessly (see `streams::writer::write_outcomes`).
+//!
+//! At shutdown it gets a deadline: what it could not write by then is
+//! counted and left; those tasks stay pending in Redis and run again, so a
+//! stop never waits on Redis for long, and nothing is lost.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{debug, warn};
+use redis::aio::ConnectionManager;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::now_ms;
+use super::patience::Patience;
+use super::scheduler::DelayedState;
+use crate::keys::Keys;
+use crate::streams::writer::{self as store, Attempt, WriteError, WriteSettings};
+use crate::streams::{QueueOutcomes, QueueSpec};
+
+/// The writer's parameters.
+pub struct Writer {
+    /// Its own handle on the write connection.
+    pub connection: ConnectionManager,
+    /// Key names.
+    pub keys: Keys,
+    /// Queues served.
+    pub queues: Arc<Vec<QueueSpec>>,
+    /// How outcomes are written.
+    pub settings: WriteSettings,
+    /// Progress shared with the mover and the burst check.
+    pub delayed: Arc<DelayedState>,
+}
+
+/// A running writer.
+pub struct WriterHandle {
+    sender: mpsc::UnboundedSender<Vec<QueueOutcomes>>,
+    deadline: watch::Sender<Option<Instant>>,
+    task: JoinHandle<usize>,
+    /// Messages sent so far.
+    pub sent: u64,
+}
+
+impl Writer {
+    /// Starts the writer.
+    #[must_use]
+    pub fn start(self) -> WriterHandle {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let (deadline, watcher) = watch::channel(None);
+        let task = tokio::spawn(self.run(receiver, watcher));
+        WriterHandle {
+            sender,
+            deadline,
+            task,
+            sent: 0,
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut receiver: mpsc::UnboundedReceiver<Vec<QueueOutcomes>>,
+        mut deadline: watch::Receiver<Option<Instant>>,
+    ) -> usize {
+        // Sequence numbers of this life start from the clock, so they never
+        // repeat one of an earlier life of the same consumer name.
+        let mut seq = now_ms().saturating_mul(1000);
+        let mut patience = Patience::new("writing task outcomes");
+        while let Some(mut merged) = receiver.recv().await {
+            let mut messages = 1;
+            while let Ok(more) = receiver.try_recv() {
+                for (into, from) in merged.iter_mut().zip(more) {
+                    into.merge(from);
+                }
+                messages += 1;
+            }
+            seq += 1;
+            let mut replay = false;
+            loop {
+                let due = *deadline.borrow();
+                if due.is_some_and(|due| Instant::now() >= due) {
+                    let mut left: usize = merged.iter().map(QueueOutcomes::tasks).sum();
+                    while let Ok(more) = receiver.try_recv() {
+                        left += more.iter().map(QueueOutcomes::tasks).sum::<usize>();
+                    }
+                    return left;
+                }
+                let result = {
+                    let write = store::write_outcomes(
+                        &mut self.connection,
+                        &self.keys,
+                        &self.queues,
+                        &self.settings,
+                        &merged,
+                        now_ms(),
+                        Attempt { seq, replay },
+                    );
+                    tokio::pin!(write);
+                    // A deadline set while the write is in flight cuts it short.
+                    loop {
+                        let due = *deadline.borrow();
+                        tokio::select! {
+                            result = &mut write => break result,
+                            () = sleep_until(due) => break Err(WriteError::Redis(timed_out())),
+                            () = changed(&mut deadline) => {}
+                        }
+                    }
+                };
+                match result {
+                    Ok(()) => {
+                        patience.done();
+                        self.delayed.written.fetch_add(messages, Ordering::SeqCst);
+                        break;
+                    }
+                    Err(WriteError::NoScript) => {
+                        replay = true;
+                        if let Err(error) = self.settings.scripts.load(&mut self.connection).await {
+                            debug!("loading scripts failed: {error}");
+                        }
+                    }
+                    Err(error) => {
+                        replay = true;
+                        let delay = patience.next_delay(&error);
+                        tokio::select! {
+                            () = tokio::time::sleep(delay) => {}
+                            () = changed(&mut deadline) => {}
+                        }
+                    }
+                }
+            }
+        }
+        let due = *deadline.borrow();
+        self.forget_markers(due).await;
+        0
+    }
+
+    /// After the last write, the write markers are not needed any more.
+    async fn forget_markers(&mut self, deadline: Option<Instant>) {
+        let mut pipe = redis::pipe();
+        for queue in self.queues.iter() {
+            pipe.cmd("DEL")
+                .arg(self.keys.written(&queue.name, &self.settings.consumer))
+                .ignore();
+        }
+        let until = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+        let deleted =
+            tokio::time::timeout_at(until.into(), pipe.query_async::<()>(&mut self.connection))
+                .await;
+        if !matches!(deleted, Ok(Ok(()))) {
+            debug!("write markers not removed; they expire by themselves");
+        }
+    }
+}
+
+/// Resolves at `due`, never without one.
+async fn sleep_until(due: Option<Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when the deadline is set (never once nobody can set it).
+async fn changed(deadline: &mut watch::Receiver<Option<Instant>>) {
+    if deadline.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+fn timed_out() -> redis::RedisError {
+    redis::RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "no reply before the shutdown deadline",
+    ))
+}
+
+impl WriterHandle {
+    /// Queues outcomes for writing.
+    pub fn send(&mut self, outcomes: Vec<QueueOutcomes>) {
+        // The writer only stops when this handle is shut down.
+        if self.sender.send(outcomes).is_ok() {
+            self.sent += 1;
+        }
+    }
+
+    /// Writes what is queued, giving up at `deadline`; returns how many
+    /// finished tasks' outcomes could not be written (they stay pending).
+    pub async fn shutdown(self, deadline: Instant) -> usize {
+        let Self {
+            sender,
+            deadline: set_deadline,
+            task,
+            ..
+        } = self;
+        drop(sender);
+        let _ = set_deadline.send(Some(deadline));
+        // A last bound, should a write ignore its timeout.
+        let backstop = deadline + Duration::from_secs(2);
+        match tokio::time::timeout_at(backstop.into(), task).await {
+            Ok(Ok(left)) => left,
+            Ok(Err(error)) => {
+                warn!("outcome writer failed: {error}");
+                0
+            }
+            Err(_) => {
+                warn!("outcome writer did not stop in time");
+                0
+            }
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! Constants of the core, exported so Python never copies them: outcomes,
+//! slot states, size bounds and the engine's defaults.
+
+use pyo3::prelude::*;
+
+use crate::dispatcher::{defaults, Report};
+use crate::envelope::{MAX_ID_BYTES, MAX_TYPE_BYTES};
+use crate::outcome::{Outcome, MAX_TEXT_BYTES};
+use crate::region::{SLOT_LOST, SLOT_RECLAIMED, SLOT_RUNNING, SLOT_STARTING};
+
+pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    module.add_class::<Outcome>()?;
+    for (name, value) in [
+        ("SLOT_STARTING", SLOT_STARTING),
+        ("SLOT_RUNNING", SLOT_RUNNING),
+        ("SLOT_LOST", SLOT_LOST),
+        ("SLOT_RECLAIMED", SLOT_RECLAIMED),
+    ] {
+        module.add(name, value)?;
+    }
+    for (name, value) in [
+        ("MAX_ID_BYTES", MAX_ID_BYTES),
+        ("MAX_TYPE_BYTES", MAX_TYPE_BYTES),
+        ("MAX_TEXT_BYTES", MAX_TEXT_BYTES),
+        ("DEFAULT_PREFETCH", defaults::PREFETCH),
+        ("DEFAULT_READ_COUNT", defaults::READ_COUNT),
+        ("DEFAULT_TASK_RING_BYTES", defaults::TASK_RING_BYTES),
+        ("DEFAULT_RESULT_RING_BYTES", defaults::RESULT_RING_BYTES),
+        ("DEFAULT_DEAD_MAX_LENGTH", defaults::DEAD_MAX_LENGTH),
+        ("DEFAULT_CONCURRENCY", defaults::CONCURRENCY),
+    ] {
+        module.add(name, value)?;
+    }
+    for (name, value) in [
+        ("DEFAULT_BLOCK_MS", defaults::BLOCK_MS),
+        ("WRITE_GRACE_MS", defaults::WRITE_GRACE_MS),
+        ("ASYNC_GRACE_MS", defaults::ASYNC_GRACE_MS),
+    ] {
+        module.add(name, value)?;
+    }
+    module.add("REPORT_NAMES", Report::NAMES.to_vec())?;
+    Ok(())
+}

@@ -1,0 +1,288 @@
+"""Fault trials, as an operator would run them: kill -9 any process of an
+engine, signal its whole process group, take Redis away during shutdown,
+run long async batches, and feed actors what makes them die. Each test
+failed on the engine before its fix (see the issue notes)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import time
+from typing import Any, Optional
+
+import psutil
+import pytest
+import redis
+
+import flumeq
+from conftest import process_redis, spawn_script, wait_until
+from flumeq.redis_server import RedisServer
+
+STREAM = "flumeq:{default}:stream"
+
+ENGINE = """
+    import logging, os, sys, time, flumeq
+    from conftest import process_redis
+    logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
+    url, consumer = sys.argv[1], sys.argv[2]
+    def work(task):
+        process_redis(url).hincrby("started", task.id, 1)
+        time.sleep(task.payload.get("sleep", 0.01))
+        process_redis(url).hincrby("runs", task.id, 1)
+    engine = flumeq.Engine(
+        {"work": work}, url, consumer=consumer,
+        shutdown_timeout=float(os.environ.get("SHUTDOWN", "10")),
+        claim_stale_after=300, retry_base=0.02, retry_max=0.05,
+    )
+    print("REPORT", engine.run(processes=2, burst=os.environ.get("BURST") == "1"), flush=True)
+"""
+
+
+def start_engine(url: str, consumer: str, **env: str) -> Any:
+    return spawn_script(ENGINE, url, consumer, env=env)
+
+
+def counts(r: redis.Redis, key: str) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in r.hgetall(key).items()}
+
+
+def tree(pid: int) -> list[psutil.Process]:
+    """The engine's processes: the supervisor and all its descendants."""
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def dispatcher_pid(r: redis.Redis, consumer: str) -> Optional[int]:
+    """The pid of the engine's dispatcher, from its named read connection."""
+    prefix = f"flumeq:{consumer}:reader:"
+    for client in r.client_list():
+        name = str(client.get("name", ""))
+        if name.startswith(prefix):
+            return int(name.rsplit(":", 1)[1])
+    return None
+
+
+def cpu_seconds(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def test_engine_survives_kill_of_its_dispatcher(redis_url: str, r: redis.Redis) -> None:
+    client = flumeq.Client(redis_url)
+    infos = client.enqueue_many([("work", {"sleep": 0.005}) for _ in range(600)])
+    engine = start_engine(redis_url, "phoenix")
+    try:
+        wait_until(lambda: r.hlen("runs") >= 50)
+        for round_ in range(2):  # twice: the second restart backs off, and still comes
+            first = dispatcher_pid(r, "phoenix")
+            assert first is not None
+            os.kill(first, signal.SIGKILL)
+            wait_until(
+                lambda first=first: dispatcher_pid(r, "phoenix") not in (None, first),
+                timeout=20,
+            )
+            assert engine.poll() is None, f"engine exited after dispatcher kill {round_ + 1}"
+        wait_until(lambda: set(counts(r, "runs")) == {info.id for info in infos}, timeout=60)
+        assert engine.poll() is None
+    finally:
+        os.kill(engine.pid, signal.SIGTERM)
+        out, err = engine.communicate(timeout=40)
+    assert engine.returncode == 0, err.decode()[-3000:]
+    assert b"REPORT" in out
+    assert client.stats()["ready"] == 0 and client.stats()["in_flight"] == 0
+
+
+def test_sigterm_to_the_whole_process_group_is_graceful(redis_url: str, r: redis.Redis) -> None:
+    client = flumeq.Client(redis_url)
+    client.enqueue_many([("work", {"sleep": 0.3}) for _ in range(60)])
+    engine = start_engine(redis_url, "systemd-unit")
+    wait_until(lambda: r.hlen("started") >= 4)
+    started_at = time.monotonic()
+    os.killpg(engine.pid, signal.SIGTERM)  # as systemd's KillMode=control-group does
+    _, err = engine.communicate(timeout=40)
+    assert engine.returncode == 0, err.decode()[-3000:]
+    assert time.monotonic() - started_at < 10
+    started, finished = counts(r, "started"), counts(r, "runs")
+    assert finished == started, "a task was cut off mid-run"
+    assert all(count == 1 for count in finished.values())
+    stats = client.stats()
+    assert stats["failed"] == 0, "a group signal made tasks count a failed attempt"
+    assert stats["processed"] + stats["ready"] == 60 and stats["in_flight"] == 0
+    # Handed-back tasks start over at attempt 0 (nothing counted against them).
+    assert all(fields[b"attempt"] == b"0" for _, fields in r.xrange(STREAM))
+
+
+def test_shutdown_ends_in_bounded_time_without_redis_and_never_spins(tmp_path: Any) -> None:
+    server = RedisServer(appendonly=True).start()
+    url = server.url
+    try:
+        conn = redis.Redis.from_url(url)
+        flumeq.Client(url).enqueue_many([("work", {"sleep": 0.05}) for _ in range(2000)])
+        engine = start_engine(url, "stranded", SHUTDOWN="2")
+        wait_until(lambda: conn.hlen("runs") >= 20)
+        processes = tree(engine.pid)
+        server.kill()
+        time.sleep(0.5)
+        before = cpu_seconds(processes)
+        started = time.monotonic()
+        os.killpg(engine.pid, signal.SIGTERM)
+        _, err = engine.communicate(timeout=60)
+        took = time.monotonic() - started
+        used = cpu_seconds(processes) - before
+    finally:
+        server.stop()
+    log = err.decode()
+    assert engine.returncode == 0, log[-3000:]
+    # shutdown_timeout (2 s) plus the bounded grace for the last writes.
+    assert took < 15, f"shutdown took {took:.1f}s with redis gone"
+    assert used < 0.5 * took, f"the engine spun: {used:.2f} CPU-s in {took:.1f}s"
+    assert "could not be written" in log, log[-3000:]
+
+
+ASYNC_NAPS = """
+    import asyncio, sys, flumeq
+    from conftest import process_redis
+    url = sys.argv[1]
+    async def nap(task):
+        await asyncio.sleep(2)
+        process_redis(url).hincrby("runs", task.id, 1)
+    print("REPORT", flumeq.Engine({"nap": nap}, url).run(processes=1, burst=True), flush=True)
+"""
+
+
+def test_long_async_batches_finish_with_per_task_deadlines(redis_url: str, r: redis.Redis) -> None:
+    client = flumeq.Client(redis_url)
+    infos = client.enqueue_many([("nap", {}) for _ in range(300)], timeout=3, max_retry=0)
+    started = time.monotonic()
+    engine = spawn_script(ASYNC_NAPS, redis_url)
+    try:
+        out, err = engine.communicate(timeout=40)
+    except subprocess.TimeoutExpired:
+        os.killpg(engine.pid, signal.SIGKILL)
+        engine.communicate()
+        pytest.fail("300 two-second async tasks (concurrency 100) did not finish in 40 s")
+    took = time.monotonic() - started
+    assert engine.returncode == 0, err.decode()[-3000:]
+    assert counts(r, "runs") == {info.id: 1 for info in infos}
+    assert b"'processed': 300" in out and b"'failed': 0" in out
+    assert took < 20, f"took {took:.1f}s; three waves of 2 s should take about 6 s"
+
+
+def test_a_blocked_event_loop_blames_only_the_tasks_that_ran(
+    redis_url: str, r: redis.Redis
+) -> None:
+    client = flumeq.Client(redis_url)
+    blocker = client.enqueue("block", {}, timeout=0.5, max_retry=0)
+    naps = client.enqueue_many([("nap", {}) for _ in range(30)], timeout=5, max_retry=0)
+
+    async def block(task: flumeq.Task) -> None:
+        time.sleep(30)  # blocks the whole loop: asyncio cannot cancel it
+
+    async def nap(task: flumeq.Task) -> None:
+        await asyncio.sleep(0.2)
+        process_redis(redis_url).hincrby("runs", task.id, 1)
+
+    started = time.monotonic()
+    report = flumeq.Engine({"block": block, "nap": nap}, redis_url, concurrency=10).run(
+        processes=1, burst=True
+    )
+    assert time.monotonic() - started < 20
+    [dead] = client.dead_letters()
+    assert (dead["id"], dead["reason"]) == (blocker.id, "timeout")
+    assert "event loop" in dead["error"]
+    assert counts(r, "runs") == {info.id: 1 for info in naps}
+    assert report["dead"] == 1 and report["processed"] == 30
+
+
+def test_many_large_failures_in_one_window_are_all_counted(redis_url: str, r: redis.Redis) -> None:
+    client = flumeq.Client(redis_url)
+    infos = client.enqueue_many([("boom", {}) for _ in range(300)], max_retry=0)
+
+    def boom(task: flumeq.Task) -> None:
+        # Fast failures (no warning per task), each with a 20 kB error text:
+        # hundreds of them fit in one flush window.
+        logging.getLogger("flumeq.actor").disabled = True
+        raise ValueError("x" * 20_000)
+
+    started = time.monotonic()
+    report = flumeq.Engine({"boom": boom}, redis_url).run(processes=1, burst=True)
+    assert time.monotonic() - started < 30
+    assert report["dead"] == 300 and report["restarts"] == 0
+    letters = client.dead_letters(limit=1000)
+    assert {letter["id"] for letter in letters} == {info.id for info in infos}
+    limit = flumeq.MAX_TEXT_BYTES
+    assert all(len(letter["error"].encode()) <= limit for letter in letters)
+    assert all(len(letter["traceback"].encode()) <= limit for letter in letters)
+    # An error text keeps its start, a traceback its end (where it raised).
+    assert all(letter["error"].startswith("ValueError: xxx") for letter in letters)
+    assert all(letter["traceback"].rstrip().endswith("xxx") for letter in letters)
+
+
+def test_ids_and_types_have_a_size_bound(redis_url: str, r: redis.Redis) -> None:
+    client = flumeq.Client(redis_url)
+    with pytest.raises(flumeq.InvalidTask, match="task_id"):
+        client.enqueue("work", {}, task_id="i" * (flumeq.MAX_ID_BYTES + 1))
+    with pytest.raises(flumeq.InvalidTask, match="longer than"):
+        client.enqueue("w" * (flumeq.MAX_TYPE_BYTES + 1), {})
+    with pytest.raises(flumeq.InvalidTask, match="task_id"):
+        client.enqueue_many([("work", {}, "i" * (flumeq.MAX_ID_BYTES + 1))])
+    assert r.xlen(STREAM) == 0
+    # Written by hand, past the client: dead-lettered with the field named.
+    r.xadd(STREAM, {"id": "i" * 70_000, "type": "work", "payload": "{}"})
+    r.xadd(STREAM, {"id": "ok-type", "type": "t" * 70_000, "payload": "{}"})
+    good = client.enqueue("work", {"sleep": 0})
+    report = flumeq.Engine({"work": lambda task: None}, redis_url).run(processes=1, burst=True)
+    assert report["processed"] == 1 and report["restarts"] == 0
+    letters = client.dead_letters()
+    assert sorted(letter["reason"] for letter in letters) == ["invalid", "invalid"]
+    errors = " ".join(letter["error"] for letter in letters)
+    assert "field 'id'" in errors and "field 'type'" in errors
+    assert good.id not in {letter["id"] for letter in letters}
+
+
+def test_a_crash_in_an_async_batch_blames_only_its_culprit(redis_url: str, r: redis.Redis) -> None:
+    client = flumeq.Client(redis_url)
+    innocent = client.enqueue("nap", {}, max_retry=0)
+    killer = client.enqueue("die", {}, max_retry=0)
+
+    async def nap(task: flumeq.Task) -> None:
+        await asyncio.sleep(0.05)
+        process_redis(redis_url).hincrby("runs", task.id, 1)
+
+    async def die(task: flumeq.Task) -> None:
+        await asyncio.sleep(0.01)  # the innocent task is running too
+        os._exit(3)
+
+    report = flumeq.Engine({"nap": nap, "die": die}, redis_url).run(processes=1, burst=True)
+    assert counts(r, "runs") == {innocent.id: 1}
+    [dead] = client.dead_letters()
+    assert (dead["id"], dead["reason"]) == (killer.id, "crashed")
+    assert report["processed"] == 1 and report["dead"] == 1
+
+
+CRASH_LOOP = """
+    import os, sys, flumeq
+    def die(task):
+        os._exit(3)
+    flumeq.Engine({"die": die}, sys.argv[1], retry_base=0, retry_max=0).run(processes=1)
+"""
+
+
+def test_actor_restarts_back_off(redis_url: str, r: redis.Redis) -> None:
+    flumeq.Client(redis_url).enqueue("die", {}, max_retry=10_000)
+    engine = spawn_script(CRASH_LOOP, redis_url)
+    time.sleep(5.0)
+    os.kill(engine.pid, signal.SIGTERM)
+    engine.communicate(timeout=30)
+    crashes = int(r.hget("flumeq:{default}:stats", "failed") or 0)
+    # Without backoff an actor crash loop forks as fast as it can (hundreds in 4 s).
+    assert 2 <= crashes <= 15, f"{crashes} crashing runs in about 4 s"
