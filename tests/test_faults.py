@@ -6,10 +6,13 @@ failed on the engine before its fix (see the issue notes)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
+import threading
 import time
 from typing import Any, Optional
 
@@ -286,3 +289,108 @@ def test_actor_restarts_back_off(redis_url: str, r: redis.Redis) -> None:
     crashes = int(r.hget("flumeq:{default}:stats", "failed") or 0)
     # Without backoff an actor crash loop forks as fast as it can (hundreds in 4 s).
     assert 2 <= crashes <= 15, f"{crashes} crashing runs in about 4 s"
+
+
+class ReplyDropper:
+    """A TCP proxy in front of Redis that, once, forwards a pipeline holding
+    ``trigger`` and then cuts the connection before the reply comes back:
+    Redis applied the commands, the client never hears so."""
+
+    def __init__(self, upstream_port: int, trigger: tuple[bytes, ...]) -> None:
+        self.upstream_port = upstream_port
+        self.trigger = trigger
+        self.fired = threading.Event()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            cut = threading.Event()
+            threading.Thread(
+                target=self._requests, args=(client, upstream, cut), daemon=True
+            ).start()
+            threading.Thread(
+                target=self._replies, args=(upstream, client, cut), daemon=True
+            ).start()
+
+    def _requests(
+        self, client: socket.socket, upstream: socket.socket, cut: threading.Event
+    ) -> None:
+        with contextlib.suppress(OSError):
+            while data := client.recv(65536):
+                if not self.fired.is_set() and all(t in data for t in self.trigger):
+                    self.fired.set()
+                    cut.set()  # from now on this connection's replies are dropped
+                    upstream.sendall(data)
+                    time.sleep(0.2)  # Redis runs it...
+                    break  # ...and the reply never arrives
+                upstream.sendall(data)
+        for side in (client, upstream):
+            with contextlib.suppress(OSError):
+                side.shutdown(socket.SHUT_RDWR)
+            side.close()
+
+    def _replies(
+        self, upstream: socket.socket, client: socket.socket, cut: threading.Event
+    ) -> None:
+        with contextlib.suppress(OSError):
+            while (data := upstream.recv(65536)) and not cut.is_set():
+                client.sendall(data)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_a_replayed_outcome_write_appends_and_counts_nothing_twice(
+    redis_server: RedisServer, redis_url: str, r: redis.Redis
+) -> None:
+    proxy = ReplyDropper(redis_server.port, (b"EXEC", b"XADD", b"XACK"))
+    url = f"redis://127.0.0.1:{proxy.port}/0"
+    try:
+        client = flumeq.Client(redis_url)
+        info = client.enqueue("flaky", {})
+
+        def flaky(task: flumeq.Task) -> None:
+            process_redis(redis_url).hincrby("runs", f"{task.id}:{task.attempt}", 1)
+            if task.attempt == 0:
+                raise flumeq.Retry()  # its next run is appended in the outcome MULTI
+
+        report = flumeq.Engine({"flaky": flaky}, url).run(processes=1, burst=True)
+        assert proxy.fired.is_set(), "the proxy never saw the outcome write"
+    finally:
+        proxy.close()
+    assert counts(r, "runs") == {f"{info.id}:0": 1, f"{info.id}:1": 1}
+    stats = client.stats()
+    assert (stats["processed"], stats["failed"]) == (1, 1)
+    assert int(r.hget("flumeq:{default}:stats", "retried") or 0) == 1
+    assert report["processed"] == 1
+
+
+def test_scripts_run_by_sha_and_survive_a_flushed_script_cache(
+    redis_url: str, r: redis.Redis
+) -> None:
+    r.config_resetstat()
+    client = flumeq.Client(redis_url)
+    client.enqueue("work", {"sleep": 0}, unique_key="u1")
+    r.script_flush()  # as after a Redis restart: every SHA is unknown
+    client.enqueue("work", {"sleep": 0}, unique_key="u2")
+    client.enqueue("boom", {}, max_retry=0)
+    flumeq.Engine({"work": lambda task: None, "boom": lambda task: 1 / 0}, redis_url).run(
+        processes=1, burst=True
+    )
+    assert not r.keys("flumeq:{default}:unique:*"), "unique keys were released"
+    r.script_flush()
+    assert client.requeue_dead() == 1
+    flumeq.Engine({"boom": lambda task: 1 / 0}, redis_url).run(processes=1, burst=True)
+    r.script_flush()
+    assert client.purge_dead() == 1
+    stats = r.info("commandstats")
+    assert "cmdstat_eval" not in stats, "a script was sent as full text"
+    assert stats["cmdstat_evalsha"]["calls"] > 0
+    assert "cmdstat_unlink" in stats, "dead letters were purged with DEL"
