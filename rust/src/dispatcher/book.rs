@@ -64,16 +64,21 @@ impl Report {
         ]
     }
 
-    /// Adds `other`.
-    pub fn add(&mut self, other: &Self) {
-        self.processed += other.processed;
-        self.failed += other.failed;
-        self.retried += other.retried;
-        self.dead += other.dead;
-        self.skipped += other.skipped;
-        self.handed_back += other.handed_back;
-        self.left_pending += other.left_pending;
-        self.restarts += other.restarts;
+    /// A report from counts in `NAMES` order.
+    #[must_use]
+    pub fn from_array(counts: [u64; 8]) -> Self {
+        let [processed, failed, retried, dead, skipped, handed_back, left_pending, restarts] =
+            counts;
+        Self {
+            processed,
+            failed,
+            retried,
+            dead,
+            skipped,
+            handed_back,
+            left_pending,
+            restarts,
+        }
     }
 }
 

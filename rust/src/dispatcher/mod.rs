@@ -478,7 +478,9 @@ impl Dispatcher<'_> {
                     self.pool.reclaim_lost(&mut self.book);
                     self.pool.refresh_held(&mut self.book);
                     self.pool.pump(&mut self.book);
-                    self.registry.beat(&self.book.totals, self.pool.in_flight());
+                    // The engine's counts over every dispatcher life.
+                    let counts = Report::from_array(self.region.counts());
+                    self.registry.beat(&counts, self.pool.in_flight());
                 }
                 () = self.signals.recv() => {
                     info!("signal received: stopping gracefully");

@@ -77,8 +77,8 @@ impl Pace {
 /// Why we killed an actor, for blaming its tasks when it is reclaimed.
 #[derive(Debug, Clone)]
 enum Kill {
-    /// Its sync task passed its timeout.
-    Sync(String),
+    /// Its sync task `(batch, index)` passed its timeout.
+    Sync(u64, u32, String),
     /// Its event loop did not end async tasks past their timeouts: those
     /// `(batch, index)` with their messages.
     Async(Vec<(u64, u32, String)>),
@@ -499,15 +499,17 @@ impl<'r> Pool<'r> {
                 continue;
             }
             let deadline = header.running_deadline_ms.load(Ordering::SeqCst);
-            let kill = if deadline > 0
-                && now >= deadline
-                && header.running_index.load(Ordering::SeqCst) != 0
-            {
+            let running = header.running_index.load(Ordering::SeqCst);
+            let kill = if deadline > 0 && now >= deadline && running != 0 {
                 let since = header.running_since_ms.load(Ordering::SeqCst);
-                Some(Kill::Sync(format!(
-                    "timeout: the handler ran longer than {}s",
-                    envelope::format_seconds(deadline.saturating_sub(since))
-                )))
+                Some(Kill::Sync(
+                    header.running_batch.load(Ordering::SeqCst),
+                    running - 1,
+                    format!(
+                        "timeout: the handler ran longer than {}s",
+                        envelope::format_seconds(deadline.saturating_sub(since))
+                    ),
+                ))
             } else {
                 self.async_overdue(slot, now).map(Kill::Async)
             };
@@ -516,7 +518,9 @@ impl<'r> Pool<'r> {
             };
             let pid = header.pid.load(Ordering::SeqCst);
             match &kill {
-                Kill::Sync(_) => warn!("actor {slot} (pid {pid}) passed its task timeout; killing it"),
+                Kill::Sync(..) => {
+                    warn!("actor {slot} (pid {pid}) passed its task timeout; killing it");
+                }
                 Kill::Async(overdue) => warn!(
                     "actor {slot} (pid {pid}): {} async task(s) ran past their timeout and its event loop did not cancel them (blocked?); killing it",
                     overdue.len()
@@ -618,10 +622,12 @@ fn blame(
         })
     };
     match kill {
-        Some(Kill::Sync(reason)) => {
+        Some(Kill::Sync(batch, task, reason)) => {
+            // Only the task that overran: should it have ended just before
+            // the kill landed, the next one is not to blame.
             return Blame::Tasks(
                 running
-                    .filter(|(id, index)| unfinished(*id, *index))
+                    .filter(|(id, index)| (*id, *index) == (batch, task) && unfinished(*id, *index))
                     .map(|(id, index)| (id, index, Outcome::TimedOut, reason))
                     .into_iter()
                     .collect(),
@@ -729,8 +735,21 @@ mod tests {
         let batches = vec![(7, batch(&[(0, false), (1, false)], &[]))];
         let crash = blame(None, Some((7, 1)), &batches, "exit");
         assert_eq!(blamed(&crash), [(7, 1, Outcome::Crashed)]);
-        let timeout = blame(Some(Kill::Sync("t".into())), Some((7, 0)), &batches, "exit");
+        let timeout = blame(
+            Some(Kill::Sync(7, 0, "t".into())),
+            Some((7, 0)),
+            &batches,
+            "exit",
+        );
         assert_eq!(blamed(&timeout), [(7, 0, Outcome::TimedOut)]);
+        // The overrunning task ended as the kill landed: its successor is innocent.
+        let late = blame(
+            Some(Kill::Sync(7, 0, "t".into())),
+            Some((7, 1)),
+            &batches,
+            "exit",
+        );
+        assert!(blamed(&late).is_empty());
     }
 
     #[test]

@@ -119,15 +119,24 @@ impl Writer {
                     }
                     Err(WriteError::NoScript) => {
                         replay = true;
-                        if let Err(error) = self.settings.scripts.load(&mut self.connection).await {
+                        let load = self.settings.scripts.load(&mut self.connection);
+                        let loaded = match due {
+                            Some(due) => tokio::time::timeout_at(due.into(), load)
+                                .await
+                                .unwrap_or_else(|_| Err(timed_out())),
+                            None => load.await,
+                        };
+                        if let Err(error) = loaded {
                             debug!("loading scripts failed: {error}");
                         }
                     }
                     Err(error) => {
                         replay = true;
                         let delay = patience.next_delay(&error);
+                        let due = *deadline.borrow();
                         tokio::select! {
                             () = tokio::time::sleep(delay) => {}
+                            () = sleep_until(due) => {}
                             () = changed(&mut deadline) => {}
                         }
                     }

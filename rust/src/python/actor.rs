@@ -317,7 +317,9 @@ impl ActorEnd {
     ) -> PyResult<()> {
         let work_us = {
             let mut times = self.times();
-            times.observe(index as usize, seconds);
+            if outcome != Outcome::NotStarted as u8 {
+                times.observe(index as usize, seconds);
+            }
             times.take_work_us()
         };
         if last {
