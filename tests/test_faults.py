@@ -394,3 +394,43 @@ def test_scripts_run_by_sha_and_survive_a_flushed_script_cache(
     assert "cmdstat_eval" not in stats, "a script was sent as full text"
     assert stats["cmdstat_evalsha"]["calls"] > 0
     assert "cmdstat_unlink" in stats, "dead letters were purged with DEL"
+
+
+def test_a_live_engine_is_never_robbed_of_its_running_task(tmp_path: Any) -> None:
+    """Its held entries look stale to others when it cannot refresh them (a
+    Redis outage, a stalled dispatcher): its heartbeat still says it lives."""
+    server = RedisServer(appendonly=True).start()
+    try:
+        url = server.url
+        conn = redis.Redis.from_url(url)
+        info = flumeq.Client(url).enqueue("work", {"sleep": 5.0})
+        script = ENGINE.replace("claim_stale_after=300", "claim_stale_after=0.5")
+        engines = [spawn_script(script, url, name) for name in ("holder", "bystander")]
+        try:
+            wait_until(lambda: conn.hget("started", info.id) is not None)
+            holder = next(
+                name
+                for name in ("holder", "bystander")
+                if conn.xpending_range(STREAM, "flumeq", "-", "+", 1, name)
+            )
+            paused = dispatcher_pid(conn, holder)
+            assert paused is not None
+            os.kill(paused, signal.SIGSTOP)  # no refresh, no heartbeat for 2 s
+            try:
+                time.sleep(2.0)
+            finally:
+                os.kill(paused, signal.SIGCONT)
+            server.kill()  # and Redis away: every entry looks idle for longer
+            time.sleep(1.0)
+            server.start()
+            conn = redis.Redis.from_url(url)
+            wait_until(lambda: conn.hget("runs", info.id) is not None, timeout=30)
+            time.sleep(1.0)
+            assert counts(conn, "started") == {info.id: 1}, "a live engine's task ran twice"
+        finally:
+            for engine in engines:
+                os.kill(engine.pid, signal.SIGTERM)
+            for engine in engines:
+                engine.communicate(timeout=30)
+    finally:
+        server.stop()

@@ -119,6 +119,7 @@ class ActorEnd:
         start: int,
         count: int,
         records: list[tuple[int, int, int, str, str]],
+        wake: bool = True,
     ) -> None: ...
     def start_async(self, batch_id: int, index: int, timeout: float) -> bool: ...
     def done_async(

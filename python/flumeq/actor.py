@@ -52,6 +52,10 @@ TIMED_OUT = int(_Outcome.TIMED_OUT)
 #: a task that finished is acked within about this long, so an engine killed
 #: mid-batch runs few tasks twice.
 FLUSH_EVERY = 0.01
+#: A sync task that ran at least this long (seconds) has its outcome written
+#: to the ring at once (the dispatcher is woken at the next flush): should
+#: the actor die after it, it is not run again. Cheap next to such a task.
+REPORT_SLOW = 0.0005
 #: Longest delay between an async task's end and the dispatcher's wake-up:
 #: tasks ending close together share one.
 ASYNC_WAKE = 0.005
@@ -163,7 +167,7 @@ def run_batch(
     # get records of their own.
     start = 0
     ranged = True
-    last_flush = perf_counter()
+    last_flush = last = perf_counter()
     stopped_at: Optional[int] = None
     for index, (
         task_id,
@@ -217,13 +221,17 @@ def run_batch(
         except Exception as error:
             records.append(_failure(index, task, error))
         now = perf_counter()
-        if now - last_flush >= FLUSH_EVERY:
+        wake = now - last_flush >= FLUSH_EVERY
+        if wake or now - last >= REPORT_SLOW:
             if ranged:
-                end.finish(batch_id, start, index + 1 - start, records)
+                end.finish(batch_id, start, index + 1 - start, records, wake)
                 start = index + 1
             else:
-                end.finish(batch_id, 0, 0, records)
-            records, last_flush = [], now
+                end.finish(batch_id, 0, 0, records, wake)
+            records = []
+            if wake:
+                last_flush = now
+        last = now
     if stopped_at is not None:
         records.extend((rest, NOT_STARTED, 0, "", "") for rest in range(stopped_at, len(tasks)))
         done = stopped_at

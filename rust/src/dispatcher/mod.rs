@@ -44,12 +44,14 @@ mod settings;
 mod taken;
 mod writer;
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use log::{info, warn};
 use redis::aio::ConnectionManager;
 use tokio::io::unix::AsyncFd;
@@ -316,6 +318,7 @@ async fn serve(
     let lost_reply = Arc::new(AtomicBool::new(false));
     let recovery = Recovery {
         reader: raw("recovery"),
+        keys: keys.clone(),
         queues: Arc::clone(&queues),
         group: settings.group.clone(),
         consumer: settings.consumer.clone(),
@@ -377,6 +380,7 @@ async fn serve(
         tick,
         stopping_since: None,
         recover: true,
+        finished_since_recover: None,
         last_read_empty: false,
         read_retry_at: None,
         read_delay: Duration::from_millis(100),
@@ -411,6 +415,10 @@ struct Dispatcher<'r> {
     stopping_since: Option<Instant>,
     /// The next read re-reads our own pending entries first.
     recover: bool,
+    /// While such a read is out: the entries finished meanwhile. Their
+    /// acks may not be written when Redis answers the read, so it still
+    /// lists them as pending; taking them back would run them again.
+    finished_since_recover: Option<HashSet<Bytes>>,
     last_read_empty: bool,
     read_retry_at: Option<Instant>,
     read_delay: Duration,
@@ -498,6 +506,11 @@ impl Dispatcher<'_> {
         let fresh = self.book.take_fresh();
         self.region.add_counts(&fresh.to_array());
         if let Some(outcomes) = self.book.take() {
+            if let Some(finished) = &mut self.finished_since_recover {
+                for queue in &outcomes {
+                    finished.extend(queue.finished.iter().cloned());
+                }
+            }
             self.writer.send(outcomes);
         }
     }
@@ -559,10 +572,14 @@ impl Dispatcher<'_> {
         });
         if self.fetcher.busy() {
             self.recover = false;
+            if recover {
+                self.finished_since_recover = Some(HashSet::new());
+            }
         }
     }
 
     async fn on_fetched(&mut self, fetched: Result<Fetched, ReadError>) {
+        let finished_meanwhile = self.finished_since_recover.take();
         match fetched {
             Ok(Fetched { own, new, done }) => {
                 if self.read_failing {
@@ -573,6 +590,11 @@ impl Dispatcher<'_> {
                 self.read_retry_at = None;
                 self.last_read_empty = new.is_empty() && done.is_empty();
                 if !own.is_empty() {
+                    let finished = finished_meanwhile.unwrap_or_default();
+                    let own = own
+                        .into_iter()
+                        .filter(|(_, entry, _)| !finished.contains(&entry.entry_id))
+                        .collect();
                     let taken = self.take_back(own);
                     if taken > 0 {
                         info!("took back {taken} task(s) this consumer left pending");
@@ -612,7 +634,7 @@ impl Dispatcher<'_> {
                     self.read_failing = true;
                 }
                 self.read_retry_at = Some(Instant::now() + self.read_delay);
-                self.read_delay = (self.read_delay * 2).min(Duration::from_secs(5));
+                self.read_delay = (self.read_delay * 2).min(Duration::from_secs(1));
             }
         }
     }

@@ -15,6 +15,7 @@ const LONGEST: Duration = Duration::from_secs(5);
 pub struct Patience {
     what: &'static str,
     delay: Duration,
+    longest: Duration,
     warned: bool,
 }
 
@@ -22,9 +23,17 @@ impl Patience {
     /// Patience for `what` (named in the logs).
     #[must_use]
     pub fn new(what: &'static str) -> Self {
+        Self::capped(what, LONGEST)
+    }
+
+    /// Patience whose waits never exceed `longest` (for work that must
+    /// resume as soon as Redis is back).
+    #[must_use]
+    pub fn capped(what: &'static str, longest: Duration) -> Self {
         Self {
             what,
-            delay: FIRST,
+            delay: FIRST.min(longest),
+            longest,
             warned: false,
         }
     }
@@ -40,7 +49,7 @@ impl Patience {
             self.warned = true;
         }
         let delay = self.delay;
-        self.delay = (self.delay * 2).min(LONGEST);
+        self.delay = (self.delay * 2).min(self.longest);
         delay
     }
 
@@ -56,7 +65,7 @@ impl Patience {
             info!("{}: redis answers again", self.what);
         }
         self.warned = false;
-        self.delay = FIRST;
+        self.delay = FIRST.min(self.longest);
     }
 }
 
@@ -73,5 +82,8 @@ mod tests {
         assert_eq!(delays[7], LONGEST);
         patience.done();
         assert_eq!(patience.next_delay(&"boom"), FIRST);
+        let mut eager = Patience::capped("test", Duration::from_millis(250));
+        let delays: Vec<Duration> = (0..5).map(|_| eager.next_delay(&"boom")).collect();
+        assert_eq!(delays[4], Duration::from_millis(250));
     }
 }

@@ -1,13 +1,16 @@
-//! Recovery of dead engines' tasks, and cleanup of dead consumers.
+//! Recovery of dead engines' tasks.
 //!
-//! Every `claim_stale_after / 2` (at most 30 s) it walks `XAUTOCLAIM`'s cursor
-//! over each queue, taking entries idle longer than `claim_stale_after`. Live
-//! engines keep their own entries fresh (see `Dispatcher::refresh_held`), so
-//! only a dead engine's entries get that old. Claimed entries go to the
-//! dispatcher through a channel of one page, so they are taken only as fast
-//! as the actors have room. Each claimed entry comes with its delivery count,
-//! which bounds poison tasks that keep killing whole engines.
-//!
+//! Every `claim_stale_after / 2` (at most 30 s) it looks, in each queue, for
+//! consumers with pending entries and no live engine behind them (no worker
+//! registry entry: it expires 10 s after the engine's last heartbeat), and
+//! claims their entries idle longer than `claim_stale_after` (`XPENDING
+//! IDLE` then `XCLAIM`). Live engines keep their own entries fresh (see
+//! `Pool::refresh_held`); checking the registry as well means that a Redis
+//! outage, which makes every entry look idle, never hands a live engine's
+//! tasks to another. Claimed entries go to the dispatcher through a channel
+//! of one page, so they are taken only as fast as the actors have room.
+//! Each comes with its delivery count, which bounds poison tasks that keep
+//! killing whole engines.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,11 +24,14 @@ use tokio::sync::mpsc;
 use super::Background;
 
 use crate::envelope::RawEntry;
-use crate::streams::reader::{self, ReadError, Reader};
+use crate::keys::Keys;
+use crate::streams::reader::{ReadError, Reader};
 use crate::streams::{reply, QueueSpec};
 
-/// Entries per `XAUTOCLAIM` call.
+/// Entries per claim.
 const PAGE: usize = 100;
+/// Most pages claimed from one consumer per pass.
+const MAX_PAGES: usize = 1000;
 
 /// A claimed entry: queue index, the entry, and how often it was delivered.
 pub type Claimed = (u16, RawEntry, u64);
@@ -34,6 +40,8 @@ pub type Claimed = (u16, RawEntry, u64);
 pub struct Recovery {
     /// Its own read connection.
     pub reader: Reader,
+    /// Key names (the registry, to tell live engines).
+    pub keys: Keys,
     /// Queues served.
     pub queues: Arc<Vec<QueueSpec>>,
     /// Consumer group.
@@ -88,59 +96,138 @@ impl Recovery {
         }
     }
 
-    /// Claims every stale entry of every queue. `Ok(false)` when the
-    /// dispatcher no longer listens.
+    /// Claims every stale entry of dead consumers in every queue.
+    /// `Ok(false)` when the dispatcher no longer listens.
     async fn claim_all(&mut self) -> Result<bool, ReadError> {
         for index in 0..self.queues.len() {
             let stream = self.queues[index].stream.clone();
-            let mut cursor = Bytes::from_static(b"0-0");
-            loop {
-                let mut cmd = redis::cmd("XAUTOCLAIM");
-                cmd.arg(&stream)
-                    .arg(&self.group)
-                    .arg(&self.consumer)
-                    .arg(self.stale_ms)
-                    .arg(cursor.as_ref())
-                    .arg("COUNT")
-                    .arg(PAGE);
-                let mut replies = self.reader.query(std::slice::from_ref(&cmd)).await?;
-                let Some(BytesFrame::Array(mut parts)) = replies.pop() else {
-                    break;
-                };
-                if parts.len() < 2 {
-                    break;
-                }
-                let entries = reply::entries(parts.swap_remove(1));
-                let next = reply::text(&parts[0])
-                    .cloned()
-                    .unwrap_or_else(|| Bytes::from_static(b"0-0"));
-                if !entries.is_empty() {
-                    let claimed = self.with_deliveries(index as u16, &stream, entries).await?;
-                    info!("claimed {} stale task(s) from {stream}", claimed.len());
-                    if self.sender.send(claimed).await.is_err() {
-                        return Ok(false);
+            for owner in self.dead_consumers(&stream).await? {
+                for _ in 0..MAX_PAGES {
+                    let (claimed, full) = self.claim_page(index as u16, &stream, &owner).await?;
+                    if !claimed.is_empty() {
+                        info!(
+                            "claimed {} stale task(s) of dead consumer {} from {stream}",
+                            claimed.len(),
+                            String::from_utf8_lossy(&owner)
+                        );
+                        if self.sender.send(claimed).await.is_err() {
+                            return Ok(false);
+                        }
+                    }
+                    if !full {
+                        break;
                     }
                 }
-                if next.as_ref() == b"0-0" {
-                    break;
-                }
-                cursor = next;
             }
         }
         Ok(true)
     }
 
-    async fn with_deliveries(
+    /// The consumers of `stream` with pending entries and no live engine
+    /// behind them (no registry entry: killed, or gone longer than its
+    /// heartbeat's expiry). A live engine keeps its entries fresh, but a
+    /// Redis outage can make them look stale all the same: it is never
+    /// robbed.
+    async fn dead_consumers(&mut self, stream: &str) -> Result<Vec<Bytes>, ReadError> {
+        let mut summary = redis::cmd("XPENDING");
+        summary.arg(stream).arg(&self.group);
+        let mut replies = self.reader.query(std::slice::from_ref(&summary)).await?;
+        let Some(BytesFrame::Array(parts)) = replies.pop() else {
+            return Ok(Vec::new());
+        };
+        let owners: Vec<Bytes> = match parts.into_iter().nth(3) {
+            Some(BytesFrame::Array(rows)) => rows
+                .iter()
+                .filter_map(|row| match row {
+                    BytesFrame::Array(pair) => pair.first().and_then(reply::text).cloned(),
+                    _ => None,
+                })
+                .filter(|name| name.as_ref() != self.consumer.as_bytes())
+                .collect(),
+            _ => Vec::new(),
+        };
+        if owners.is_empty() {
+            return Ok(owners);
+        }
+        let checks: Vec<redis::Cmd> = owners
+            .iter()
+            .map(|owner| {
+                let mut exists = redis::cmd("EXISTS");
+                exists.arg(self.keys.worker(&String::from_utf8_lossy(owner)));
+                exists
+            })
+            .collect();
+        let alive = self.reader.query(&checks).await?;
+        Ok(owners
+            .into_iter()
+            .zip(alive)
+            .filter(|(_, alive)| reply::integer(alive) == Some(0))
+            .map(|(owner, _)| owner)
+            .collect())
+    }
+
+    /// Claims one page of `owner`'s entries idle longer than the stale
+    /// time, with their delivery counts (this claim included). Returns
+    /// whether the page was full (more may follow).
+    async fn claim_page(
         &mut self,
         queue: u16,
         stream: &str,
-        entries: Vec<RawEntry>,
-    ) -> Result<Vec<Claimed>, ReadError> {
-        let counts = reader::deliveries(&mut self.reader, stream, &self.group, &entries).await?;
-        Ok(entries
+        owner: &[u8],
+    ) -> Result<(Vec<Claimed>, bool), ReadError> {
+        let mut pending = redis::cmd("XPENDING");
+        pending
+            .arg(stream)
+            .arg(&self.group)
+            .arg("IDLE")
+            .arg(self.stale_ms)
+            .arg("-")
+            .arg("+")
+            .arg(PAGE)
+            .arg(owner);
+        let mut replies = self.reader.query(std::slice::from_ref(&pending)).await?;
+        let rows: Vec<(Bytes, u64)> = match replies.pop() {
+            Some(BytesFrame::Array(rows)) => rows
+                .iter()
+                .filter_map(|row| match row {
+                    BytesFrame::Array(fields) => Some((
+                        fields.first().and_then(reply::text)?.clone(),
+                        fields
+                            .get(3)
+                            .and_then(reply::integer)
+                            .unwrap_or(0)
+                            .max(0) as u64,
+                    )),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        if rows.is_empty() {
+            return Ok((Vec::new(), false));
+        }
+        let mut claim = redis::cmd("XCLAIM");
+        claim
+            .arg(stream)
+            .arg(&self.group)
+            .arg(&self.consumer)
+            .arg(self.stale_ms);
+        for (id, _) in &rows {
+            claim.arg(id.as_ref());
+        }
+        let mut replies = self.reader.query(std::slice::from_ref(&claim)).await?;
+        // Entries deleted meanwhile are dropped from the group, not returned.
+        let entries = replies.pop().map(reply::entries).unwrap_or_default();
+        let claimed = entries
             .into_iter()
-            .zip(counts)
-            .map(|(entry, count)| (queue, entry, count))
-            .collect())
+            .map(|entry| {
+                let before = rows
+                    .iter()
+                    .find(|(id, _)| *id == entry.entry_id)
+                    .map_or(0, |(_, count)| *count);
+                (queue, entry, before + 1)
+            })
+            .collect();
+        Ok((claimed, rows.len() == PAGE))
     }
 }

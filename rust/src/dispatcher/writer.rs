@@ -70,7 +70,9 @@ impl Writer {
         // Sequence numbers of this life start from the clock, so they never
         // repeat one of an earlier life of the same consumer name.
         let mut seq = now_ms().saturating_mul(1000);
-        let mut patience = Patience::new("writing task outcomes");
+        // Outcomes waiting to be written are tasks another engine might run
+        // again: retry soon after Redis is back, not after a long backoff.
+        let mut patience = Patience::capped("writing task outcomes", Duration::from_millis(250));
         while let Some(mut merged) = receiver.recv().await {
             let mut messages = 1;
             while let Ok(more) = receiver.try_recv() {

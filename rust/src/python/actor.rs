@@ -237,9 +237,11 @@ impl ActorEnd {
     /// Reports tasks `start .. start + count` of `batch_id` finished: those
     /// in `records` with their `(index, outcome, delay_ms, message,
     /// traceback)`, the others succeeded. Records may also name tasks outside
-    /// the range. Waits (GIL released) if the ring is full; never fails for
-    /// size (big reports are split over several frames).
-    #[pyo3(signature = (batch_id, start, count, records))]
+    /// the range. Wakes the dispatcher unless `wake` is false (it then reads
+    /// the report at its next wake-up or tick). Waits (GIL released) if the
+    /// ring is full; never fails for size (big reports are split over
+    /// several frames).
+    #[pyo3(signature = (batch_id, start, count, records, wake = true))]
     #[expect(
         clippy::needless_pass_by_value,
         reason = "PyO3 extracts arguments as owned values"
@@ -251,6 +253,7 @@ impl ActorEnd {
         start: u32,
         count: u32,
         records: Vec<PyRecord>,
+        wake: bool,
     ) -> PyResult<()> {
         self.region
             .slot(self.slot)
@@ -272,7 +275,9 @@ impl ActorEnd {
             parallel: 1,
         };
         self.send_results(py, batch_id, range, &parsed)?;
-        region::signal_event(self.region.results_event());
+        if wake {
+            region::signal_event(self.region.results_event());
+        }
         Ok(())
     }
 
