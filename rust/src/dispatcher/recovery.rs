@@ -192,11 +192,7 @@ impl Recovery {
                 .filter_map(|row| match row {
                     BytesFrame::Array(fields) => Some((
                         fields.first().and_then(reply::text)?.clone(),
-                        fields
-                            .get(3)
-                            .and_then(reply::integer)
-                            .unwrap_or(0)
-                            .max(0) as u64,
+                        fields.get(3).and_then(reply::integer).unwrap_or(0).max(0) as u64,
                     )),
                     _ => None,
                 })
