@@ -434,3 +434,39 @@ def test_a_live_engine_is_never_robbed_of_its_running_task(tmp_path: Any) -> Non
                 engine.communicate(timeout=30)
     finally:
         server.stop()
+
+
+METRICS_ENGINE = """
+    import sys, flumeq
+    flumeq.Engine({"work": lambda task: None}, sys.argv[1], metrics_port=int(sys.argv[2])).run(
+        processes=1
+    )
+"""
+
+
+def test_a_killed_metrics_process_is_replaced_and_listens_on_loopback(redis_url: str) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    engine = spawn_script(METRICS_ENGINE, redis_url, str(port))
+
+    def listener() -> Optional[psutil.Process]:
+        for child in psutil.Process(engine.pid).children():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                for connection in child.net_connections("tcp"):
+                    if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port:
+                        assert connection.laddr.ip == "127.0.0.1"
+                        return child
+        return None
+
+    try:
+        wait_until(lambda: listener() is not None)
+        first = listener()
+        assert first is not None
+        first.kill()
+        wait_until(lambda: (again := listener()) is not None and again.pid != first.pid)
+        assert engine.poll() is None
+    finally:
+        os.kill(engine.pid, signal.SIGTERM)
+        _, err = engine.communicate(timeout=30)
+    assert engine.returncode == 0, err.decode()[-2000:]

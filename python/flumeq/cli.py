@@ -239,7 +239,7 @@ def _engine_for(
         if metrics_port:
             engine.metrics_port = metrics_port
         if metrics_host is not None:
-            _set_metrics_host(engine, metrics_host)
+            engine.metrics_host = metrics_host
         if prefix != "flumeq":
             engine.prefix = prefix
         return engine
@@ -251,21 +251,13 @@ def _engine_for(
             group=group or "flumeq",
             prefix=prefix,
             metrics_port=metrics_port,
+            metrics_host=metrics_host or "127.0.0.1",
         )
-        _set_metrics_host(engine, metrics_host or "127.0.0.1")
-        return engine
     raise click.BadParameter(
         f"{app!r} is a {type(target).__name__}; expected an Engine or a mapping of "
         "task type to handler",
         param_hint="'APP'",
     )
-
-
-def _set_metrics_host(engine: Engine, host: str) -> None:
-    """Sets the address the engine's metrics process listens on: an attribute
-    set after construction rather than the ``metrics_host`` keyword, so it
-    also works with an Engine that does not take that keyword yet."""
-    setattr(engine, "metrics_host", host)  # noqa: B010 (a plain assignment once Engine has it)
 
 
 # -- enqueue ----------------------------------------------------------------
