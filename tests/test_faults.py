@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -21,7 +22,7 @@ import pytest
 import redis
 
 import flumeq
-from conftest import process_redis, spawn_script, wait_until
+from conftest import counting_handler, process_redis, spawn_script, wait_until
 from flumeq.redis_server import RedisServer
 
 STREAM = "flumeq:{default}:stream"
@@ -470,3 +471,25 @@ def test_a_killed_metrics_process_is_replaced_and_listens_on_loopback(redis_url:
         os.kill(engine.pid, signal.SIGTERM)
         _, err = engine.communicate(timeout=30)
     assert engine.returncode == 0, err.decode()[-2000:]
+
+
+def test_a_burst_waiting_for_a_delayed_task_does_not_spin(redis_url: str, r: redis.Redis) -> None:
+    info = flumeq.Client(redis_url).enqueue("work", {"sleep": 0}, delay=3.0)
+
+    def redis_cpu() -> float:
+        cpu = r.info("cpu")
+        return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    redis_before = redis_cpu()
+    started = time.monotonic()
+    report = flumeq.Engine({"work": counting_handler(redis_url)}, redis_url).run(
+        processes=1, burst=True
+    )
+    took = time.monotonic() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    engine = (after.ru_utime - children.ru_utime) + (after.ru_stime - children.ru_stime)
+    assert report["processed"] == 1 and counts(r, "runs") == {info.id: 1}
+    assert took >= 2.5
+    assert engine < 0.5, f"the engine used {engine:.2f} CPU-s waiting {took:.1f}s"
+    assert redis_cpu() - redis_before < 0.5, "the engine kept redis busy while waiting"

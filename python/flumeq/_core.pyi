@@ -120,6 +120,7 @@ class ActorEnd:
         count: int,
         records: list[tuple[int, int, int, str, str]],
         wake: bool = True,
+        last: bool = True,
     ) -> None: ...
     def start_async(self, batch_id: int, index: int, timeout: float) -> bool: ...
     def done_async(

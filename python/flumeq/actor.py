@@ -168,6 +168,7 @@ def run_batch(
     start = 0
     ranged = True
     last_flush = last = perf_counter()
+    unwoken = False  # a report went out without waking the dispatcher
     stopped_at: Optional[int] = None
     for index, (
         task_id,
@@ -224,11 +225,12 @@ def run_batch(
         wake = now - last_flush >= FLUSH_EVERY
         if wake or now - last >= REPORT_SLOW:
             if ranged:
-                end.finish(batch_id, start, index + 1 - start, records, wake)
+                end.finish(batch_id, start, index + 1 - start, records, wake, False)
                 start = index + 1
             else:
-                end.finish(batch_id, 0, 0, records, wake)
+                end.finish(batch_id, 0, 0, records, wake, False)
             records = []
+            unwoken = not wake
             if wake:
                 last_flush = now
         last = now
@@ -238,12 +240,17 @@ def run_batch(
     else:
         done = len(tasks)
     # The sync part ends before the async group runs (its last task must not
-    # look running meanwhile).
+    # look running meanwhile), and the dispatcher hears of it now.
+    last_report = not group
     if ranged:
         if done > start or records or not tasks:
-            end.finish(batch_id, start, done - start, records)
+            end.finish(batch_id, start, done - start, records, True, last_report)
+        elif unwoken:
+            end.wake()
     elif records or group:
-        end.finish(batch_id, 0, 0, records)
+        end.finish(batch_id, 0, 0, records, True, last_report)
+    elif unwoken:
+        end.wake()
     if group:
         if stopped_at is not None or runner is None:
             end.finish(batch_id, 0, 0, [(index, NOT_STARTED, 0, "", "") for index, _, _ in group])

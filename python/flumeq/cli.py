@@ -253,6 +253,7 @@ def _engine_for(
             metrics_port=metrics_port,
             metrics_host=metrics_host or "127.0.0.1",
         )
+        return engine
     raise click.BadParameter(
         f"{app!r} is a {type(target).__name__}; expected an Engine or a mapping of "
         "task type to handler",

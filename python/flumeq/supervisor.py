@@ -394,10 +394,14 @@ class Supervisor:
 
     def _wait(self, now: float) -> None:
         """Sleeps until a child exits, a signal arrives, or something is due."""
-        dues = [*self.actor_due.values()]
+        # Only what the loop will act on: a due time it skips (actors while
+        # the engine closes, metrics while it stops) would make this spin.
+        dues: list[float] = []
+        if not self.region.closing() and self.dispatcher is not None:
+            dues += self.actor_due.values()
         if self.dispatcher_due is not None:
             dues.append(self.dispatcher_due)
-        if self.metrics_due is not None:
+        if self.metrics_due is not None and self.stop_since is None:
             dues.append(self.metrics_due)
         timeout = 1.0
         if dues:

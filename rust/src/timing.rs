@@ -49,8 +49,8 @@ pub struct RunTimes {
     running: Option<(usize, Instant)>,
     histograms: Vec<Histogram>,
     last_report: Instant,
-    /// Handler time since `take_work_us` was last called, µs.
-    work_us: u64,
+    /// Handler time since `take_work_us` was last called, ns.
+    work_ns: u64,
 }
 
 impl Default for RunTimes {
@@ -61,7 +61,7 @@ impl Default for RunTimes {
             running: None,
             histograms: Vec::new(),
             last_report: Instant::now(),
-            work_us: 0,
+            work_ns: 0,
         }
     }
 }
@@ -117,13 +117,14 @@ impl RunTimes {
 
     /// Handler time observed since the last call, µs (what the tasks a
     /// result frame ends cost: the dispatcher's prefetch learns from it).
+    /// Rounded up: any run observed makes it at least 1.
     pub fn take_work_us(&mut self) -> u64 {
-        std::mem::take(&mut self.work_us)
+        std::mem::take(&mut self.work_ns).div_ceil(1000)
     }
 
     /// Adds a run of task `index` of the batch that took `seconds`.
     pub fn observe(&mut self, index: usize, seconds: f64) {
-        self.work_us += (seconds * 1e6) as u64;
+        self.work_ns += (seconds * 1e9) as u64;
         let Some(&(queue, kind)) = self.batch.get(index) else {
             return;
         };

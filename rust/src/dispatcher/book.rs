@@ -266,7 +266,14 @@ impl Book {
     }
 
     /// Hands a taken task back to the stream unchanged (graceful stop).
+    /// An entry deleted while pending (no fields) is only dropped: there is
+    /// nothing to append (an `XADD` without fields would abort the queue's
+    /// whole transaction).
     pub fn hand_back(&mut self, taken: Taken) {
+        if taken.entry.fields.is_empty() {
+            self.drop_deleted(taken);
+            return;
+        }
         let outcome = self.queue_of(&taken);
         outcome.append.push(taken.entry.fields);
         outcome.finished.push(taken.entry.entry_id);

@@ -8,29 +8,53 @@
 //! takes new entries (`XREADGROUP >`), and sets aside those whose task id is
 //! already done.
 
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use std::collections::HashSet;
+use std::sync::Arc;
 
 use bytes::Bytes;
-use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use crate::envelope::RawEntry;
 use crate::keys::Keys;
 use crate::streams::reader::{self, ReadError, Reader};
-use crate::streams::QueueSpec;
+use crate::streams::{reply, QueueSpec};
 
 /// Own pending entries per page when re-reading them.
 const OWN_PAGE: usize = 500;
 
+/// Which of our own pending entries a read takes back first.
+#[derive(Debug, Clone, Default)]
+pub enum Recover {
+    /// None.
+    #[default]
+    No,
+    /// All of them (at start: an earlier life of this consumer name left
+    /// them), by re-reading our history; each counts one more delivery.
+    All,
+    /// Those we do not hold (delivered to us while a reply was lost), by
+    /// listing our pending entries and claiming only the others: the ones
+    /// we hold and run do not count a delivery more.
+    Unheld(Arc<HashSet<Bytes>>),
+}
+
+impl Recover {
+    /// Whether anything is taken back.
+    #[must_use]
+    pub fn any(&self) -> bool {
+        !matches!(self, Self::No)
+    }
+}
+
 /// One read to make.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ReadRequest {
     /// Most new entries to take (0: none, only the re-read).
     pub count: usize,
     /// How long to block when nothing is there, ms (0 = do not block).
     pub block_ms: u64,
-    /// Re-read our own pending entries first.
-    pub recover: bool,
+    /// Our own pending entries to take back first.
+    pub recover: Recover,
 }
 
 /// What one read brought.
@@ -92,8 +116,10 @@ impl Fetcher {
 
     async fn fetch(&mut self, request: ReadRequest) -> Result<Fetched, ReadError> {
         let mut fetched = Fetched::default();
-        if request.recover {
-            fetched.own = self.own_pending().await?;
+        match &request.recover {
+            Recover::No => {}
+            Recover::All => fetched.own = self.own_pending().await?,
+            Recover::Unheld(held) => fetched.own = self.own_unheld(held).await?,
         }
         if request.count > 0 {
             let entries = reader::read_new(
@@ -150,6 +176,64 @@ impl Fetcher {
     }
 }
 
+impl Fetcher {
+    /// Our pending entries that are not in `held`, claimed (to ourselves)
+    /// so that Redis hands back their fields, with their delivery counts.
+    async fn own_unheld(
+        &mut self,
+        held: &HashSet<Bytes>,
+    ) -> Result<Vec<(u16, RawEntry, u64)>, ReadError> {
+        let mut own = Vec::new();
+        for (index, queue) in self.queues.iter().enumerate() {
+            let mut after = Bytes::from_static(b"-");
+            loop {
+                let mut pending = redis::cmd("XPENDING");
+                pending
+                    .arg(&queue.stream)
+                    .arg(&self.group)
+                    .arg(after.as_ref())
+                    .arg("+")
+                    .arg(OWN_PAGE)
+                    .arg(&self.consumer);
+                let mut replies = self.reader.query(std::slice::from_ref(&pending)).await?;
+                let rows = reader::pending_rows(replies.pop());
+                let Some((last, _)) = rows.last() else {
+                    break;
+                };
+                after = Bytes::from(format!("({}", String::from_utf8_lossy(last)));
+                let full = rows.len() == OWN_PAGE;
+                let unheld: Vec<(Bytes, u64)> = rows
+                    .into_iter()
+                    .filter(|(id, _)| !held.contains(id))
+                    .collect();
+                if !unheld.is_empty() {
+                    let mut claim = redis::cmd("XCLAIM");
+                    claim
+                        .arg(&queue.stream)
+                        .arg(&self.group)
+                        .arg(&self.consumer)
+                        .arg(0);
+                    for (id, _) in &unheld {
+                        claim.arg(id.as_ref());
+                    }
+                    let mut replies = self.reader.query(std::slice::from_ref(&claim)).await?;
+                    for entry in replies.pop().map(reply::entries).unwrap_or_default() {
+                        let before = unheld
+                            .iter()
+                            .find(|(id, _)| *id == entry.entry_id)
+                            .map_or(0, |(_, count)| *count);
+                        own.push((index as u16, entry, before + 1));
+                    }
+                }
+                if !full {
+                    break;
+                }
+            }
+        }
+        Ok(own)
+    }
+}
+
 impl FetcherHandle {
     /// Whether a read is outstanding.
     #[must_use]
@@ -157,12 +241,14 @@ impl FetcherHandle {
         self.busy
     }
 
-    /// Asks for a read; at most one is outstanding.
-    pub fn request(&mut self, request: ReadRequest) {
+    /// Asks for a read; at most one is outstanding. Returns whether it was
+    /// sent.
+    pub fn request(&mut self, request: ReadRequest) -> bool {
         if self.busy {
-            return;
+            return false;
         }
         self.busy = self.requests.try_send(request).is_ok();
+        self.busy
     }
 
     /// The next read's result (pending forever when none is outstanding).

@@ -62,7 +62,7 @@ use tokio::task::JoinHandle;
 
 pub use self::book::Report;
 use self::book::{Book, Failure};
-use self::fetcher::{Fetched, Fetcher, FetcherHandle, ReadRequest};
+use self::fetcher::{Fetched, Fetcher, FetcherHandle, ReadRequest, Recover};
 use self::janitor::Janitor;
 use self::patience::Patience;
 use self::pool::Pool;
@@ -381,14 +381,60 @@ async fn serve(
         stopping_since: None,
         recover: true,
         finished_since_recover: None,
-        last_read_empty: false,
-        read_retry_at: None,
-        read_delay: Duration::from_millis(100),
-        read_failing: false,
+        read_recovers: None,
+        claims_closed: false,
+        reads: ReadPace::default(),
         pending_checked: None,
     };
     dispatcher.run().await?;
     Ok(dispatcher.stop(recovery, janitor, scheduler).await)
+}
+
+/// The pacing of reads: backoff after failures (logged once per spell), and
+/// whether the last read found nothing.
+struct ReadPace {
+    retry_at: Option<Instant>,
+    delay: Duration,
+    failing: bool,
+    /// The last read brought no task.
+    last_empty: bool,
+}
+
+impl Default for ReadPace {
+    fn default() -> Self {
+        Self {
+            retry_at: None,
+            delay: Duration::from_millis(100),
+            failing: false,
+            last_empty: false,
+        }
+    }
+}
+
+impl ReadPace {
+    fn may_read(&self) -> bool {
+        self.retry_at.is_none_or(|at| Instant::now() >= at)
+    }
+
+    fn succeeded(&mut self, empty: bool) {
+        if self.failing {
+            info!("redis is back; reading again");
+        }
+        *self = Self {
+            last_empty: empty,
+            ..Self::default()
+        };
+    }
+
+    fn failed(&mut self, error: &ReadError) {
+        if !self.failing {
+            warn!("reading tasks failed ({error}); retrying with backoff");
+            self.failing = true;
+        }
+        self.retry_at = Some(Instant::now() + self.delay);
+        // Reads resume soon after Redis is back.
+        self.delay = (self.delay * 2).min(Duration::from_secs(1));
+    }
 }
 
 /// The running dispatcher: its components and the event loop's state.
@@ -419,10 +465,12 @@ struct Dispatcher<'r> {
     /// acks may not be written when Redis answers the read, so it still
     /// lists them as pending; taking them back would run them again.
     finished_since_recover: Option<HashSet<Bytes>>,
-    last_read_empty: bool,
-    read_retry_at: Option<Instant>,
-    read_delay: Duration,
-    read_failing: bool,
+    /// The outstanding read takes back our own entries: all of them
+    /// (`Some(true)`, at start) or those we do not hold (`Some(false)`).
+    read_recovers: Option<bool>,
+    /// Recovery stopped sending claimed pages (it ended).
+    claims_closed: bool,
+    reads: ReadPace,
     pending_checked: Option<Instant>,
 }
 
@@ -461,7 +509,7 @@ impl Dispatcher<'_> {
             }
             self.maybe_read(idle);
             let credit = self.pool.credit();
-            let taking = credit > 0 && self.stopping_since.is_none();
+            let taking = credit > 0 && self.stopping_since.is_none() && !self.claims_closed;
             tokio::select! {
                 guard = self.control.readable() => {
                     let mut guard = guard?;
@@ -478,7 +526,10 @@ impl Dispatcher<'_> {
                     self.pool.pump(&mut self.book);
                 }
                 fetched = self.fetcher.next() => self.on_fetched(fetched).await,
-                page = self.claims.recv(), if taking => self.on_claims(page.unwrap_or_default()),
+                page = self.claims.recv(), if taking => match page {
+                    Some(page) => self.on_claims(page),
+                    None => self.claims_closed = true,
+                },
                 _ = self.tick.tick() => {
                     // Async actors write STARTED frames without waking us.
                     self.pool.collect_all(&mut self.book);
@@ -525,7 +576,7 @@ impl Dispatcher<'_> {
         let check_due = self
             .pending_checked
             .is_none_or(|at| at.elapsed() >= Duration::from_millis(100));
-        if !(self.settings.burst && self.last_read_empty && nothing_delayed && check_due) {
+        if !(self.settings.burst && self.reads.last_empty && nothing_delayed && check_due) {
             return false;
         }
         // Nothing here: but tasks other consumers hold (alive, or dead and
@@ -546,33 +597,43 @@ impl Dispatcher<'_> {
 
     /// Asks for a read when actors have room and none is outstanding.
     fn maybe_read(&mut self, idle: bool) {
-        let may = self.read_retry_at.is_none_or(|at| Instant::now() >= at);
+        let may = self.reads.may_read();
         let credit = self.pool.credit();
         if self.fetcher.busy() || self.stopping_since.is_some() || !may || credit == 0 {
             return;
         }
-        // After a lost reply, re-read our own pending entries, but only once
-        // every outcome is written (else a finished task whose ack is still
-        // queued would look like one to run again).
+        // At start, take back everything this consumer name left pending.
+        // After a lost reply, what we do not hold, but only once every
+        // outcome is written (else a finished task whose ack is still queued
+        // would look like one to run again).
         let written = self.delayed.written.load(Ordering::SeqCst) == self.writer.sent;
-        let recover = self.recover || (written && self.lost_reply.swap(false, Ordering::SeqCst));
-        // Burst mode with nothing in flight asks without blocking, so it can
-        // tell "empty" at once; otherwise block (never spin).
-        let block_ms = if self.settings.burst && idle {
+        let recover = if self.recover {
+            Recover::All
+        } else if written && self.lost_reply.swap(false, Ordering::SeqCst) {
+            Recover::Unheld(Arc::new(self.pool.held_ids()))
+        } else {
+            Recover::No
+        };
+        // Burst mode with nothing in flight asks once without blocking, so
+        // it can tell "empty" at once; then it blocks too (never spin).
+        let block_ms = if self.settings.burst && idle && !self.reads.last_empty {
             0
         } else if self.settings.burst {
             100
         } else {
             self.settings.block_ms
         };
-        self.fetcher.request(ReadRequest {
+        let recovering = recover.any();
+        let startup = matches!(recover, Recover::All);
+        let sent = self.fetcher.request(ReadRequest {
             count: credit.min(self.settings.read_count),
             block_ms,
             recover,
         });
-        if self.fetcher.busy() {
+        if sent {
             self.recover = false;
-            if recover {
+            self.read_recovers = recovering.then_some(startup);
+            if recovering {
                 self.finished_since_recover = Some(HashSet::new());
             }
         }
@@ -580,15 +641,10 @@ impl Dispatcher<'_> {
 
     async fn on_fetched(&mut self, fetched: Result<Fetched, ReadError>) {
         let finished_meanwhile = self.finished_since_recover.take();
+        let recovered = self.read_recovers.take();
         match fetched {
             Ok(Fetched { own, new, done }) => {
-                if self.read_failing {
-                    info!("redis is back; reading again");
-                    self.read_failing = false;
-                }
-                self.read_delay = Duration::from_millis(100);
-                self.read_retry_at = None;
-                self.last_read_empty = new.is_empty() && done.is_empty();
+                self.reads.succeeded(new.is_empty() && done.is_empty());
                 if !own.is_empty() {
                     let finished = finished_meanwhile.unwrap_or_default();
                     let own = own
@@ -598,7 +654,7 @@ impl Dispatcher<'_> {
                     let taken = self.take_back(own);
                     if taken > 0 {
                         info!("took back {taken} task(s) this consumer left pending");
-                        self.last_read_empty = false;
+                        self.reads.last_empty = false;
                     }
                 }
                 let now = Instant::now();
@@ -612,6 +668,12 @@ impl Dispatcher<'_> {
                 self.pool.pump(&mut self.book);
             }
             Err(error) => {
+                // A failed take-back is asked for again with the next read.
+                match recovered {
+                    Some(true) => self.recover = true,
+                    Some(false) => self.lost_reply.store(true, Ordering::SeqCst),
+                    None => {}
+                }
                 if error.reply_may_be_lost() {
                     self.lost_reply.store(true, Ordering::SeqCst);
                 }
@@ -629,12 +691,7 @@ impl Dispatcher<'_> {
                         warn!("cannot recreate consumer groups: {error}");
                     }
                 }
-                if !self.read_failing {
-                    warn!("reading tasks failed ({error}); retrying with backoff");
-                    self.read_failing = true;
-                }
-                self.read_retry_at = Some(Instant::now() + self.read_delay);
-                self.read_delay = (self.read_delay * 2).min(Duration::from_secs(1));
+                self.reads.failed(&error);
             }
         }
     }
@@ -668,7 +725,9 @@ impl Dispatcher<'_> {
 
     fn on_claims(&mut self, page: Vec<Claimed>) {
         let now = Instant::now();
-        for (queue, entry, deliveries) in page {
+        // A take-back of our own entries may have got some of these first
+        // (they were ours in Redis while the page waited).
+        for (queue, entry, deliveries) in self.pool.unheld(page) {
             self.take_or_bury(Taken::new(queue, entry, now), deliveries);
         }
         self.pool.pump(&mut self.book);

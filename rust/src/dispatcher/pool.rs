@@ -49,7 +49,9 @@ struct Pace {
 
 impl Pace {
     fn observe(&mut self, work_us: u64, tasks: usize, parallel: u32) {
-        if tasks == 0 {
+        // Frames that end tasks without running them (split parts, tasks
+        // handed back) say nothing of how long tasks take.
+        if tasks == 0 || work_us == 0 {
             return;
         }
         let sample = (work_us as f64 / tasks as f64).max(0.1);
@@ -173,14 +175,19 @@ impl<'r> Pool<'r> {
         )
     }
 
-    /// Those of `entries` (our own pending entries, re-read) that we do not
-    /// hold already.
+    /// The entry ids of every task we hold.
+    #[must_use]
+    pub fn held_ids(&self) -> HashSet<Bytes> {
+        self.held()
+            .map(|taken| taken.entry.entry_id.clone())
+            .collect()
+    }
+
+    /// Those of `entries` (our own pending entries, re-read or claimed)
+    /// that we do not hold already.
     #[must_use]
     pub fn unheld(&self, entries: Vec<(u16, RawEntry, u64)>) -> Vec<(u16, RawEntry, u64)> {
-        let held: HashSet<Bytes> = self
-            .held()
-            .map(|taken| taken.entry.entry_id.clone())
-            .collect();
+        let held = self.held_ids();
         entries
             .into_iter()
             .filter(|(_, entry, _)| !held.contains(&entry.entry_id))

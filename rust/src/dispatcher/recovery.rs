@@ -25,7 +25,7 @@ use super::Background;
 
 use crate::envelope::RawEntry;
 use crate::keys::Keys;
-use crate::streams::reader::{ReadError, Reader};
+use crate::streams::reader::{self, ReadError, Reader};
 use crate::streams::{reply, QueueSpec};
 
 /// Entries per claim.
@@ -186,19 +186,7 @@ impl Recovery {
             .arg(PAGE)
             .arg(owner);
         let mut replies = self.reader.query(std::slice::from_ref(&pending)).await?;
-        let rows: Vec<(Bytes, u64)> = match replies.pop() {
-            Some(BytesFrame::Array(rows)) => rows
-                .iter()
-                .filter_map(|row| match row {
-                    BytesFrame::Array(fields) => Some((
-                        fields.first().and_then(reply::text)?.clone(),
-                        fields.get(3).and_then(reply::integer).unwrap_or(0).max(0) as u64,
-                    )),
-                    _ => None,
-                })
-                .collect(),
-            _ => Vec::new(),
-        };
+        let rows = reader::pending_rows(replies.pop());
         if rows.is_empty() {
             return Ok((Vec::new(), false));
         }

@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::{debug, warn};
+use log::{debug, error, warn};
 use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -115,6 +115,16 @@ impl Writer {
                 };
                 match result {
                     Ok(()) => {
+                        patience.done();
+                        self.delayed.written.fetch_add(messages, Ordering::SeqCst);
+                        break;
+                    }
+                    Err(WriteError::Refused(reason)) => {
+                        let tasks: usize = merged.iter().map(QueueOutcomes::tasks).sum();
+                        error!(
+                            "{reason}; dropping the outcomes of {tasks} task(s): they stay \
+                             pending in redis and run again (this is a bug: please report it)"
+                        );
                         patience.done();
                         self.delayed.written.fetch_add(messages, Ordering::SeqCst);
                         break;

@@ -238,14 +238,16 @@ impl ActorEnd {
     /// in `records` with their `(index, outcome, delay_ms, message,
     /// traceback)`, the others succeeded. Records may also name tasks outside
     /// the range. Wakes the dispatcher unless `wake` is false (it then reads
-    /// the report at its next wake-up or tick). Waits (GIL released) if the
-    /// ring is full; never fails for size (big reports are split over
-    /// several frames).
-    #[pyo3(signature = (batch_id, start, count, records, wake = true))]
+    /// the report at its next wake-up or tick). `last`: the batch's final
+    /// report (run-time histograms then go out if the actor is about to
+    /// idle). Waits (GIL released) if the ring is full; never fails for
+    /// size (big reports are split over several frames).
+    #[pyo3(signature = (batch_id, start, count, records, wake = true, last = true))]
     #[expect(
         clippy::needless_pass_by_value,
         reason = "PyO3 extracts arguments as owned values"
     )]
+    #[expect(clippy::too_many_arguments, reason = "one report, field by field")]
     fn finish(
         &self,
         py: Python<'_>,
@@ -254,6 +256,7 @@ impl ActorEnd {
         count: u32,
         records: Vec<PyRecord>,
         wake: bool,
+        last: bool,
     ) -> PyResult<()> {
         self.region
             .slot(self.slot)
@@ -266,7 +269,7 @@ impl ActorEnd {
             times.take_work_us()
         };
         let parsed = self::records(&records)?;
-        let idle = !self.region.task_ring(self.slot).has_frame();
+        let idle = last && !self.region.task_ring(self.slot).has_frame();
         self.send_run_times(py, idle, now)?;
         let range = Range {
             start,

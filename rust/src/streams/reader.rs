@@ -157,6 +157,23 @@ pub async fn split_done(
     Ok((run, skipped))
 }
 
+/// The `(entry id, delivery count)` rows of an extended `XPENDING` reply.
+#[must_use]
+pub fn pending_rows(reply: Option<BytesFrame>) -> Vec<(bytes::Bytes, u64)> {
+    let Some(BytesFrame::Array(rows)) = reply else {
+        return Vec::new();
+    };
+    rows.iter()
+        .filter_map(|row| match row {
+            BytesFrame::Array(fields) => Some((
+                fields.first().and_then(reply::text)?.clone(),
+                fields.get(3).and_then(reply::integer).unwrap_or(0).max(0) as u64,
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The delivery count of each of `entries` (in `stream`), in one round trip:
 /// how often Redis handed it out (a read, a claim, a re-read of our own).
 pub async fn deliveries(

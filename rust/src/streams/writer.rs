@@ -132,7 +132,25 @@ pub enum WriteError {
     /// A script was not in Redis' cache: load the scripts, then retry.
     #[error("redis lost its scripts (NOSCRIPT)")]
     NoScript,
+    /// Redis refused a transaction for a reason no retry mends (a command
+    /// it cannot queue): retrying would block every later outcome.
+    #[error("redis refused an outcome transaction: {0}")]
+    Refused(String),
 }
+
+/// Error codes that make Redis refuse to queue a command for a while only
+/// (memory, loading, a failover...): the transaction is worth retrying.
+const PASSING: [&str; 9] = [
+    "OOM",
+    "LOADING",
+    "BUSY",
+    "MASTERDOWN",
+    "READONLY",
+    "NOREPLICAS",
+    "MISCONF",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+];
 
 fn add_fields<'a>(cmd: &mut Cmd, fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) {
     for (name, value) in fields {
@@ -353,22 +371,31 @@ pub async fn write_outcomes(
 }
 
 /// Finds what went wrong in a pipeline's replies: a `NOSCRIPT` (load and
-/// retry), an aborted transaction (retry), or an error inside an applied
-/// transaction (logged: the data is in a shape no retry can mend).
+/// retry), an aborted transaction (retried when the cause passes, refused
+/// otherwise), or an error inside an applied transaction (logged: the data
+/// is in a shape no retry can mend).
 fn check_replies(replies: &[Value]) -> Result<(), WriteError> {
     let mut no_script = false;
+    // Errors of commands refused at queueing time, since the last EXEC.
+    let mut refused: Vec<String> = Vec::new();
     for reply in replies {
         match reply {
             Value::ServerError(error) if error.code() == "NOSCRIPT" => no_script = true,
             Value::ServerError(error) if error.code() == "EXECABORT" => {
-                return Err(WriteError::Redis(RedisError::from(error.clone())));
+                if refused.iter().any(|code| PASSING.contains(&code.as_str())) || refused.is_empty()
+                {
+                    return Err(WriteError::Redis(RedisError::from(error.clone())));
+                }
+                return Err(WriteError::Refused(refused.join("; ")));
             }
             Value::ServerError(error) => {
                 // MULTI answers OK and queued commands QUEUED; an error here
                 // was refused at queueing time, and EXEC then aborts.
+                refused.push(error.code().to_owned());
                 log::debug!("outcome write: {}", error.details().unwrap_or("error"));
             }
             Value::Array(results) => {
+                refused.clear();
                 for result in results {
                     if let Value::ServerError(error) = result {
                         log::warn!(
