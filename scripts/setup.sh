@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepares a fresh clone: a redis-server binary, a virtualenv in .venv, and
-# flumeq built from source (release profile) with the given extras.
+# flumeq with the given extras: built from source (release profile,
+# editable), or, with FLUMEQ_WHEEL=path, installed from that wheel.
 #   usage: scripts/setup.sh [extras]      e.g. scripts/setup.sh test,lint
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +35,16 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install -q -U pip
-spec="."
-[ -n "$extras" ] && spec=".[$extras]"
-echo "setup: building and installing flumeq ($spec)"
-python -m pip install -q -e "$spec"
+if [ -n "${FLUMEQ_WHEEL:-}" ]; then
+    spec="$FLUMEQ_WHEEL"
+    [ -n "$extras" ] && spec="$FLUMEQ_WHEEL[$extras]"
+    echo "setup: installing flumeq from $FLUMEQ_WHEEL${extras:+ with [$extras]}"
+    python -m pip install -q "$spec"
+    # Over an editable install of the same version, pip would keep that one.
+    python -m pip install -q --force-reinstall --no-deps "$FLUMEQ_WHEEL"
+else
+    spec="."
+    [ -n "$extras" ] && spec=".[$extras]"
+    echo "setup: building and installing flumeq ($spec)"
+    python -m pip install -q -e "$spec"
+fi

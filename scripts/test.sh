@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One command from a fresh clone: set up, lint, then run the Rust unit tests
-# and the Python suites (which start their own redis-server on a free port).
-# Prints how long each phase took.
+# One command from a fresh clone: build the wheel, install it (not the source
+# tree) into .venv with the test tools, lint, then run the Rust unit tests,
+# the Python suites against the installed wheel (they start their own
+# redis-server on a free port), and the wheel's smoke test on CPython 3.9 and
+# 3.13 without a Rust toolchain. Prints how long each phase took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 phases=()
@@ -10,12 +12,16 @@ phase() {
     shift
     echo "== $name"
     "$@"
-    phases+=("$(printf '%-10s %4ds' "$name" $((SECONDS - started)))")
+    phases+=("$(printf '%-11s %4ds' "$name" $((SECONDS - started)))")
 }
+phase wheel bash scripts/wheel.sh
+FLUMEQ_WHEEL=$(ls "$PWD"/dist/flumeq-*.whl)
+export FLUMEQ_WHEEL
 phase setup bash scripts/setup.sh test,lint
 . .venv/bin/activate
 phase lint bash scripts/lint.sh
 phase cargo-test cargo test --manifest-path rust/Cargo.toml
-phase pytest python -m pytest "$@"
+FLUMEQ_EXPECT_WHEEL=1 phase pytest python -m pytest "$@"
+phase wheel-smoke bash scripts/wheel_smoke.sh
 echo "== phase times"
 printf '%s\n' "${phases[@]}"

@@ -8,10 +8,18 @@ from __future__ import annotations
 
 import logging
 
-from . import _core
+# First (and sorted first): it says what is wrong when the compiled core is
+# missing or stale.
 from ._version import __version__ as __version__
 from .admin import Admin
-from .client import DEFAULT_MAX_RETRY, DEFAULT_URL, MAX_ID_BYTES, MAX_TYPE_BYTES, Client
+from .client import (
+    DEFAULT_MAX_RETRY,
+    DEFAULT_URL,
+    MAX_ID_BYTES,
+    MAX_TEXT_BYTES,
+    MAX_TYPE_BYTES,
+    Client,
+)
 from .engine import Engine
 from .errors import (
     BufferFull,
@@ -24,10 +32,6 @@ from .errors import (
     RedisUnavailable,
 )
 from .task import Reject, Retry, Task, TaskInfo
-
-#: Longest error text, and traceback, kept of a failed run (bytes): texts
-#: keep their start, tracebacks their end.
-MAX_TEXT_BYTES: int = _core.MAX_TEXT_BYTES
 
 # A library logs; the application decides where to. Records of the Rust core
 # arrive as "flumeq.dispatcher", "flumeq.dispatcher.recovery", ...

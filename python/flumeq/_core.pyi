@@ -6,6 +6,7 @@ from typing_extensions import Self
 
 __all__ = [
     "ASYNC_GRACE_MS",
+    "CORE_INTERFACE",
     "DEFAULT_BLOCK_MS",
     "DEFAULT_CONCURRENCY",
     "DEFAULT_DEAD_MAX_LENGTH",
@@ -34,6 +35,8 @@ __all__ = [
     "run_dispatcher",
 ]
 
+__version__: Final[str]
+CORE_INTERFACE: Final[int]
 SLOT_STARTING: Final[int]
 SLOT_RUNNING: Final[int]
 SLOT_LOST: Final[int]

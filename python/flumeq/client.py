@@ -34,6 +34,9 @@ STATS = ("ready", "in_flight", "delayed", "dead", "processed", "failed")
 #: Longest task type and task id accepted (bytes), as the core bounds them.
 MAX_TYPE_BYTES: int = _core.MAX_TYPE_BYTES
 MAX_ID_BYTES: int = _core.MAX_ID_BYTES
+#: Longest error text, and traceback, kept of a failed run (bytes): texts
+#: keep their start, tracebacks their end.
+MAX_TEXT_BYTES: int = _core.MAX_TEXT_BYTES
 
 Seconds = Union[float, int, timedelta]
 Item = tuple[str, bytes, Optional[str], bool]

@@ -8,7 +8,15 @@ use crate::envelope::{MAX_ID_BYTES, MAX_TYPE_BYTES};
 use crate::outcome::{Outcome, MAX_TEXT_BYTES};
 use crate::region::{SLOT_LOST, SLOT_RECLAIMED, SLOT_RUNNING, SLOT_STARTING};
 
+/// What the core offers the Python files; `python/flumeq/_version.py` holds
+/// the revision they expect. Bump both when either side changes the other
+/// depends on.
+pub const CORE_INTERFACE: u32 = 2;
+
 pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    // The one source of the version: rust/Cargo.toml.
+    module.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    module.add("CORE_INTERFACE", CORE_INTERFACE)?;
     module.add_class::<Outcome>()?;
     for (name, value) in [
         ("SLOT_STARTING", SLOT_STARTING),

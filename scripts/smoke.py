@@ -1,0 +1,77 @@
+"""Smoke test of an installed flumeq: what CI runs in fresh virtualenvs of
+CPython 3.9 and 3.13 that hold only the wheel and its dependencies, with no
+Rust toolchain. Enqueues 10k tasks, drains them with a burst engine of two
+processes, then starts the dashboard, fetches its overview and stops it.
+
+    python scripts/smoke.py
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import flumeq
+from flumeq.redis_server import RedisServer
+
+TASKS = 10_000
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def dashboard(url: str) -> None:
+    port = free_port()
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "flumeq", "ui", "--port", str(port), "--url", url],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as page:
+                    assert page.status == 200 and b"default" in page.read()
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                if ui.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"flumeq ui did not serve: {ui.stderr.read().decode()}") from None
+                time.sleep(0.1)
+    finally:
+        ui.send_signal(signal.SIGINT)
+        try:
+            ui.wait(15)
+        except subprocess.TimeoutExpired:
+            ui.kill()
+            raise SystemExit("flumeq ui did not stop on SIGINT") from None
+
+
+def main() -> None:
+    started = time.monotonic()
+    with RedisServer() as server:
+        client = flumeq.Client(server.url)
+        client.enqueue_many([("noop", {"n": n}) for n in range(TASKS)])
+        report = flumeq.Engine({"noop": lambda task: None}, server.url).run(
+            processes=2, burst=True
+        )
+        assert report["processed"] == TASKS, report
+        stats = client.stats()
+        assert (stats["ready"], stats["in_flight"], stats["processed"]) == (0, 0, TASKS), stats
+        dashboard(server.url)
+    print(
+        f"smoke ok: flumeq {flumeq.__version__} on Python {sys.version.split()[0]} "
+        f"from {flumeq.__file__} in {time.monotonic() - started:.1f}s"
+    )
+
+
+if __name__ == "__main__":
+    main()
