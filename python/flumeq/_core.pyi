@@ -27,6 +27,7 @@ __all__ = [
     "Outcome",
     "Region",
     "Store",
+    "__version__",
     "die_with_parent",
     "duration_buckets",
     "key_names",
