@@ -3,8 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
-ruff check python tests benches
-ruff format --check python tests benches
+ruff check python tests benches examples scripts
+ruff format --check python tests benches examples scripts
 mypy
 python -m mypy.stubtest flumeq._core
 cargo fmt --all --check

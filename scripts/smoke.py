@@ -40,11 +40,16 @@ def dashboard(url: str) -> None:
         while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as page:
-                    assert page.status == 200 and b"default" in page.read()
-                    break
+                    assert page.status == 200, page.status
+                api = f"http://127.0.0.1:{port}/api/overview"
+                with urllib.request.urlopen(api, timeout=5) as overview:
+                    assert b'"default"' in overview.read(), "the overview lacks queue 'default'"
+                break
             except (urllib.error.URLError, ConnectionError):
                 if ui.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"flumeq ui did not serve: {ui.stderr.read().decode()}") from None
+                    raise SystemExit(
+                        f"flumeq ui did not serve: {ui.stderr.read().decode()}"
+                    ) from None
                 time.sleep(0.1)
     finally:
         ui.send_signal(signal.SIGINT)
@@ -60,9 +65,7 @@ def main() -> None:
     with RedisServer() as server:
         client = flumeq.Client(server.url)
         client.enqueue_many([("noop", {"n": n}) for n in range(TASKS)])
-        report = flumeq.Engine({"noop": lambda task: None}, server.url).run(
-            processes=2, burst=True
-        )
+        report = flumeq.Engine({"noop": lambda task: None}, server.url).run(processes=2, burst=True)
         assert report["processed"] == TASKS, report
         stats = client.stats()
         assert (stats["ready"], stats["in_flight"], stats["processed"]) == (0, 0, TASKS), stats
