@@ -130,7 +130,7 @@ def _labels(type_: str, labels: Optional[Mapping[str, str]]) -> Optional[bytes]:
 def _retries(type_: str, max_retry: Any) -> int:
     if isinstance(max_retry, bool) or not isinstance(max_retry, int) or max_retry < 0:
         raise InvalidTask(f"task {type_!r}: max_retry must be an integer >= 0, got {max_retry!r}")
-    return max_retry
+    return int(max_retry)
 
 
 def _queue(queue: Any) -> str:
