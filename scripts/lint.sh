@@ -1,11 +1,35 @@
 #!/usr/bin/env bash
-# ruff, mypy, cargo fmt --check, clippy -D warnings. Expects scripts/setup.sh lint.
+# ruff, mypy (also for the lowest supported Python, 3.9), stubtest, cargo fmt
+# --check, clippy -D warnings. Expects scripts/setup.sh lint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
 ruff check python tests benches examples scripts
 ruff format --check python tests benches examples scripts
 mypy
+# Python 3.9 with the dependency versions pip installs there (mypy reads
+# their types from that interpreter's site-packages).
+root=$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")
+py39=$(ls -d "$root"/versions/3.9.*/bin/python3 2>/dev/null | sort -V | tail -1 || true)
+if [ -n "$py39" ]; then
+    if [ ! -x .venv-py39/bin/python ]; then
+        "$py39" -m venv .venv-py39
+        deps=$(python - <<'PY'
+try:
+    import tomllib
+except ImportError:  # Python < 3.11: mypy brings tomli
+    import tomli as tomllib
+with open("pyproject.toml", "rb") as project:
+    print("\n".join(tomllib.load(project)["project"]["dependencies"]))
+PY
+)
+        # shellcheck disable=SC2086
+        .venv-py39/bin/python -m pip install -q --disable-pip-version-check typing_extensions $deps
+    fi
+    mypy --python-version 3.9 --python-executable .venv-py39/bin/python
+else
+    echo "lint: no CPython 3.9 under $root/versions: mypy for 3.9 skipped"
+fi
 python -m mypy.stubtest flumeq._core
 cargo fmt --all --check
 cargo clippy --all-targets --features python -q -- -D warnings

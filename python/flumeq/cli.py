@@ -21,9 +21,12 @@ import sys
 import time
 from collections.abc import Mapping
 from datetime import datetime, timezone
-from typing import Any, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 import click
+
+if TYPE_CHECKING:
+    from click._termui_impl import ProgressBar
 import orjson
 
 from . import logs
@@ -631,7 +634,8 @@ def demo(tasks: int, processes: int | None, url: str | None) -> None:
         chunk = 5000
         with Client(target) as client:
             started = time.perf_counter()
-            with click.progressbar(length=tasks, label="enqueue") as bar:
+            progress: ProgressBar[int] = click.progressbar(length=tasks, label="enqueue")
+            with progress as bar:
                 for offset in range(0, tasks, chunk):
                     size = min(chunk, tasks - offset)
                     client.enqueue_many(
