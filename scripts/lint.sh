@@ -20,7 +20,9 @@ try:
 except ImportError:  # Python < 3.11: mypy brings tomli
     import tomli as tomllib
 with open("pyproject.toml", "rb") as project:
-    print("\n".join(tomllib.load(project)["project"]["dependencies"]))
+    meta = tomllib.load(project)["project"]
+extras = meta["optional-dependencies"]
+print("\n".join(meta["dependencies"] + extras["web"] + extras["metrics"]))
 PY
 )
         # shellcheck disable=SC2086

@@ -1,7 +1,8 @@
 """Smoke test of an installed flumeq: what CI runs in fresh virtualenvs of
 CPython 3.9 and 3.13 that hold only the wheel and its dependencies, with no
 Rust toolchain. Enqueues 10k tasks, drains them with a burst engine of two
-processes, then starts the dashboard, fetches its overview and stops it.
+processes, then starts the dashboard, fetches its overview and stops it;
+without the ``web`` extra it checks instead that ``flumeq ui`` names it.
 
     python scripts/smoke.py
 """
@@ -15,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from importlib.util import find_spec
 
 import flumeq
 from flumeq.redis_server import RedisServer
@@ -69,10 +71,22 @@ def main() -> None:
         assert report["processed"] == TASKS, report
         stats = client.stats()
         assert (stats["ready"], stats["in_flight"], stats["processed"]) == (0, 0, TASKS), stats
-        dashboard(server.url)
+        if find_spec("starlette") is not None:
+            dashboard(server.url)
+            part = "dashboard served"
+        else:
+            refused = subprocess.run(
+                [sys.executable, "-m", "flumeq", "ui", "--url", server.url],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            assert refused.returncode == 1, refused
+            assert "pip install 'flumeq[web]'" in refused.stderr, refused.stderr
+            part = "no web extra: flumeq ui names it"
     print(
         f"smoke ok: flumeq {flumeq.__version__} on Python {sys.version.split()[0]} "
-        f"from {flumeq.__file__} in {time.monotonic() - started:.1f}s"
+        f"from {flumeq.__file__} in {time.monotonic() - started:.1f}s ({part})"
     )
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs dist/'s wheel into fresh virtualenvs of CPython 3.9 and 3.13 (the
 # oldest and newest supported, from pyenv) with no cargo or rustc on PATH,
-# and runs scripts/smoke.py in each. A Python that is not installed is
-# skipped, and said so.
+# and runs scripts/smoke.py in each: with the wheel alone, then with its
+# extras. A Python that is not installed is skipped, and said so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 wheel=$(ls "$PWD"/dist/flumeq-*.whl)
@@ -23,7 +23,10 @@ for version in 3.9 3.13; do
         echo "wheel-smoke: a Rust toolchain is on the clean PATH ($clean)" >&2
         exit 1
     fi
+    # First the wheel alone (what a producer needs), then with the extras.
     PATH="$clean" "$venv/bin/python" -m pip install -q --disable-pip-version-check "$wheel"
+    (cd "$(mktemp -d)" && PATH="$clean" "$venv/bin/python" "$OLDPWD/scripts/smoke.py")
+    PATH="$clean" "$venv/bin/python" -m pip install -q --disable-pip-version-check "$wheel[all]"
     (cd "$(mktemp -d)" && PATH="$clean" "$venv/bin/python" "$OLDPWD/scripts/smoke.py")
     rm -rf "$(dirname "$venv")"
 done

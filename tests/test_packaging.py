@@ -51,3 +51,43 @@ def test_a_stale_core_is_refused_with_the_interface_it_expected(tmp_path: Path) 
     assert result.returncode != 0
     assert "expect core interface 2" in result.stderr
     assert "built from flumeq 0.0.9" in result.stderr and "has interface 1" in result.stderr
+
+
+BLOCK_EXTRAS = (
+    "import sys\n"
+    "for name in ('starlette', 'uvicorn', 'jinja2', 'prometheus_client'):\n"
+    "    sys.modules[name] = None  # as if the extras were not installed\n"
+)
+
+
+def run_without_extras(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", BLOCK_EXTRAS + code],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+def test_a_producer_and_a_worker_need_no_extras(redis_url: str) -> None:
+    result = run_without_extras(
+        "import flumeq\n"
+        f"client = flumeq.Client({redis_url!r})\n"
+        "client.enqueue_many([('noop', {}) for _ in range(100)])\n"
+        f"report = flumeq.Engine({{'noop': lambda task: None}}, {redis_url!r}).run(processes=1, burst=True)\n"
+        "assert report['processed'] == 100, report\n"
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_missing_extras_are_named_with_the_install_command() -> None:
+    ui = run_without_extras("from flumeq.cli import main; main(['ui'])")
+    assert ui.returncode == 1
+    assert "flumeq ui needs the 'web' extra" in ui.stderr
+    assert "pip install 'flumeq[web]'" in ui.stderr
+    web = run_without_extras("import flumeq.web")
+    assert "ImportError" in web.stderr and "pip install 'flumeq[web]'" in web.stderr
+    metrics = run_without_extras("import flumeq; flumeq.Engine({}, metrics_port=9808)")
+    assert "ConfigError: metrics_port needs the 'metrics' extra" in metrics.stderr
+    assert "pip install 'flumeq[metrics]'" in metrics.stderr

@@ -34,6 +34,7 @@ from .admin import Admin
 from .client import Client, resolve_url, safe_url
 from .engine import Engine, queue_weights
 from .errors import ConfigError, DuplicateTask, FlumeqError, InvalidTask, RedisUnavailable
+from .extras import require
 from .redis_server import RedisServer
 from .task import Task
 
@@ -594,6 +595,10 @@ def ui(
     prefix: str,
 ) -> None:
     """Serve the web dashboard (and /metrics)."""
+    try:
+        require("web", "flumeq ui")
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
     # The web stack loads only for this command.
     from .web.app import is_loopback, serve  # noqa: PLC0415
 

@@ -17,6 +17,7 @@ from . import _core
 from ._version import __version__
 from .client import resolve_url
 from .errors import ConfigError
+from .extras import require
 from .supervisor import Supervisor
 from .task import Task
 
@@ -130,6 +131,8 @@ class Engine:
             or not 0 < metrics_port < 65536
         ):
             raise ConfigError(f"metrics_port must be a TCP port number, got {metrics_port!r}")
+        if metrics_port:
+            require("metrics", "metrics_port")
         self.metrics_port = metrics_port
         self.metrics_host = metrics_host
         self._region: Optional[_core.Region] = None
@@ -167,8 +170,10 @@ class Engine:
             "processed_ttl_ms": max(1, round(self.processed_ttl * 1000)),
         }
 
-    def _check_port(self) -> None:
-        """Fails at once when the metrics port cannot be listened on."""
+    def _check_metrics(self) -> None:
+        """Fails at once when the metrics endpoint cannot work: its extra is
+        not installed, or the port cannot be listened on."""
+        require("metrics", "metrics_port")
         host, port = self.metrics_host, self.metrics_port
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family) as probe:
@@ -198,7 +203,7 @@ class Engine:
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ConfigError(f"processes must be an integer >= 1, got {processes!r}")
         if self.metrics_port:
-            self._check_port()
+            self._check_metrics()
         region = _core.Region(count, self.ring_bytes)
         self._region = region
         try:

@@ -337,7 +337,8 @@ class _Dashboard:
         try:
             module = importlib.import_module("flumeq.metrics")
         except ImportError as error:
-            return Response(f"metrics are unavailable: {error}\n", 503, media_type="text/plain")
+            message = f"metrics need the 'metrics' extra (pip install 'flumeq[metrics]'): {error}"
+            return Response(message + "\n", 501, media_type="text/plain")
         try:
             render: Callable[[Admin], tuple[bytes, str]] = module.render
             body, content_type = await self._admin(render, self.admin)
