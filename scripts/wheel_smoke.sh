@@ -30,3 +30,19 @@ for version in 3.9 3.13; do
     (cd "$(mktemp -d)" && PATH="$clean" "$venv/bin/python" "$OLDPWD/scripts/smoke.py")
     rm -rf "$(dirname "$venv")"
 done
+# An unsupported Python gets pip's own refusal, not a wrongly tagged wheel.
+python38=$(ls -d "$root"/versions/3.8.*/bin/python3 2>/dev/null | sort -V | tail -1 || true)
+if [ -n "$python38" ]; then
+    venv=$(mktemp -d)/venv
+    "$python38" -m venv "$venv"
+    if refusal=$("$venv/bin/python" -m pip install --disable-pip-version-check "$wheel" 2>&1); then
+        echo "wheel-smoke: CPython 3.8 accepted $wheel" >&2
+        exit 1
+    fi
+    echo "$refusal" | grep -q "is not a supported wheel on this platform" || {
+        echo "$refusal" >&2
+        exit 1
+    }
+    echo "wheel-smoke: CPython 3.8 refuses the wheel, as it should (pip: not a supported wheel)"
+    rm -rf "$(dirname "$venv")"
+fi
