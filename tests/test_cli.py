@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -135,6 +136,14 @@ def test_bad_module_paths_exit_2_with_the_reason(redis_url: str, app_dir: Path) 
     code, out = run("worker", "myapp", "-q", "a=x", url=redis_url)
     assert code == 2
     assert "weight of queue 'a' must be an integer" in out
+
+
+def test_worker_takes_a_stable_consumer_name(redis_url: str, app_dir: Path, r: Any) -> None:
+    flumeq.Client(redis_url).enqueue("ok", {})
+    proc = worker(redis_url, app_dir, "myapp", "-p", "1", "--burst", "--consumer", "pod-7")
+    assert proc.wait(timeout=60) == 0, proc.stdout.read() if proc.stdout else ""
+    names = [c["name"] for c in r.xinfo_consumers("flumeq:{default}:stream", "flumeq")]
+    assert names == [b"pod-7"]
 
 
 def test_dead_letter_commands(redis_url: str, app_dir: Path) -> None:

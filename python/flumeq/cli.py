@@ -161,6 +161,14 @@ def load_app(path: str) -> Any:
 @click.option("--burst", is_flag=True, help="Exit once no task is ready, in flight or delayed.")
 @click.option("--group", default=None, help="Consumer group [default: the engine's, 'flumeq'].")
 @click.option(
+    "--consumer",
+    envvar="FLUMEQ_CONSUMER",
+    default=None,
+    help="This worker's consumer name; a stable one (a pod or host name) takes its own "
+    "unfinished tasks back at once after a restart [env FLUMEQ_CONSUMER; default "
+    "<host>-<pid>, or an Engine app's own].",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
     default="INFO",
@@ -189,6 +197,7 @@ def worker(
     queues: Optional[str],
     burst: bool,
     group: Optional[str],
+    consumer: Optional[str],
     log_level: str,
     log_format: str,
     metrics_port: Optional[int],
@@ -203,7 +212,7 @@ def worker(
     queue_spec = parse_queues(queues)
     try:
         engine = _engine_for(
-            target, app, url, prefix, queue_spec, group, metrics_port, metrics_host
+            target, app, url, prefix, queue_spec, group, metrics_port, metrics_host, consumer
         )
     except ConfigError as error:
         raise click.BadParameter(str(error)) from None
@@ -231,9 +240,12 @@ def _engine_for(
     group: Optional[str],
     metrics_port: Optional[int],
     metrics_host: Optional[str],
+    consumer: Optional[str] = None,
 ) -> Engine:
     if isinstance(target, Engine):
         engine = target
+        if consumer:
+            engine.consumer = consumer
         if url:
             engine.url = url
         if queues is not None:
@@ -256,6 +268,7 @@ def _engine_for(
             prefix=prefix,
             metrics_port=metrics_port,
             metrics_host=metrics_host or "127.0.0.1",
+            consumer=consumer,
         )
         return engine
     raise click.BadParameter(
