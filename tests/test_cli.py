@@ -132,7 +132,7 @@ def test_bad_module_paths_exit_2_with_the_reason(redis_url: str, app_dir: Path) 
     assert "module 'myapp' has no 'missing'" in out
     code, out = run("worker", "myapp:ok", url=redis_url)
     assert code == 2
-    assert "expected an Engine or a mapping" in out
+    assert "expected a flumeq.App, an Engine or a mapping" in out
     code, out = run("worker", "myapp", "-q", "a=x", url=redis_url)
     assert code == 2
     assert "weight of queue 'a' must be an integer" in out

@@ -12,10 +12,13 @@ import logging
 # missing or stale.
 from ._version import __version__ as __version__
 from .admin import Admin
+from .aio import AsyncClient
+from .app import App
 from .client import (
     DEFAULT_MAX_RETRY,
     DEFAULT_URL,
     MAX_ID_BYTES,
+    MAX_RESULT_BYTES,
     MAX_TEXT_BYTES,
     MAX_TYPE_BYTES,
     Client,
@@ -30,8 +33,11 @@ from .errors import (
     InvalidTask,
     RedisCommandError,
     RedisUnavailable,
+    ResultTimeout,
+    TaskCancelled,
+    TaskFailed,
 )
-from .task import Reject, Retry, Task, TaskInfo
+from .task import Reject, Retry, Task, TaskInfo, current_task
 
 # A library logs; the application decides where to. Records of the Rust core
 # arrive as "flumeq.dispatcher", "flumeq.dispatcher.recovery", ...
@@ -39,7 +45,9 @@ logging.getLogger("flumeq").addHandler(logging.NullHandler())
 
 __all__ = [
     # producing and running
+    "App",
     "Client",
+    "AsyncClient",
     "Engine",
     # inspecting and managing (what the CLI and the dashboard use)
     "Admin",
@@ -48,6 +56,7 @@ __all__ = [
     "TaskInfo",
     "Retry",
     "Reject",
+    "current_task",
     # errors
     "FlumeqError",
     "ConfigError",
@@ -57,10 +66,14 @@ __all__ = [
     "BufferFull",
     "RedisCommandError",
     "EngineError",
+    "TaskFailed",
+    "TaskCancelled",
+    "ResultTimeout",
     # defaults and bounds
     "DEFAULT_URL",
     "DEFAULT_MAX_RETRY",
     "MAX_ID_BYTES",
     "MAX_TYPE_BYTES",
     "MAX_TEXT_BYTES",
+    "MAX_RESULT_BYTES",
 ]

@@ -16,6 +16,8 @@ __all__ = [
     "DEFAULT_TASK_RING_BYTES",
     "MAX_ID_BYTES",
     "MAX_TEXT_BYTES",
+    "MAX_RESULT_BYTES",
+    "ENDED_MAX_LENGTH",
     "MAX_TYPE_BYTES",
     "REPORT_NAMES",
     "SLOT_LOST",
@@ -45,6 +47,8 @@ SLOT_RECLAIMED: Final[int]
 MAX_ID_BYTES: Final[int]
 MAX_TYPE_BYTES: Final[int]
 MAX_TEXT_BYTES: Final[int]
+MAX_RESULT_BYTES: Final[int]
+ENDED_MAX_LENGTH: Final[int]
 DEFAULT_PREFETCH: Final[int]
 DEFAULT_READ_COUNT: Final[int]
 DEFAULT_TASK_RING_BYTES: Final[int]
@@ -70,6 +74,7 @@ class Outcome:
     EXPIRED: Final[Outcome]
     TOO_LARGE: Final[Outcome]
     POISON: Final[Outcome]
+    BAD_RESULT: Final[Outcome]
     def __int__(self) -> int: ...
 
 @final
@@ -87,7 +92,11 @@ class Store:
         unique_key: Optional[str] = None,
         unique_ttl_ms: int = 3600000,
         due_ms: int = 0,
+        result_ttl_ms: int = 0,
     ) -> list[tuple[str, str]]: ...
+    def read_ended(
+        self, queue: str, cursor: str, block_ms: int, count: int
+    ) -> tuple[str, list[str]]: ...
     def requeue_dead(self, queue: str, ids: Optional[list[str]] = None) -> int: ...
     def purge_dead(self, queue: str) -> int: ...
     def pipeline(self, commands: list[list[bytes]]) -> list[Any]: ...
@@ -122,7 +131,7 @@ class ActorEnd:
         batch_id: int,
         start: int,
         count: int,
-        records: list[tuple[int, int, int, str, str]],
+        records: list[tuple[int, int, int, str, str, bytes]],
         wake: bool = True,
         last: bool = True,
     ) -> None: ...
@@ -137,6 +146,7 @@ class ActorEnd:
         traceback: str,
         seconds: float,
         last: bool = False,
+        value: bytes = ...,
     ) -> None: ...
     def wake(self) -> None: ...
 

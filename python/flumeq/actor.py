@@ -32,7 +32,7 @@ import orjson
 
 from . import _core
 from .logs import task_extra
-from .task import Reject, Retry, Task
+from .task import Reject, Retry, Task, _current
 
 __all__ = ["actor_main"]
 
@@ -47,6 +47,8 @@ UNKNOWN_TYPE = int(_Outcome.UNKNOWN_TYPE)
 INVALID = int(_Outcome.INVALID)
 NOT_STARTED = int(_Outcome.NOT_STARTED)
 TIMED_OUT = int(_Outcome.TIMED_OUT)
+BAD_RESULT = int(_Outcome.BAD_RESULT)
+MAX_RESULT_BYTES: int = _core.MAX_RESULT_BYTES
 
 #: Outcomes of a long sync batch are reported at least this often (seconds):
 #: a task that finished is acked within about this long, so an engine killed
@@ -61,8 +63,9 @@ REPORT_SLOW = 0.0005
 ASYNC_WAKE = 0.005
 
 Handler = Callable[[Task], Any]
-#: ``(index, outcome, delay_ms, message, traceback)``.
-Record = tuple[int, int, int, str, str]
+#: ``(index, outcome, delay_ms, message, traceback, value)``: ``value`` is
+#: the return value as JSON, for a task that keeps its result.
+Record = tuple[int, int, int, str, str, bytes]
 
 
 def _labels(raw: Optional[bytes]) -> dict[str, str]:
@@ -74,13 +77,31 @@ def _labels(raw: Optional[bytes]) -> dict[str, str]:
     return labels
 
 
+def _kept(index: int, task: Task, value: Any) -> Record:
+    """The record of a run that returned ``value``, kept as its result: the
+    value as JSON, or a ``BAD_RESULT`` naming why it cannot be kept."""
+    try:
+        body = orjson.dumps(value)
+    except TypeError as error:
+        problem = f"is not JSON-serialisable ({error})"
+    else:
+        if len(body) <= MAX_RESULT_BYTES:
+            return (index, SUCCEEDED, 0, "", "", body)
+        problem = f"is {len(body)} bytes of JSON, more than MAX_RESULT_BYTES ({MAX_RESULT_BYTES})"
+    message = (
+        f"task {task.id} ({task.type}): its return value of type {type(value).__name__} {problem}"
+    )
+    log.error("%s; the task goes to the dead letters", message, extra=task_extra(task))
+    return (index, BAD_RESULT, 0, message, "", b"")
+
+
 def _failure(index: int, task: Task, error: BaseException) -> Record:
     """The record of a run that raised ``error``."""
     if isinstance(error, Retry):
         delay_ms = 0 if error.delay is None else max(0, round(error.delay * 1000))
-        return (index, RETRY, delay_ms, f"Retry: {error.reason}", "")
+        return (index, RETRY, delay_ms, f"Retry: {error.reason}", "", b"")
     if isinstance(error, Reject):
-        return (index, REJECTED, 0, f"Reject: {error.reason}", "")
+        return (index, REJECTED, 0, f"Reject: {error.reason}", "", b"")
     log.warning(
         "task %s (%s) failed: %s: %s",
         task.id,
@@ -90,10 +111,11 @@ def _failure(index: int, task: Task, error: BaseException) -> Record:
         extra=task_extra(task),
     )
     trace = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-    return (index, FAILED, 0, f"{type(error).__name__}: {error}", trace)
+    return (index, FAILED, 0, f"{type(error).__name__}: {error}", trace, b"")
 
 
-AsyncItem = tuple[int, Callable[[Task], Awaitable[Any]], Task]
+#: ``(index, handler, task, keeps_result)``.
+AsyncItem = tuple[int, Callable[[Task], Awaitable[Any]], Task, bool]
 
 
 class _AsyncRunner:
@@ -117,30 +139,42 @@ class _AsyncRunner:
         end = self.end
         left = len(group)
 
-        async def one(index: int, handler: Callable[[Task], Awaitable[Any]], task: Task) -> None:
+        async def one(
+            index: int, handler: Callable[[Task], Awaitable[Any]], task: Task, keeps: bool
+        ) -> None:
             nonlocal left
             async with limit:
                 seconds = 0.0
                 record: Optional[Record] = None
                 if not end.start_async(batch_id, index, task.timeout):
-                    record = (index, NOT_STARTED, 0, "", "")
+                    record = (index, NOT_STARTED, 0, "", "", b"")
                 else:
+                    _current.set(task)
                     started = perf_counter()
                     try:
                         if task.timeout > 0:
-                            await asyncio.wait_for(handler(task), task.timeout)
+                            value = await asyncio.wait_for(handler(task), task.timeout)
                         else:
-                            await handler(task)
+                            value = await handler(task)
+                        if keeps:
+                            record = _kept(index, task, value)
                     except asyncio.TimeoutError:
                         message = f"timeout: the handler ran longer than {task.timeout:g}s"
-                        record = (index, TIMED_OUT, 0, message, "")
+                        record = (index, TIMED_OUT, 0, message, "", b"")
                     except (Exception, asyncio.CancelledError) as error:
                         record = _failure(index, task, error)
                     seconds = perf_counter() - started
                 left -= 1
-                _, outcome, delay_ms, message, trace = record or (index, SUCCEEDED, 0, "", "")
+                _, outcome, delay_ms, message, trace, body = record or (
+                    index,
+                    SUCCEEDED,
+                    0,
+                    "",
+                    "",
+                    b"",
+                )
                 end.done_async(
-                    batch_id, index, outcome, delay_ms, message, trace, seconds, left == 0
+                    batch_id, index, outcome, delay_ms, message, trace, seconds, left == 0, body
                 )
                 if not self._wake_due:
                     self._wake_due = True
@@ -180,11 +214,12 @@ def run_batch(
         enqueued_at,
         timeout,
         labels,
+        keeps,
     ) in enumerate(tasks):
         handler = handlers.get(type_)
         if handler is None:
             records.append(
-                (index, UNKNOWN_TYPE, 0, f"no handler registered for task type {type_!r}", "")
+                (index, UNKNOWN_TYPE, 0, f"no handler registered for task type {type_!r}", "", b"")
             )
             continue
         try:
@@ -201,7 +236,8 @@ def run_batch(
             )
         except (orjson.JSONDecodeError, ValueError) as error:
             field = "payload" if isinstance(error, orjson.JSONDecodeError) else "labels"
-            records.append((index, INVALID, 0, f"task {task_id}: field '{field}': {error}", ""))
+            message = f"task {task_id}: field '{field}': {error}"
+            records.append((index, INVALID, 0, message, "", b""))
             continue
         if is_async is not None and is_async.get(type_):
             if ranged:
@@ -209,16 +245,19 @@ def run_batch(
                     end.finish(batch_id, start, index - start, records)
                     records = []
                 ranged = False
-            group.append((index, handler, task))
+            group.append((index, handler, task, keeps))
             continue
         if not end.begin(batch_id, index, timeout):
             # The engine is stopping: hand this task and the rest back unrun.
             stopped_at = index
             break
+        _current.set(task)
         try:
-            handler(task)
-            if not ranged:
-                records.append((index, SUCCEEDED, 0, "", ""))
+            value = handler(task)
+            if keeps:
+                records.append(_kept(index, task, value))
+            elif not ranged:
+                records.append((index, SUCCEEDED, 0, "", "", b""))
         except Exception as error:
             records.append(_failure(index, task, error))
         now = perf_counter()
@@ -235,7 +274,9 @@ def run_batch(
                 last_flush = now
         last = now
     if stopped_at is not None:
-        records.extend((rest, NOT_STARTED, 0, "", "") for rest in range(stopped_at, len(tasks)))
+        records.extend(
+            (rest, NOT_STARTED, 0, "", "", b"") for rest in range(stopped_at, len(tasks))
+        )
         done = stopped_at
     else:
         done = len(tasks)
@@ -253,7 +294,8 @@ def run_batch(
         end.wake()
     if group:
         if stopped_at is not None or runner is None:
-            end.finish(batch_id, 0, 0, [(index, NOT_STARTED, 0, "", "") for index, _, _ in group])
+            unrun = [(item[0], NOT_STARTED, 0, "", "", b"") for item in group]
+            end.finish(batch_id, 0, 0, unrun)
         else:
             runner.run(batch_id, group)
 

@@ -31,6 +31,7 @@ import orjson
 
 from . import logs
 from .admin import Admin
+from .app import App
 from .client import Client, resolve_url, safe_url
 from .engine import Engine, queue_weights
 from .errors import ConfigError, DuplicateTask, FlumeqError, InvalidTask, RedisUnavailable
@@ -116,8 +117,8 @@ def parse_queues(spec: Optional[str]) -> Optional[Any]:
 
 
 def load_app(path: str) -> Any:
-    """The object at ``module:attr`` (``module`` alone: its ``engine`` or
-    ``handlers``), importing from the current directory like celery does."""
+    """The object at ``module:attr`` (``module`` alone: its ``app``, ``engine``
+    or ``handlers``), importing from the current directory like celery does."""
     module_name, _, attr = path.partition(":")
     if not module_name:
         raise click.BadParameter(f"{path!r} is not MODULE:ATTR", param_hint="'APP'")
@@ -130,7 +131,7 @@ def load_app(path: str) -> Any:
             f"cannot import module {module_name!r}: {type(error).__name__}: {error}",
             param_hint="'APP'",
         ) from None
-    names = [attr] if attr else ["engine", "handlers"]
+    names = [attr] if attr else ["app", "engine", "handlers"]
     for name in names:
         target: Any = module
         try:
@@ -205,8 +206,8 @@ def worker(
     url: Optional[str],
     prefix: str,
 ) -> None:
-    """Run the handlers of APP (MODULE:ATTR, an Engine or a mapping of task
-    type to handler) until SIGTERM/SIGINT, or with --burst until drained."""
+    """Run the tasks of APP (MODULE:ATTR: a flumeq.App, an Engine, or a
+    mapping of task type to handler) until SIGTERM/SIGINT, or with --burst until drained."""
     logs.configure(log_level, log_format)
     target = load_app(app)
     queue_spec = parse_queues(queues)
@@ -259,11 +260,11 @@ def _engine_for(
         if prefix != "flumeq":
             engine.prefix = prefix
         return engine
-    if isinstance(target, Mapping):
+    if isinstance(target, (Mapping, App)):
         engine = Engine(
             target,
             url,
-            queues=queues or ("default",),
+            queues=queues or None,
             group=group or "flumeq",
             prefix=prefix,
             metrics_port=metrics_port,
@@ -272,8 +273,8 @@ def _engine_for(
         )
         return engine
     raise click.BadParameter(
-        f"{app!r} is a {type(target).__name__}; expected an Engine or a mapping of "
-        "task type to handler",
+        f"{app!r} is a {type(target).__name__}; expected a flumeq.App, an Engine "
+        "or a mapping of task type to handler",
         param_hint="'APP'",
     )
 

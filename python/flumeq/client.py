@@ -7,6 +7,7 @@ import contextlib
 import logging
 import math
 import os
+import threading
 import time
 import weakref
 from collections import deque
@@ -20,9 +21,10 @@ import orjson
 
 from . import _core, reads
 from .errors import BufferFull, InvalidTask, RedisUnavailable
+from .results import QueueWaiters, check_wait
 from .task import TaskInfo
 
-__all__ = ["DEFAULT_MAX_RETRY", "DEFAULT_URL", "Client", "resolve_url"]
+__all__ = ["DEFAULT_MAX_RETRY", "DEFAULT_URL", "MAX_RESULT_BYTES", "Client", "resolve_url"]
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 #: Retries after the first run when ``max_retry`` is not given (as asynq and Sidekiq).
@@ -37,6 +39,9 @@ MAX_ID_BYTES: int = _core.MAX_ID_BYTES
 #: Longest error text, and traceback, kept of a failed run (bytes): texts
 #: keep their start, tracebacks their end.
 MAX_TEXT_BYTES: int = _core.MAX_TEXT_BYTES
+#: Largest return value kept as a task's result (bytes of JSON); a larger
+#: one sends the task to the dead letters with reason ``bad_result``.
+MAX_RESULT_BYTES: int = _core.MAX_RESULT_BYTES
 
 Seconds = Union[float, int, timedelta]
 Item = tuple[str, bytes, Optional[str], bool]
@@ -54,6 +59,7 @@ class _Call(NamedTuple):
     deadline_ms: Optional[int]
     labels: Optional[bytes]
     due_ms: int
+    result_ttl_ms: int = 0
 
 
 def safe_url(url: str) -> str:
@@ -133,10 +139,120 @@ def _retries(type_: str, max_retry: Any) -> int:
     return int(max_retry)
 
 
+def _result_ttl(type_: str, result_ttl: Optional[Seconds]) -> int:
+    """``result_ttl`` in ms (0: the outcome is not kept)."""
+    if result_ttl is None:
+        return 0
+    return max(0, round(_seconds("result_ttl", result_ttl, type_) * 1000))
+
+
 def _queue(queue: Any) -> str:
     if not isinstance(queue, str) or not queue:
         raise InvalidTask(f"queue must be a non-empty string, got {queue!r}")
     return queue
+
+
+def prepare_one(
+    type: str,
+    payload: Any,
+    *,
+    queue: str,
+    max_retry: int,
+    timeout: Optional[Seconds],
+    delay: Optional[Seconds],
+    at: Optional[datetime],
+    deadline: Optional[datetime],
+    unique_key: Optional[str],
+    unique_ttl: Seconds,
+    task_id: Optional[str],
+    labels: Optional[Mapping[str, str]],
+    result_ttl: Optional[Seconds],
+    unknown: Mapping[str, Any],
+) -> tuple[_Call, int]:
+    """Checks one task's options (``InvalidTask`` naming the task and the
+    option); returns its call and its unique key's lifetime in ms."""
+    if unknown:
+        raise InvalidTask(
+            f"task {type!r}: unknown option(s) {', '.join(sorted(unknown))}; "
+            "see Client.enqueue for the accepted ones"
+        )
+    type_ = _check_type(type)
+    body = _payload(type_, payload)
+    if task_id is not None:
+        _check_id(type_, task_id)
+    timeout_ms = 0 if timeout is None else round(_seconds("timeout", timeout, type_) * 1000)
+    if delay is not None and at is not None:
+        raise InvalidTask(f"task {type_!r}: give delay or at, not both")
+    due_ms = 0
+    if delay is not None:
+        seconds = _seconds("delay", delay, type_)
+        if seconds > 0:
+            due_ms = int(time.time() * 1000 + seconds * 1000)
+    if at is not None:
+        due_ms = _epoch_ms("at", at, type_)
+    deadline_ms = None if deadline is None else _epoch_ms("deadline", deadline, type_)
+    if unique_key is not None and (not isinstance(unique_key, str) or not unique_key):
+        raise InvalidTask(f"task {type_!r}: unique_key must be a non-empty string")
+    ttl_ms = round(_seconds("unique_ttl", unique_ttl, type_) * 1000)
+    call = _Call(
+        _queue(queue),
+        [(type_, body, task_id, task_id is not None)],
+        _retries(type_, max_retry),
+        timeout_ms,
+        deadline_ms,
+        _labels(type_, labels),
+        due_ms,
+        _result_ttl(type_, result_ttl),
+    )
+    return call, max(ttl_ms, 1)
+
+
+def prepare_many(
+    items: Iterable[Sequence[Any]],
+    *,
+    queue: str,
+    max_retry: int,
+    timeout: Optional[Seconds],
+    labels: Optional[Mapping[str, str]],
+    result_ttl: Optional[Seconds],
+) -> Optional[_Call]:
+    """Checks a batch of ``(type, payload[, task_id])`` items and their
+    shared options; ``None`` for no items."""
+    prepared: list[Item] = []
+    dumps = orjson.dumps
+    for number, item in enumerate(items):
+        if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
+            raise InvalidTask(
+                f"item {number}: expected (type, payload) or (type, payload, task_id), got {item!r}"
+            )
+        type_ = item[0]
+        if type_.__class__ is not str or not type_ or len(type_) * 4 > MAX_TYPE_BYTES:
+            _check_type(type_)
+        try:
+            body = dumps(item[1])
+        except TypeError as error:
+            raise InvalidTask(
+                f"item {number} (task {type_!r}): payload is not JSON-serialisable: {error}"
+            ) from None
+        task_id = item[2] if len(item) == 3 else None
+        if task_id is not None:
+            _check_id(type_, task_id, f"item {number}: ")
+        prepared.append((type_, body, task_id, task_id is not None))
+    if not prepared:
+        return None
+    first = prepared[0][0]
+    timeout_ms = 0 if timeout is None else round(_seconds("timeout", timeout, first) * 1000)
+    call = _Call(
+        _queue(queue),
+        prepared,
+        _retries(first, max_retry),
+        timeout_ms,
+        None,
+        _labels(first, labels),
+        0,
+        _result_ttl(first, result_ttl),
+    )
+    return call
 
 
 class Client:
@@ -182,6 +298,9 @@ class Client:
         self._pid = os.getpid()
         self._buffer: deque[_Call] = deque()
         self._buffered = 0
+        self._waiting: Optional[_core.Store] = None
+        self._waiters: dict[str, QueueWaiters] = {}
+        self._waiters_lock = threading.Lock()
         atexit.register(_flush_at_exit, weakref.ref(self))
 
     def _forked(self) -> None:
@@ -191,6 +310,9 @@ class Client:
         self._store = _core.Store(self.url, self.prefix, self._timeout)
         self._buffer = deque()
         self._buffered = 0
+        self._waiting = None
+        self._waiters = {}
+        self._waiters_lock = threading.Lock()
         self._pid = os.getpid()
 
     def _connection(self) -> _core.Store:
@@ -240,6 +362,7 @@ class Client:
             unique_key,
             unique_ttl_ms,
             call.due_ms,
+            call.result_ttl_ms,
         )
 
     def _send(
@@ -293,50 +416,37 @@ class Client:
         unique_ttl: Seconds = 3600.0,
         task_id: Optional[str] = None,
         labels: Optional[Mapping[str, str]] = None,
+        result_ttl: Optional[Seconds] = None,
         **unknown: Any,
-    ) -> TaskInfo:
+    ) -> TaskInfo[Any]:
         """Enqueues one task; returns its ``TaskInfo``.
 
         ``payload`` must be JSON-serialisable (by orjson). ``timeout`` is the
         hard limit of one run in seconds (``None`` = no limit). ``delay`` /
         ``at`` schedule it; past ``deadline`` it is not run. ``task_id`` sets
-        the id (e.g. a business id). Raises ``InvalidTask`` before writing
-        anything when an option is wrong.
+        the id (e.g. a business id). ``result_ttl`` keeps the task's outcome
+        (return value, or final failure) that long once it ended, for
+        ``result()``. Raises ``InvalidTask`` before writing anything when an
+        option is wrong.
         """
-        if unknown:
-            raise InvalidTask(
-                f"task {type!r}: unknown option(s) {', '.join(sorted(unknown))}; "
-                "see Client.enqueue for the accepted ones"
-            )
-        type_ = _check_type(type)
-        body = _payload(type_, payload)
-        if task_id is not None:
-            _check_id(type_, task_id)
-        timeout_ms = 0 if timeout is None else round(_seconds("timeout", timeout, type_) * 1000)
-        if delay is not None and at is not None:
-            raise InvalidTask(f"task {type_!r}: give delay or at, not both")
-        due_ms = 0
-        if delay is not None:
-            seconds = _seconds("delay", delay, type_)
-            if seconds > 0:
-                due_ms = int(time.time() * 1000 + seconds * 1000)
-        if at is not None:
-            due_ms = _epoch_ms("at", at, type_)
-        deadline_ms = None if deadline is None else _epoch_ms("deadline", deadline, type_)
-        if unique_key is not None and (not isinstance(unique_key, str) or not unique_key):
-            raise InvalidTask(f"task {type_!r}: unique_key must be a non-empty string")
-        ttl_ms = round(_seconds("unique_ttl", unique_ttl, type_) * 1000)
-        call = _Call(
-            _queue(queue),
-            [(type_, body, task_id, task_id is not None)],
-            _retries(type_, max_retry),
-            timeout_ms,
-            deadline_ms,
-            _labels(type_, labels),
-            due_ms,
+        call, unique_ttl_ms = prepare_one(
+            type,
+            payload,
+            queue=queue,
+            max_retry=max_retry,
+            timeout=timeout,
+            delay=delay,
+            at=at,
+            deadline=deadline,
+            unique_key=unique_key,
+            unique_ttl=unique_ttl,
+            task_id=task_id,
+            labels=labels,
+            result_ttl=result_ttl,
+            unknown=unknown,
         )
-        [(id_, entry_id)] = self._send(call, unique_key, max(ttl_ms, 1))
-        return TaskInfo(id_, type_, queue, entry_id)
+        [(id_, entry_id)] = self._send(call, unique_key, unique_ttl_ms)
+        return TaskInfo(id_, call.items[0][0], queue, entry_id, self, _kept(call))
 
     def enqueue_many(
         self,
@@ -346,7 +456,8 @@ class Client:
         max_retry: int = DEFAULT_MAX_RETRY,
         timeout: Optional[Seconds] = DEFAULT_TIMEOUT,
         labels: Optional[Mapping[str, str]] = None,
-    ) -> list[TaskInfo]:
+        result_ttl: Optional[Seconds] = None,
+    ) -> list[TaskInfo[Any]]:
         """Enqueues many tasks in pipelines (one round trip per ~2000 tasks).
 
         ``items`` are ``(type, payload)`` or ``(type, payload, task_id)``; the
@@ -355,44 +466,60 @@ class Client:
         once it completed, deliveries of the same id within the engine's
         ``processed_ttl`` are acknowledged without running.
         """
-        prepared: list[Item] = []
-        dumps = orjson.dumps
-        for number, item in enumerate(items):
-            if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
-                raise InvalidTask(
-                    f"item {number}: expected (type, payload) or (type, payload, task_id), got {item!r}"
-                )
-            type_ = item[0]
-            if type_.__class__ is not str or not type_ or len(type_) * 4 > MAX_TYPE_BYTES:
-                _check_type(type_)
-            try:
-                body = dumps(item[1])
-            except TypeError as error:
-                raise InvalidTask(
-                    f"item {number} (task {type_!r}): payload is not JSON-serialisable: {error}"
-                ) from None
-            task_id = item[2] if len(item) == 3 else None
-            if task_id is not None:
-                _check_id(type_, task_id, f"item {number}: ")
-            prepared.append((type_, body, task_id, task_id is not None))
-        if not prepared:
-            return []
-        first = prepared[0][0]
-        timeout_ms = 0 if timeout is None else round(_seconds("timeout", timeout, first) * 1000)
-        call = _Call(
-            _queue(queue),
-            prepared,
-            _retries(first, max_retry),
-            timeout_ms,
-            None,
-            _labels(first, labels),
-            0,
+        call = prepare_many(
+            items,
+            queue=queue,
+            max_retry=max_retry,
+            timeout=timeout,
+            labels=labels,
+            result_ttl=result_ttl,
         )
+        if call is None:
+            return []
+        prepared = call.items
         pairs = self._send(call)
+        kept = _kept(call)
         return [
-            TaskInfo(id_, item[0], queue, entry_id)
+            TaskInfo(id_, item[0], queue, entry_id, self, kept)
             for (id_, entry_id), item in zip(pairs, prepared)
         ]
+
+    def result(
+        self,
+        info_or_id: Union[TaskInfo[Any], str],
+        *,
+        queue: str = "default",
+        timeout: Optional[float] = None,
+    ) -> Any:
+        """Waits for a task to end; returns its handler's return value.
+
+        ``info_or_id`` is a ``TaskInfo`` (its queue is used) or a task id in
+        ``queue``. The task must have been enqueued with ``result_ttl`` (by
+        any process): its outcome is kept that long, so a task that ended
+        before the wait began is found too. Retries are waited out. Raises
+        ``TaskFailed`` (it ended in the dead letters), ``TaskCancelled``, or
+        ``ResultTimeout`` after ``timeout`` seconds (``None``: no limit).
+
+        The wait blocks in Redis; the threads of a process waiting on one
+        queue share one connection and one blocking read.
+        """
+        if isinstance(info_or_id, TaskInfo):
+            task_id, queue = info_or_id.id, info_or_id.queue
+        else:
+            task_id = info_or_id
+        deadline = check_wait(task_id, queue, timeout)
+        return self._queue_waiters(queue).wait(task_id, deadline)
+
+    def _queue_waiters(self, queue: str) -> QueueWaiters:
+        store = self._connection()
+        with self._waiters_lock:
+            waiters = self._waiters.get(queue)
+            if waiters is None:
+                if self._waiting is None:
+                    self._waiting = _core.Store(self.url, self.prefix, self._timeout)
+                waiters = QueueWaiters(store, self._waiting, self.prefix, queue)
+                self._waiters[queue] = waiters
+            return waiters
 
     def dead_letters(self, queue: str = "default", limit: int = 100) -> list[dict[str, Any]]:
         """The newest dead letters of ``queue``, newest first.
@@ -458,6 +585,8 @@ class Client:
                     "call flush() or close() again once redis is back"
                 ) from error
         store.close()
+        if self._waiting is not None:
+            self._waiting.close()
 
     def __enter__(self) -> Client:
         return self
@@ -469,6 +598,10 @@ class Client:
         tb: Optional[TracebackType],
     ) -> None:
         self.close()
+
+
+def _kept(call: _Call) -> Optional[float]:
+    return call.result_ttl_ms / 1000 if call.result_ttl_ms else None
 
 
 def _flush_at_exit(reference: weakref.ref[Client]) -> None:

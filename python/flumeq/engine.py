@@ -15,6 +15,7 @@ import orjson
 
 from . import _core
 from ._version import __version__
+from .app import App
 from .client import resolve_url
 from .errors import ConfigError
 from .extras import require
@@ -55,7 +56,8 @@ def queue_weights(queues: Queues) -> list[tuple[str, int]]:
 class Engine:
     """Runs handlers for the tasks of some queues.
 
-    ``handlers`` maps task types to callables taking a ``Task``, plain or
+    ``handlers`` is an ``App`` (its tasks, and by default its tasks'
+    queues), or maps task types to callables taking a ``Task``, plain or
     ``async def`` (async tasks of a batch run concurrently in each actor, at
     most ``concurrency`` at once). ``queues`` is a sequence of names, or a
     mapping of name to weight: when several queues have work, each read takes
@@ -64,10 +66,10 @@ class Engine:
 
     def __init__(
         self,
-        handlers: Mapping[str, Handler],
+        handlers: Union[App, Mapping[str, Handler]],
         url: Optional[str] = None,
         *,
-        queues: Queues = ("default",),
+        queues: Optional[Queues] = None,
         group: str = "flumeq",
         claim_stale_after: float = 300.0,
         retry_base: float = 1.0,
@@ -85,8 +87,19 @@ class Engine:
         metrics_port: Optional[int] = None,
         metrics_host: str = "127.0.0.1",
     ) -> None:
+        if isinstance(handlers, App):
+            app = handlers
+            if queues is None:
+                queues = app.queues()
+            if url is None:
+                url = app.url
+            if prefix == "flumeq":
+                prefix = app.prefix
+            handlers = app.handlers()
+        if queues is None:
+            queues = ("default",)
         if not isinstance(handlers, Mapping):
-            raise ConfigError("handlers must be a mapping of task type to callable")
+            raise ConfigError("handlers must be a flumeq.App or a mapping of task type to callable")
         for type_, handler in handlers.items():
             if not isinstance(type_, str) or not type_:
                 raise ConfigError(f"handler keys must be task type strings, got {type_!r}")

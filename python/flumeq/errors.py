@@ -15,6 +15,9 @@ __all__ = [
     "InvalidTask",
     "RedisCommandError",
     "RedisUnavailable",
+    "ResultTimeout",
+    "TaskCancelled",
+    "TaskFailed",
 ]
 
 
@@ -49,3 +52,34 @@ class RedisCommandError(FlumeqError):
 
 class EngineError(FlumeqError):
     """The engine could not run (its dispatcher failed to start or crashed)."""
+
+
+class TaskFailed(FlumeqError):
+    """The task whose result was awaited ended in the dead letters.
+
+    ``reason`` is the dead-letter reason (``error``, ``timeout``,
+    ``rejected``, ``bad_result``...), ``error`` the last failure's text and
+    ``traceback`` its traceback (may be empty); ``attempts`` the runs made.
+    """
+
+    def __init__(
+        self, task_id: str, reason: str, error: str, traceback: str = "", attempts: int = 0
+    ) -> None:
+        super().__init__(f"task {task_id} failed ({reason}): {error}")
+        self.task_id = task_id
+        self.reason = reason
+        self.error = error
+        self.traceback = traceback
+        self.attempts = attempts
+
+
+class TaskCancelled(FlumeqError):
+    """The task whose result was awaited was cancelled."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"task {task_id} was cancelled")
+        self.task_id = task_id
+
+
+class ResultTimeout(FlumeqError, TimeoutError):
+    """The task did not end within the wait's ``timeout``."""

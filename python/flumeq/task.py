@@ -1,13 +1,20 @@
-"""What a handler sees (``Task``), what ``enqueue`` returns (``TaskInfo``), and
-the two exceptions a handler raises to steer its task (``Retry``, ``Reject``)."""
+"""What a handler sees (``Task``, ``current_task()``), what ``enqueue``
+returns (``TaskInfo``), and the two exceptions a handler raises to steer its
+task (``Retry``, ``Reject``)."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, Generic, Optional, TypeVar
 
 from .errors import FlumeqError
 
-__all__ = ["Reject", "Retry", "Task", "TaskInfo"]
+if TYPE_CHECKING:
+    from .client import Client
+
+__all__ = ["Reject", "Retry", "Task", "TaskInfo", "current_task"]
+
+R = TypeVar("R")
 
 
 class Task:
@@ -56,17 +63,63 @@ class Task:
         return f"Task(id={self.id!r}, type={self.type!r}, queue={self.queue!r}, attempt={self.attempt})"
 
 
-class TaskInfo:
-    """What ``Client.enqueue`` returns: the task id and where it went."""
+#: The task the current thread or coroutine runs (set by the actor).
+_current: ContextVar[Optional[Task]] = ContextVar("flumeq_current_task", default=None)
 
-    __slots__ = ("entry_id", "id", "queue", "type")
 
-    def __init__(self, id: str, type: str, queue: str, entry_id: Optional[str]) -> None:
+def current_task() -> Optional[Task]:
+    """Inside a running task (sync or async): its ``Task`` (id, attempt,
+    labels...). ``None`` outside a task."""
+    return _current.get()
+
+
+class TaskInfo(Generic[R]):
+    """What ``Client.enqueue`` returns: the task id and where it went.
+
+    Generic in the task's return type: ``add.enqueue(1, 2).result()`` is an
+    ``int`` for ``@app.task def add(a: int, b: int) -> int``.
+    """
+
+    __slots__ = ("_client", "entry_id", "id", "queue", "result_ttl", "type")
+
+    def __init__(
+        self,
+        id: str,
+        type: str,
+        queue: str,
+        entry_id: Optional[str],
+        client: Optional[Client] = None,
+        result_ttl: Optional[float] = None,
+    ) -> None:
         self.id = id
         self.type = type
         self.queue = queue
         #: The Redis stream entry id (``<ms>-<seq>``); ``None`` while scheduled.
         self.entry_id = entry_id
+        #: Seconds its outcome is kept once it ended; ``None``: not kept.
+        self.result_ttl = result_ttl
+        self._client = client
+
+    def result(self, timeout: Optional[float] = None) -> R:
+        """Waits for the task to end and returns its handler's return value.
+
+        Retries are waited out. Raises ``TaskFailed`` when it ended in the
+        dead letters, ``TaskCancelled`` when it was cancelled, and
+        ``ResultTimeout`` when it has not ended within ``timeout`` seconds
+        (``None``: wait as long as it takes). Needs a ``result_ttl``.
+        """
+        if self._client is None:
+            raise FlumeqError(
+                f"task {self.id}: this TaskInfo has no client to wait with; "
+                "use Client.result(task_id, queue=...)"
+            )
+        if not self.result_ttl:
+            raise FlumeqError(
+                f"task {self.id} ({self.type}) was enqueued without result_ttl, so its "
+                "outcome is not kept: enqueue it with result_ttl=<seconds> to wait for it"
+            )
+        value: R = self._client.result(self, timeout=timeout)
+        return value
 
     def __repr__(self) -> str:
         return f"TaskInfo(id={self.id!r}, type={self.type!r}, queue={self.queue!r})"

@@ -16,6 +16,7 @@
 //! | `unique_key` | optional                                         |
 //! | `error`      | optional, the last failure's text                |
 //! | `idempotent` | optional, "1" when `id` is the caller's own      |
+//! | `result_ttl` | optional, seconds to keep the outcome (decimal)  |
 //!
 //! Unknown fields are kept as they are.
 
@@ -49,6 +50,8 @@ pub mod field {
     pub const ERROR: &str = "error";
     /// "1" when the id is the caller's (then a done marker guards re-runs).
     pub const IDEMPOTENT: &str = "idempotent";
+    /// Seconds the task's outcome is kept once it ended (absent = not kept).
+    pub const RESULT_TTL: &str = "result_ttl";
     /// Dead letters: why the task died (`error`, `timeout`, `poison`, ...).
     pub const REASON: &str = "reason";
     /// Dead letters: the last failure's traceback.
@@ -151,6 +154,8 @@ pub struct TaskRef<'a> {
     pub unique_key: Option<&'a str>,
     /// Whether a done marker guards this id against re-runs.
     pub idempotent: bool,
+    /// How long its outcome is kept once it ended, ms (0 = not kept).
+    pub result_ttl_ms: u64,
 }
 
 fn shown(value: &[u8]) -> String {
@@ -177,6 +182,7 @@ struct Found<'a> {
     labels: Option<&'a [u8]>,
     unique_key: Option<&'a [u8]>,
     idempotent: Option<&'a [u8]>,
+    result_ttl: Option<&'a [u8]>,
     /// Index of the `type` field in the entry.
     kind_at: usize,
 }
@@ -202,6 +208,7 @@ impl<'a> Found<'a> {
                 b"labels" => &mut found.labels,
                 b"unique_key" => &mut found.unique_key,
                 b"idempotent" => &mut found.idempotent,
+                b"result_ttl" => &mut found.result_ttl,
                 _ => continue,
             };
             if slot.is_none() {
@@ -344,6 +351,10 @@ pub fn parse_indexed(entry: &RawEntry) -> Result<(TaskRef<'_>, usize), EnvelopeE
         labels: found.labels,
         unique_key,
         idempotent: found.idempotent == Some(b"1"),
+        result_ttl_ms: match found.result_ttl {
+            Some(value) => seconds_ms(value, field::RESULT_TTL)?,
+            None => 0,
+        },
     };
     Ok((task, found.kind_at))
 }
@@ -376,6 +387,12 @@ impl TaskRef<'_> {
         }
         if self.idempotent {
             fields.push((field::IDEMPOTENT, b"1".to_vec()));
+        }
+        if self.result_ttl_ms > 0 {
+            fields.push((
+                field::RESULT_TTL,
+                format_seconds(self.result_ttl_ms).into_bytes(),
+            ));
         }
         fields
     }
@@ -468,8 +485,10 @@ mod tests {
             labels: Some(br#"{"tenant":"x"}"#),
             unique_key: Some("u1"),
             idempotent: true,
+            result_ttl_ms: 60_500,
         };
         let raw = round_trip(&task);
+        assert_eq!(raw.get("result_ttl"), Some(&b"60.5"[..]));
         assert_eq!(raw.get("timeout"), Some(&b"2.5"[..]));
         let parsed = parse(&raw).expect("valid");
         assert_eq!(parsed.id, "abc");
@@ -481,6 +500,7 @@ mod tests {
         assert_eq!(parsed.enqueued_at_ms, 1_700_000_000_123);
         assert_eq!(parsed.deadline_ms, Some(1_700_000_100_000));
         assert_eq!(parsed.labels, task.labels);
+        assert_eq!(parsed.result_ttl_ms, 60_500);
         assert_eq!(parsed.unique_key, Some("u1"));
         assert!(parsed.idempotent);
         assert_eq!(parsed, task);

@@ -10,12 +10,13 @@
 //!
 //! - `TASKS`: `count` task records of batch `batch_id`:
 //!   ```text
-//!   queue u16 | id_len u16 | type_len u16 | pad u16 | attempt u32 | max_retry u32
+//!   queue u16 | id_len u16 | type_len u16 | flags u16 | attempt u32 | max_retry u32
 //!   enqueued_at_ms u64 | timeout_ms u64 | payload_len u32 | labels_len u32 (MAX = none)
 //!   id | type | payload | labels
 //!   ```
 //!   Ids and types are bounded (`envelope::MAX_ID_BYTES`, `MAX_TYPE_BYTES`),
-//!   so their `u16` lengths hold.
+//!   so their `u16` lengths hold. Flag bit 0 (`KEEPS_RESULT`): the task keeps
+//!   its outcome (`result_ttl`), so the actor sends its return value back.
 //! - `CONTROL`: messages to a running actor (kept for cancellation); an
 //!   actor refuses kinds it does not know, loudly.
 //!
@@ -68,6 +69,8 @@ const RESULTS_HEAD: usize = 24;
 const RESULT_RECORD: usize = 32;
 const STARTED_RECORD: usize = 16;
 const NO_LABELS: u32 = u32::MAX;
+/// Task record flag: the actor sends the return value back.
+pub const KEEPS_RESULT: u16 = 1;
 
 /// A frame that does not follow the layout (a bug or memory corruption).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -221,7 +224,12 @@ pub fn push_task(buffer: &mut Vec<u8>, queue: u16, task: &TaskRef<'_>) {
     buffer.extend_from_slice(&queue.to_le_bytes());
     buffer.extend_from_slice(&(task.id.len() as u16).to_le_bytes());
     buffer.extend_from_slice(&(task.kind.len() as u16).to_le_bytes());
-    buffer.extend_from_slice(&[0, 0]);
+    let flags = if task.result_ttl_ms > 0 {
+        KEEPS_RESULT
+    } else {
+        0
+    };
+    buffer.extend_from_slice(&flags.to_le_bytes());
     buffer.extend_from_slice(&task.attempt.to_le_bytes());
     buffer.extend_from_slice(&task.max_retry.to_le_bytes());
     buffer.extend_from_slice(&task.enqueued_at_ms.to_le_bytes());
@@ -258,6 +266,8 @@ pub struct TaskRecord<'a> {
     pub payload: &'a [u8],
     /// Labels JSON.
     pub labels: Option<&'a [u8]>,
+    /// The actor sends the return value back (the task keeps its outcome).
+    pub keeps_result: bool,
 }
 
 /// Decodes a task frame into its batch id and records.
@@ -270,7 +280,7 @@ pub fn read_tasks(bytes: &[u8]) -> Result<(u64, Vec<TaskRecord<'_>>), FrameError
         let queue = reader.u16()?;
         let id_len = reader.u16()? as usize;
         let kind_len = reader.u16()? as usize;
-        reader.u16()?;
+        let flags = reader.u16()?;
         let attempt = reader.u32()?;
         let max_retry = reader.u32()?;
         let enqueued_at_ms = reader.u64()?;
@@ -295,6 +305,7 @@ pub fn read_tasks(bytes: &[u8]) -> Result<(u64, Vec<TaskRecord<'_>>), FrameError
             timeout_ms,
             payload,
             labels,
+            keeps_result: flags & KEEPS_RESULT != 0,
         });
     }
     Ok((head.batch_id, records))
@@ -536,6 +547,7 @@ mod tests {
             labels,
             unique_key: None,
             idempotent: false,
+            result_ttl_ms: 0,
         }
     }
 

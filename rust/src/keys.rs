@@ -94,6 +94,20 @@ impl Keys {
         self.queue_key(queue, &format!("done:{task_id}"))
     }
 
+    /// The kept outcome of task `task_id` (a hash; only for tasks enqueued
+    /// with a `result_ttl`, and for that long).
+    #[must_use]
+    pub fn result(&self, queue: &str, task_id: &str) -> String {
+        self.queue_key(queue, &format!("result:{task_id}"))
+    }
+
+    /// The stream announcing the ids of tasks whose outcome was kept, which
+    /// waiters block on (capped at `ENDED_MAX_LENGTH`).
+    #[must_use]
+    pub fn ended(&self, queue: &str) -> String {
+        self.queue_key(queue, "ended")
+    }
+
     /// The write marker of one engine (consumer) in a queue: the sequence
     /// number of its last outcome transaction, so a replay after a lost
     /// reply is skipped (see `streams::writer`).

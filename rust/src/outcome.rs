@@ -6,6 +6,11 @@
 /// text keeps its start, a traceback its end (the line that raised).
 pub const MAX_TEXT_BYTES: usize = 16 * 1024;
 
+/// Largest return value kept as a task's result (bytes of JSON). It travels
+/// through the result ring and into Redis in the ack's transaction, so it is
+/// bounded well below both; a larger value ends the task as `BadResult`.
+pub const MAX_RESULT_BYTES: usize = 256 * 1024;
+
 /// How one delivery of a task ended. The discriminant is the byte used in
 /// result frames; Python gets the same values from `flumeq._core.Outcome`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -48,10 +53,14 @@ pub enum Outcome {
     /// It was delivered too often without an outcome (it keeps killing
     /// engines).
     Poison = 12,
+    /// The handler returned, but its value cannot be kept as the task's
+    /// result (not JSON, or larger than `MAX_RESULT_BYTES`). Dead letter,
+    /// no retry: the handler's work is done, a rerun would do it again.
+    BadResult = 13,
 }
 
 /// Every outcome, in wire order.
-pub const ALL: [Outcome; 12] = [
+pub const ALL: [Outcome; 13] = [
     Outcome::Succeeded,
     Outcome::Failed,
     Outcome::Retry,
@@ -64,6 +73,7 @@ pub const ALL: [Outcome; 12] = [
     Outcome::Expired,
     Outcome::TooLarge,
     Outcome::Poison,
+    Outcome::BadResult,
 ];
 
 /// What happens to a task after an outcome, before its retry budget is
@@ -125,6 +135,7 @@ impl Outcome {
             Self::Expired => "expired",
             Self::TooLarge => "too_large",
             Self::Poison => "poison",
+            Self::BadResult => "bad_result",
         }
     }
 
@@ -139,7 +150,8 @@ impl Outcome {
             | Self::Invalid
             | Self::Expired
             | Self::TooLarge
-            | Self::Poison => Disposition::Dead,
+            | Self::Poison
+            | Self::BadResult => Disposition::Dead,
             Self::NotStarted => Disposition::HandBack,
         }
     }
@@ -156,6 +168,7 @@ impl Outcome {
                 | Self::Rejected
                 | Self::TimedOut
                 | Self::Crashed
+                | Self::BadResult
         )
     }
 }

@@ -12,7 +12,7 @@ use super::taken::Taken;
 use crate::envelope;
 use crate::keys::Keys;
 use crate::outcome::Outcome;
-use crate::streams::{DeadLetter, Durations, QueueOutcomes, QueueSpec};
+use crate::streams::{DeadLetter, Durations, Ended, QueueOutcomes, QueueSpec};
 
 /// What a dispatcher run did. The supervisor adds these up across the
 /// dispatcher's lives (they are published into the shared region).
@@ -82,7 +82,8 @@ impl Report {
     }
 }
 
-/// How a run ended without success, as the book needs it.
+/// How a run ended, as the book needs it: a success (with its return
+/// value when the task keeps its result) or a failure with its texts.
 #[derive(Debug, Clone, Copy)]
 pub struct Failure<'a> {
     /// The outcome.
@@ -93,6 +94,8 @@ pub struct Failure<'a> {
     pub traceback: &'a [u8],
     /// Delay the handler asked for (`Retry(delay=...)`), ms.
     pub delay_ms: Option<u64>,
+    /// A success's return value (JSON; empty when not sent).
+    pub value: &'a [u8],
 }
 
 impl<'a> Failure<'a> {
@@ -104,6 +107,7 @@ impl<'a> Failure<'a> {
             message,
             traceback: b"",
             delay_ms: None,
+            value: b"",
         }
     }
 }
@@ -163,7 +167,7 @@ impl Book {
     /// texts): acked, retried, dead-lettered or handed back, by the policy.
     pub fn finish(&mut self, taken: Taken, failure: &Failure<'_>) {
         if failure.outcome == Outcome::Succeeded {
-            self.done(taken);
+            self.succeed(taken, failure.value);
             return;
         }
         let (attempt, max_retry) = taken.attempts();
@@ -182,10 +186,37 @@ impl Book {
         }
     }
 
-    /// A run succeeded. Only tasks that went through an actor succeed, so
-    /// their flags are known.
+    /// A run succeeded without a reported value (a range of plain
+    /// successes).
     pub fn done(&mut self, taken: Taken) {
+        self.succeed(taken, b"");
+    }
+
+    /// A run succeeded and returned `value` (JSON, empty = none). Only
+    /// tasks that went through an actor succeed, so their flags are known.
+    fn succeed(&mut self, taken: Taken, value: &[u8]) {
         self.release_unique(&taken);
+        if taken.flags.result_ttl_ms > 0 {
+            let attempts = taken.attempts().0 + 1;
+            self.keep_outcome(
+                &taken,
+                taken.flags.result_ttl_ms,
+                Ended {
+                    id: Bytes::new(),
+                    ttl_ms: 0,
+                    state: "succeeded",
+                    value: if value.is_empty() {
+                        b"null".to_vec()
+                    } else {
+                        value.to_vec()
+                    },
+                    reason: "",
+                    error: Vec::new(),
+                    traceback: Vec::new(),
+                    attempts,
+                },
+            );
+        }
         let outcome = &mut self.outcomes[usize::from(taken.queue)];
         if taken.flags.idempotent {
             if let Some(id) = taken.entry.get(envelope::field::ID) {
@@ -215,8 +246,27 @@ impl Book {
     pub fn dead(&mut self, taken: Taken, failure: &Failure<'_>) {
         self.release_unique(&taken);
         let ran = failure.outcome.ran();
-        let attempts =
-            envelope::parse(&taken.entry).map_or(0, |task| task.attempt + u32::from(ran));
+        let task = envelope::parse(&taken.entry).ok();
+        let attempts = task
+            .as_ref()
+            .map_or(0, |task| task.attempt + u32::from(ran));
+        let result_ttl_ms = task.map_or(0, |task| task.result_ttl_ms);
+        if result_ttl_ms > 0 {
+            self.keep_outcome(
+                &taken,
+                result_ttl_ms,
+                Ended {
+                    id: Bytes::new(),
+                    ttl_ms: 0,
+                    state: "dead",
+                    value: Vec::new(),
+                    reason: failure.outcome.name(),
+                    error: failure.message.to_vec(),
+                    traceback: failure.traceback.to_vec(),
+                    attempts,
+                },
+            );
+        }
         let outcome = &mut self.outcomes[usize::from(taken.queue)];
         outcome.finished.push(taken.entry.entry_id.clone());
         let counts = outcome.type_counts(taken.kind());
@@ -278,6 +328,19 @@ impl Book {
         outcome.append.push(taken.entry.fields);
         outcome.finished.push(taken.entry.entry_id);
         self.count(|report| report.handed_back += 1);
+    }
+
+    /// Keeps the outcome of a task enqueued with a `result_ttl` (`ended`
+    /// without its id and lifetime, which come from the task).
+    fn keep_outcome(&mut self, taken: &Taken, ttl_ms: u64, ended: Ended) {
+        let Some(id) = taken.entry.get(envelope::field::ID) else {
+            return;
+        };
+        self.outcomes[usize::from(taken.queue)].ended.push(Ended {
+            id: Bytes::copy_from_slice(id),
+            ttl_ms,
+            ..ended
+        });
     }
 
     /// Keeps one of our long-held entries fresh, so nobody claims it.
@@ -397,5 +460,58 @@ mod tests {
         assert_eq!(book.take_fresh(), book.totals);
         assert_eq!(book.take_fresh(), Report::default());
         assert!(book.take().is_none());
+    }
+
+    fn keeping(id: &str, attempt: u32) -> Taken {
+        let mut taken = taken(id, attempt, 0);
+        taken
+            .entry
+            .fields
+            .push((Bytes::from("result_ttl"), Bytes::from("60")));
+        taken.flags.result_ttl_ms = 60_000;
+        taken.flags.parsed = true;
+        taken
+    }
+
+    #[test]
+    fn kept_outcomes_survive_merging_and_name_their_end() {
+        let mut book = book();
+        let success = Failure {
+            value: b"[1,2]",
+            ..Failure::new(Outcome::Succeeded, b"")
+        };
+        book.finish(keeping("v", 0), &success);
+        book.done(keeping("r", 0));
+        book.done(taken("plain", 0, 0));
+        let mut first = book.take().expect("outcomes");
+        book.finish(
+            keeping("d", 2),
+            &Failure::new(Outcome::BadResult, b"not JSON"),
+        );
+        let second = book.take().expect("outcomes");
+        first[0].merge(second.into_iter().next().expect("one queue"));
+        let ended = &first[0].ended;
+        let summary: Vec<_> = ended
+            .iter()
+            .map(|e| {
+                (
+                    e.id.as_ref(),
+                    e.state,
+                    e.value.as_slice(),
+                    e.reason,
+                    e.attempts,
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (&b"v"[..], "succeeded", &b"[1,2]"[..], "", 1),
+                (&b"r"[..], "succeeded", &b"null"[..], "", 1),
+                (&b"d"[..], "dead", &b""[..], "bad_result", 3),
+            ]
+        );
+        assert!(ended.iter().all(|e| e.ttl_ms == 60_000));
+        assert_eq!(first[0].dead[0].reason, "bad_result");
     }
 }

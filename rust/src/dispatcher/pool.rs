@@ -276,6 +276,7 @@ impl<'r> Pool<'r> {
                             unique: task.unique_key.is_some(),
                             idempotent: task.idempotent,
                             kind_at,
+                            result_ttl_ms: task.result_ttl_ms,
                             parsed: true,
                         }))
                     }
@@ -398,6 +399,7 @@ impl<'r> Pool<'r> {
                 message: record.message,
                 traceback: record.traceback,
                 delay_ms: (record.outcome == Outcome::Retry).then_some(record.delay_ms),
+                value: record.value,
             };
             book.finish(taken, &failure);
         }

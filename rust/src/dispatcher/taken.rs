@@ -15,6 +15,8 @@ pub struct Flags {
     pub idempotent: bool,
     /// Index of its `type` field, for counting by type without a search.
     pub kind_at: usize,
+    /// How long its outcome is kept, ms (0 = not kept).
+    pub result_ttl_ms: u64,
     /// Whether the fields above were learnt (the task went to an actor).
     pub parsed: bool,
 }

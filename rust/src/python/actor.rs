@@ -11,7 +11,7 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use super::errors::error;
 use crate::dispatcher::{defaults, Report};
 use crate::frame::{self, Range, Record};
-use crate::outcome::{clip, Outcome};
+use crate::outcome::{clip, Outcome, MAX_RESULT_BYTES};
 use crate::region::{self, Region, RegionLayout, SLOT_RUNNING};
 use crate::ring::Wait;
 use crate::timing::{RunTimes, DURATION_BUCKETS};
@@ -155,22 +155,30 @@ pub struct ActorEnd {
     parallel: AtomicU32,
 }
 
-type PyRecord = (u32, u8, u64, String, String);
+/// `(index, outcome, delay_ms, message, traceback, value)`: `value` is a
+/// success's return value as JSON (empty when the task keeps no result).
+type PyRecord = (u32, u8, u64, String, String, Vec<u8>);
 
 fn records(failures: &[PyRecord]) -> PyResult<Vec<Record<'_>>> {
     failures
         .iter()
-        .map(|(index, outcome, delay_ms, message, traceback)| {
+        .map(|(index, outcome, delay_ms, message, traceback, value)| {
             let outcome = Outcome::from_byte(*outcome).ok_or_else(|| {
                 pyo3::exceptions::PyValueError::new_err(format!("unknown outcome {outcome}"))
             })?;
+            if value.len() > MAX_RESULT_BYTES {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "a result of {} bytes is over MAX_RESULT_BYTES ({MAX_RESULT_BYTES})",
+                    value.len()
+                )));
+            }
             Ok(Record {
                 index: *index,
                 outcome,
                 delay_ms: *delay_ms,
                 message: clip(message, false).as_bytes(),
                 traceback: clip(traceback, true).as_bytes(),
-                value: b"",
+                value,
             })
         })
         .collect()
@@ -193,7 +201,8 @@ impl ActorEnd {
     /// Waits for the next batch (without holding the GIL). Returns
     /// `(batch_id, tasks)` or `None` once the dispatcher closed the ring. Each
     /// task is `(id, type, queue, payload, attempt, max_retry, enqueued_at,
-    /// timeout, labels)` with times in seconds.
+    /// timeout, labels, keeps_result)` with times in seconds; `keeps_result`:
+    /// send the return value back (as JSON, in its record).
     fn recv<'py>(&self, py: Python<'py>) -> PyResult<Option<(u64, Bound<'py, PyList>)>> {
         let ring = self.region.task_ring(self.slot);
         loop {
@@ -306,10 +315,11 @@ impl ActorEnd {
     }
 
     /// An async task `index` of `batch_id` ended after `seconds`, with
-    /// `outcome` (and its delay and texts). Written at once, without waking
-    /// the dispatcher (`wake` does, once per group of these). `last`: the
-    /// batch has no more async tasks running (run times go out first).
-    #[pyo3(signature = (batch_id, index, outcome, delay_ms, message, traceback, seconds, last = false))]
+    /// `outcome` (and its delay and texts, or its return value as JSON).
+    /// Written at once, without waking the dispatcher (`wake` does, once per
+    /// group of these). `last`: the batch has no more async tasks running
+    /// (run times go out first).
+    #[pyo3(signature = (batch_id, index, outcome, delay_ms, message, traceback, seconds, last = false, value = Vec::new()))]
     #[expect(clippy::too_many_arguments, reason = "one record, field by field")]
     fn done_async(
         &self,
@@ -322,6 +332,7 @@ impl ActorEnd {
         traceback: String,
         seconds: f64,
         last: bool,
+        value: Vec<u8>,
     ) -> PyResult<()> {
         let work_us = {
             let mut times = self.times();
@@ -333,7 +344,7 @@ impl ActorEnd {
         if last {
             self.send_run_times(py, true, Instant::now())?;
         }
-        let record = [(index, outcome, delay_ms, message, traceback)];
+        let record = [(index, outcome, delay_ms, message, traceback, value)];
         let parsed = self::records(&record)?;
         let range = Range {
             start: 0,
@@ -476,6 +487,9 @@ impl ActorEnd {
                         .into_pyobject(py)?
                         .into_any(),
                     labels,
+                    pyo3::types::PyBool::new(py, record.keeps_result)
+                        .to_owned()
+                        .into_any(),
                 ],
             )?;
             list.append(task)?;

@@ -5,13 +5,13 @@ use pyo3::prelude::*;
 
 use crate::dispatcher::{defaults, Report};
 use crate::envelope::{MAX_ID_BYTES, MAX_TYPE_BYTES};
-use crate::outcome::{Outcome, MAX_TEXT_BYTES};
+use crate::outcome::{Outcome, MAX_RESULT_BYTES, MAX_TEXT_BYTES};
 use crate::region::{SLOT_LOST, SLOT_RECLAIMED, SLOT_RUNNING, SLOT_STARTING};
 
 /// What the core offers the Python files; `python/flumeq/_version.py` holds
 /// the revision they expect. Bump both when either side changes the other
 /// depends on.
-pub const CORE_INTERFACE: u32 = 2;
+pub const CORE_INTERFACE: u32 = 3;
 
 pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
     // The one source of the version: rust/Cargo.toml.
@@ -30,6 +30,8 @@ pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
         ("MAX_ID_BYTES", MAX_ID_BYTES),
         ("MAX_TYPE_BYTES", MAX_TYPE_BYTES),
         ("MAX_TEXT_BYTES", MAX_TEXT_BYTES),
+        ("MAX_RESULT_BYTES", MAX_RESULT_BYTES),
+        ("ENDED_MAX_LENGTH", crate::streams::writer::ENDED_MAX_LENGTH),
         ("DEFAULT_PREFETCH", defaults::PREFETCH),
         ("DEFAULT_READ_COUNT", defaults::READ_COUNT),
         ("DEFAULT_TASK_RING_BYTES", defaults::TASK_RING_BYTES),

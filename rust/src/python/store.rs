@@ -90,7 +90,8 @@ impl Store {
     /// generated. The other options apply to all items. Returns `(task_id,
     /// entry_id)` pairs in order (entry id `""` when scheduled). With
     /// `unique_key` (one item only) raises `DuplicateTask` when the key is held.
-    #[pyo3(signature = (queue, items, max_retry, timeout_ms, deadline_ms = None, labels = None, unique_key = None, unique_ttl_ms = 3_600_000, due_ms = 0))]
+    /// `result_ttl_ms > 0` keeps each task's outcome that long once it ended.
+    #[pyo3(signature = (queue, items, max_retry, timeout_ms, deadline_ms = None, labels = None, unique_key = None, unique_ttl_ms = 3_600_000, due_ms = 0, result_ttl_ms = 0))]
     #[expect(
         clippy::too_many_arguments,
         reason = "mirrors Client.enqueue's options"
@@ -111,6 +112,7 @@ impl Store {
         unique_key: Option<&str>,
         unique_ttl_ms: u64,
         due_ms: u64,
+        result_ttl_ms: u64,
     ) -> PyResult<Vec<(String, String)>> {
         validate_queue(queue).map_err(|failure| error(py, "InvalidTask", failure.to_string()))?;
         if unique_key.is_some() && items.len() != 1 {
@@ -141,6 +143,7 @@ impl Store {
                 labels,
                 unique_key,
                 idempotent: *idempotent,
+                result_ttl_ms,
             })
             .collect();
         let entries: Vec<String> = if let Some(key) = unique_key {
@@ -166,6 +169,21 @@ impl Store {
             self.with(py, |store| store.enqueue(queue, &tasks))?
         };
         Ok(ids.into_iter().zip(entries).collect())
+    }
+
+    /// Waits up to `block_ms` (GIL released) for ids of tasks that ended
+    /// after `cursor` on `queue`'s `ended` stream; returns the new cursor and
+    /// the ids (none on timeout). `cursor` `""` returns at once with the
+    /// stream's last id, the cursor a waiter starts from.
+    fn read_ended(
+        &self,
+        py: Python<'_>,
+        queue: &str,
+        cursor: &str,
+        block_ms: u64,
+        count: usize,
+    ) -> PyResult<(String, Vec<String>)> {
+        self.with(py, |store| store.read_ended(queue, cursor, block_ms, count))
     }
 
     /// Moves dead letters back to the stream (all, or those with these task ids).
@@ -267,6 +285,8 @@ fn key_names(prefix: &str, queue: Option<&str>) -> std::collections::HashMap<&'s
         names.insert("stats", keys.stats(queue));
         names.insert("durations", keys.durations(queue));
         names.insert("done", keys.done(queue, ""));
+        names.insert("result", keys.result(queue, ""));
+        names.insert("ended", keys.ended(queue));
     }
     names
 }

@@ -283,6 +283,48 @@ impl SyncStore {
         })
     }
 
+    /// Ids of tasks that ended after `cursor` on `queue`'s `ended` stream,
+    /// waiting up to `block_ms` for the first; and the cursor to go on from.
+    /// An empty `cursor` gives the stream's last id at once (`0-0` when
+    /// empty), for a waiter to start from before it looks for its record.
+    pub fn read_ended(
+        &mut self,
+        queue: &str,
+        cursor: &str,
+        block_ms: u64,
+        count: usize,
+    ) -> RedisResult<(String, Vec<String>)> {
+        let timeout = self.timeout;
+        self.run(|connection, keys, _| {
+            let stream = keys.ended(queue);
+            if cursor.is_empty() {
+                let last: Vec<(String, Value)> = redis::cmd("XREVRANGE")
+                    .arg(&stream)
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1)
+                    .query(connection)?;
+                let last = last.into_iter().next().map(|(id, _)| id);
+                return Ok((last.unwrap_or_else(|| "0-0".to_owned()), Vec::new()));
+            }
+            // The block may outlast the client's timeout: wait for it plus
+            // the usual reply time.
+            connection.set_read_timeout(Some(timeout + Duration::from_millis(block_ms)))?;
+            let reply: RedisResult<Value> = redis::cmd("XREAD")
+                .arg("COUNT")
+                .arg(count.max(1))
+                .arg("BLOCK")
+                .arg(block_ms.max(1))
+                .arg("STREAMS")
+                .arg(&stream)
+                .arg(cursor)
+                .query(connection);
+            connection.set_read_timeout(Some(timeout))?;
+            Ok(ended_ids(reply?, cursor))
+        })
+    }
+
     /// Moves dead letters back to the stream with attempt 0: those whose task
     /// id is in `ids`, or all when `ids` is empty. Walks the dead-letter stream
     /// in steps of 500 so Redis is never blocked long. Returns the count moved.
@@ -334,4 +376,43 @@ impl SyncStore {
             pipe.query(connection)
         })
     }
+}
+
+/// The ids in an `XREAD` reply of one `ended` stream, and the last entry id
+/// (`cursor` when there was none).
+fn ended_ids(reply: Value, cursor: &str) -> (String, Vec<String>) {
+    let mut last = cursor.to_owned();
+    let mut ids = Vec::new();
+    // RESP2: [[stream, entries]]; RESP3: {stream: entries}.
+    let lists: Vec<Value> = match reply {
+        Value::Array(streams) => streams
+            .into_iter()
+            .filter_map(|stream| match stream {
+                Value::Array(mut pair) if pair.len() == 2 => pair.pop(),
+                _ => None,
+            })
+            .collect(),
+        Value::Map(pairs) => pairs.into_iter().map(|(_, entries)| entries).collect(),
+        _ => return (last, ids),
+    };
+    for entries in lists {
+        let Value::Array(entries) = entries else {
+            continue;
+        };
+        for entry in entries {
+            let Ok((entry_id, fields)) =
+                redis::from_redis_value::<(String, Vec<(String, String)>)>(entry)
+            else {
+                continue;
+            };
+            last = entry_id;
+            ids.extend(
+                fields
+                    .into_iter()
+                    .filter(|(name, _)| name == "id")
+                    .map(|(_, id)| id),
+            );
+        }
+    }
+    (last, ids)
 }

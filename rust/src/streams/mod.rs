@@ -41,6 +41,29 @@ pub struct DeadLetter {
     pub attempts: u32,
 }
 
+/// The kept outcome of a task that ended (it was enqueued with a
+/// `result_ttl`): written as the task's result hash, and announced on the
+/// queue's `ended` stream, in the ack's transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ended {
+    /// The task id.
+    pub id: bytes::Bytes,
+    /// How long the record lives, ms.
+    pub ttl_ms: u64,
+    /// `succeeded` or `dead`.
+    pub state: &'static str,
+    /// The return value as JSON (`succeeded`).
+    pub value: Vec<u8>,
+    /// Why it died (`dead`): the dead-letter reason.
+    pub reason: &'static str,
+    /// The last failure's text (`dead`).
+    pub error: Vec<u8>,
+    /// The last failure's traceback (`dead`).
+    pub traceback: Vec<u8>,
+    /// Runs made.
+    pub attempts: u32,
+}
+
 /// What one queue's finished tasks need written back. Everything here is
 /// written in one MULTI/EXEC per queue, so a task is never both acked and
 /// missing from where it went next.
@@ -61,6 +84,8 @@ pub struct QueueOutcomes {
     pub unlock: Vec<(String, bytes::Bytes)>,
     /// Our own pending entries to keep fresh (so nobody claims them).
     pub refresh: Vec<bytes::Bytes>,
+    /// Outcomes to keep, of tasks enqueued with a `result_ttl`.
+    pub ended: Vec<Ended>,
     /// Successful runs.
     pub processed: u64,
     /// Failed runs.
@@ -117,6 +142,7 @@ impl QueueOutcomes {
             && self.delayed.is_empty()
             && self.append.is_empty()
             && self.done_ids.is_empty()
+            && self.ended.is_empty()
             && self.processed == 0
             && self.failed == 0
             && self.skipped == 0
@@ -153,6 +179,7 @@ impl QueueOutcomes {
         self.done_ids.extend(other.done_ids);
         self.unlock.extend(other.unlock);
         self.refresh.extend(other.refresh);
+        self.ended.extend(other.ended);
         self.processed += other.processed;
         self.failed += other.failed;
         self.retried += other.retried;

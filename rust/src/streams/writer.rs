@@ -13,6 +13,11 @@ use crate::scripts;
 /// replay waits, and removed at a graceful stop anyway.
 pub const WRITTEN_MARKER_TTL_MS: u64 = 24 * 3600 * 1000;
 
+/// Approximate bound of each queue's `ended` stream (the waiters' wake-up
+/// stream): a waiter that falls this far behind finds its task's record by
+/// its periodic re-check instead.
+pub const ENDED_MAX_LENGTH: usize = 10_000;
+
 /// Creates the consumer group of every queue (at id 0, so tasks enqueued
 /// before the first engine started are served) and registers the queues.
 pub async fn ensure_groups(
@@ -284,6 +289,42 @@ fn add_block(
             .arg(1)
             .arg("PX")
             .arg(settings.processed_ttl_ms.max(1));
+    }
+    if !outcome.ended.is_empty() {
+        let ended = keys.ended(&queue.name);
+        for kept in &outcome.ended {
+            let key = keys.result(&queue.name, &String::from_utf8_lossy(&kept.id));
+            // A record of an earlier end (a dead letter since requeued) goes.
+            pipe.cmd("DEL").arg(&key);
+            let mut cmd = redis::cmd("HSET");
+            cmd.arg(&key)
+                .arg("state")
+                .arg(kept.state)
+                .arg("attempts")
+                .arg(kept.attempts)
+                .arg("finished_at")
+                .arg(now_ms);
+            if kept.state == "succeeded" {
+                cmd.arg("value").arg(kept.value.as_slice());
+            } else {
+                cmd.arg(field::REASON)
+                    .arg(kept.reason)
+                    .arg(field::ERROR)
+                    .arg(kept.error.as_slice())
+                    .arg(field::TRACEBACK)
+                    .arg(kept.traceback.as_slice());
+            }
+            pipe.add_command(cmd);
+            pipe.cmd("PEXPIRE").arg(&key).arg(kept.ttl_ms.max(1));
+            pipe.cmd("XADD")
+                .arg(&ended)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(ENDED_MAX_LENGTH)
+                .arg("*")
+                .arg(field::ID)
+                .arg(kept.id.as_ref());
+        }
     }
     pipe.cmd("SET")
         .arg(marker.0)

@@ -1,0 +1,414 @@
+"""``AsyncClient``: ``Client``'s methods as coroutines, for asyncio services.
+
+Redis I/O runs on the client's own I/O thread (the compiled core releases
+the GIL while it waits), so the event loop never blocks. Concurrent
+``enqueue`` calls share round trips: a call adds its task to the pending
+batch and, while one batch is on the wire, the next one fills; each batch
+goes out as one pipeline. Waits for results share one blocking reader per
+queue (see ``results``).
+
+The outage buffer and the errors are ``Client``'s: the I/O thread drives a
+``Client``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Callable, Optional, TypeVar, Union
+
+from . import _core
+from .client import (
+    DEFAULT_MAX_RETRY,
+    DEFAULT_TIMEOUT,
+    Client,
+    Seconds,
+    _Call,
+    _kept,
+    prepare_many,
+    prepare_one,
+)
+from .errors import FlumeqError, ResultTimeout
+from .results import BLOCK_MS, READ_COUNT, RECHECK, Records, _pairs, check_wait, outcome
+from .task import TaskInfo
+
+__all__ = ["AsyncClient"]
+
+T = TypeVar("T")
+
+#: ``(call, future, loop)`` of one pending enqueue.
+_Pending = tuple[
+    _Call, "asyncio.Future[list[tuple[str, Optional[str]]]]", asyncio.AbstractEventLoop
+]
+
+
+def _group_key(call: _Call) -> tuple[Any, ...]:
+    return (
+        call.queue,
+        call.max_retry,
+        call.timeout_ms,
+        call.deadline_ms,
+        call.labels,
+        call.due_ms,
+        call.result_ttl_ms,
+    )
+
+
+def _settle(future: asyncio.Future[T], value: Any, failed: bool) -> None:
+    if future.done():
+        return
+    if failed:
+        future.set_exception(value)
+    else:
+        future.set_result(value)
+
+
+class AsyncClient:
+    """Enqueues tasks and reads queue state from asyncio code.
+
+    Takes ``Client``'s arguments. Use it from any running loop (also from
+    several); ``async with AsyncClient() as client:`` closes it.
+    """
+
+    def __init__(
+        self,
+        url: Optional[str] = None,
+        *,
+        prefix: str = "flumeq",
+        timeout: float = 5.0,
+        buffer_size: int = 1000,
+    ) -> None:
+        self._client = Client(url, prefix=prefix, timeout=timeout, buffer_size=buffer_size)
+        self.url = self._client.url
+        self.prefix = prefix
+        self._timeout = timeout
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="flumeq-io")
+        self._lock = threading.Lock()
+        self._pending: list[_Pending] = []
+        self._sending = False
+        self._readers: dict[str, _QueueReader] = {}
+        #: Pipelines the batched enqueues went out in (one per send of a
+        #: group of calls with the same options).
+        self.round_trips = 0
+
+    # ---- enqueue ---------------------------------------------------------
+
+    async def enqueue(
+        self,
+        type: str,
+        payload: Any = None,
+        *,
+        queue: str = "default",
+        max_retry: int = DEFAULT_MAX_RETRY,
+        timeout: Optional[Seconds] = DEFAULT_TIMEOUT,
+        delay: Optional[Seconds] = None,
+        at: Optional[datetime] = None,
+        deadline: Optional[datetime] = None,
+        unique_key: Optional[str] = None,
+        unique_ttl: Seconds = 3600.0,
+        task_id: Optional[str] = None,
+        labels: Optional[Mapping[str, str]] = None,
+        result_ttl: Optional[Seconds] = None,
+        **unknown: Any,
+    ) -> TaskInfo[Any]:
+        """``Client.enqueue`` as a coroutine; concurrent calls share round trips."""
+        call, unique_ttl_ms = prepare_one(
+            type,
+            payload,
+            queue=queue,
+            max_retry=max_retry,
+            timeout=timeout,
+            delay=delay,
+            at=at,
+            deadline=deadline,
+            unique_key=unique_key,
+            unique_ttl=unique_ttl,
+            task_id=task_id,
+            labels=labels,
+            result_ttl=result_ttl,
+            unknown=unknown,
+        )
+        if unique_key is not None:
+            pairs = await self._run(self._client._send, call, unique_key, unique_ttl_ms)
+        else:
+            pairs = await self._batched(call)
+        [(id_, entry_id)] = pairs
+        return TaskInfo(id_, call.items[0][0], queue, entry_id, self._client, _kept(call))
+
+    async def enqueue_many(
+        self,
+        items: Iterable[Sequence[Any]],
+        *,
+        queue: str = "default",
+        max_retry: int = DEFAULT_MAX_RETRY,
+        timeout: Optional[Seconds] = DEFAULT_TIMEOUT,
+        labels: Optional[Mapping[str, str]] = None,
+        result_ttl: Optional[Seconds] = None,
+    ) -> list[TaskInfo[Any]]:
+        """``Client.enqueue_many`` as a coroutine."""
+        call = prepare_many(
+            items,
+            queue=queue,
+            max_retry=max_retry,
+            timeout=timeout,
+            labels=labels,
+            result_ttl=result_ttl,
+        )
+        if call is None:
+            return []
+        pairs = await self._batched(call)
+        kept = _kept(call)
+        return [
+            TaskInfo(id_, item[0], queue, entry_id, self._client, kept)
+            for (id_, entry_id), item in zip(pairs, call.items)
+        ]
+
+    def _batched(self, call: _Call) -> asyncio.Future[list[tuple[str, Optional[str]]]]:
+        """Adds ``call`` to the pending batch; starts a send unless one runs."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[tuple[str, Optional[str]]]] = loop.create_future()
+        with self._lock:
+            self._pending.append((call, future, loop))
+            start = not self._sending
+            self._sending = True
+        if start:
+            self._io.submit(self._drain)
+        return future
+
+    def _drain(self) -> None:
+        """I/O thread: sends pending batches until none is left; each batch
+        is one pipeline per group of calls with the same options."""
+        while True:
+            with self._lock:
+                batch, self._pending = self._pending, []
+                if not batch:
+                    self._sending = False
+                    return
+            groups: dict[tuple[Any, ...], list[_Pending]] = {}
+            for pending in batch:
+                groups.setdefault(_group_key(pending[0]), []).append(pending)
+            settled: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any, bool]]] = {}
+            for members in groups.values():
+                items = [item for call, _, _ in members for item in call.items]
+                merged = members[0][0]._replace(items=items)
+                self.round_trips += 1
+                try:
+                    pairs = self._client._send(merged)
+                except BaseException as error:  # handed to each waiter
+                    for _, future, loop in members:
+                        settled.setdefault(loop, []).append((future, error, True))
+                    continue
+                at = 0
+                for call, future, loop in members:
+                    count = len(call.items)
+                    settled.setdefault(loop, []).append((future, pairs[at : at + count], False))
+                    at += count
+            for loop, outcomes in settled.items():
+                # A closed loop raises: nobody waits there any more.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_settle_all, outcomes)
+
+    # ---- results ---------------------------------------------------------
+
+    async def result(
+        self,
+        info_or_id: Union[TaskInfo[Any], str],
+        *,
+        queue: str = "default",
+        timeout: Optional[float] = None,
+    ) -> Any:
+        """``Client.result`` as a coroutine: every coroutine waiting on one
+        queue shares one connection and one blocking read."""
+        if isinstance(info_or_id, TaskInfo):
+            task_id, queue = info_or_id.id, info_or_id.queue
+        else:
+            task_id = info_or_id
+        deadline = check_wait(task_id, queue, timeout)
+        reader = self._readers.get(queue)
+        if reader is None:
+            reader = self._readers[queue] = _QueueReader(self, queue)
+        return await reader.wait(task_id, deadline)
+
+    # ---- the rest of Client ----------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._io, fn, *args)
+
+    async def stats(self, queue: str = "default", *, group: str = "flumeq") -> dict[str, int]:
+        """``Client.stats`` as a coroutine."""
+        return await self._run(lambda: self._client.stats(queue, group=group))
+
+    async def dead_letters(self, queue: str = "default", limit: int = 100) -> list[dict[str, Any]]:
+        """``Client.dead_letters`` as a coroutine."""
+        return await self._run(self._client.dead_letters, queue, limit)
+
+    async def requeue_dead(
+        self, queue: str = "default", ids: Optional[Iterable[str]] = None
+    ) -> int:
+        """``Client.requeue_dead`` as a coroutine."""
+        return await self._run(self._client.requeue_dead, queue, ids)
+
+    async def purge_dead(self, queue: str = "default") -> int:
+        """``Client.purge_dead`` as a coroutine."""
+        return await self._run(self._client.purge_dead, queue)
+
+    async def ping(self) -> None:
+        """``Client.ping`` as a coroutine."""
+        await self._run(self._client.ping)
+
+    async def flush(self) -> int:
+        """``Client.flush`` as a coroutine."""
+        return await self._run(self._client.flush)
+
+    @property
+    def buffered(self) -> int:
+        """Tasks held in memory because Redis was unreachable."""
+        return self._client.buffered
+
+    async def close(self) -> None:
+        """Writes buffered tasks and closes the connections (as
+        ``Client.close``); stops the readers."""
+        for reader in list(self._readers.values()):
+            reader.stop()
+        self._readers.clear()
+        await self._run(self._client.close)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        await self.close()
+
+
+def _settle_all(outcomes: list[tuple[Any, Any, bool]]) -> None:
+    for future, value, failed in outcomes:
+        _settle(future, value, failed)
+
+
+class _QueueReader:
+    """The coroutines of one loop waiting for outcomes of one queue, and the
+    one blocking read (on its own thread and connection) that wakes them."""
+
+    def __init__(self, owner: AsyncClient, queue: str) -> None:
+        self.owner = owner
+        self.queue = queue
+        self._records = Records(owner.prefix, queue)
+        self._store = _core.Store(owner.url, owner.prefix, owner._timeout)
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"flumeq-wait-{queue}")
+        self._cursor: Optional[str] = None
+        self._starting: Optional[asyncio.Future[None]] = None
+        self._waiting: dict[str, list[asyncio.Future[dict[bytes, bytes]]]] = {}
+        self._task: Optional[asyncio.Task[None]] = None
+        self._stopped = False
+
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    async def _start(self) -> None:
+        """The stream's last id, once, before the first look for a record."""
+        if self._cursor is not None:
+            return
+        if self._starting is None:
+            self._starting = asyncio.get_running_loop().create_future()
+            try:
+                self._cursor, _ = await self._in_thread(
+                    self._store.read_ended, self.queue, "", 0, 1
+                )
+            except BaseException as error:
+                self._starting.set_exception(error)
+                self._starting.exception()  # retrieved: later waiters see it too
+                self._starting = None
+                raise
+            self._starting.set_result(None)
+        else:
+            await asyncio.shield(self._starting)
+
+    async def _look(self, task_id: str, first: bool) -> dict[bytes, bytes]:
+        store = self.owner._client._connection()
+        commands = self._records.commands(task_id, first)
+        return self._records.found(await self.owner._run(store.pipeline, commands))
+
+    async def wait(self, task_id: str, deadline: Optional[float]) -> Any:
+        await self._start()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[dict[bytes, bytes]] = loop.create_future()
+        self._waiting.setdefault(task_id, []).append(future)
+        try:
+            record = await self._look(task_id, first=True)
+            if not record and (self._task is None or self._task.done()):
+                self._task = loop.create_task(self._read())
+            while not record:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    raise ResultTimeout(
+                        f"task {task_id} did not end within the timeout (queue {self.queue!r})"
+                    )
+                limit = RECHECK if deadline is None else min(RECHECK, deadline - now)
+                try:
+                    record = await asyncio.wait_for(asyncio.shield(future), limit)
+                    if not record:
+                        raise FlumeqError(
+                            f"task {task_id} ended, but its result expired before it was "
+                            "read: give it a longer result_ttl"
+                        )
+                except asyncio.TimeoutError:
+                    record = await self._look(task_id, first=False)
+            return outcome(task_id, record)
+        finally:
+            futures = self._waiting.get(task_id, [])
+            if future in futures:
+                futures.remove(future)
+            if not futures:
+                self._waiting.pop(task_id, None)
+
+    def _read_once(
+        self, cursor: str, wanted: set[str]
+    ) -> tuple[str, dict[str, dict[bytes, bytes]]]:
+        """Reader thread: one blocking read, then the records of the awaited
+        ids that ended, in one pipeline."""
+        cursor, ids = self._store.read_ended(self.queue, cursor, BLOCK_MS, READ_COUNT)
+        hits = [task_id for task_id in ids if task_id in wanted]
+        if not hits:
+            return cursor, {}
+        replies = self._store.pipeline(
+            [[b"HGETALL", self._records.key(task_id)] for task_id in hits]
+        )
+        return cursor, {task_id: _pairs(reply) for task_id, reply in zip(hits, replies)}
+
+    async def _read(self) -> None:
+        """Reads while anyone waits; wakes the waiters of the ids it sees."""
+        failures = 0
+        while self._waiting and not self._stopped:
+            try:
+                cursor, records = await self._in_thread(
+                    self._read_once, self._cursor or "0-0", set(self._waiting)
+                )
+            except FlumeqError:
+                # Redis away: the waiters' own looks go on; back off here.
+                failures += 1
+                await asyncio.sleep(min(2.0, 0.05 * 2**failures))
+                continue
+            failures = 0
+            self._cursor = cursor
+            for task_id, record in records.items():
+                for future in self._waiting.get(task_id, []):
+                    if not future.done():
+                        future.set_result(record)
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._task is not None:
+            self._task.cancel()
+        self._thread.shutdown(wait=False)
