@@ -12,9 +12,8 @@ mypy
 root=$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")
 py39=$(ls -d "$root"/versions/3.9.*/bin/python3 2>/dev/null | sort -V | tail -1 || true)
 if [ -n "$py39" ]; then
-    if [ ! -x .venv-py39/bin/python ]; then
-        "$py39" -m venv .venv-py39
-        deps=$(python - <<'PY'
+    [ -x .venv-py39/bin/python ] || "$py39" -m venv .venv-py39
+    deps=$(python - <<'PY'
 try:
     import tomllib
 except ImportError:  # Python < 3.11: mypy brings tomli
@@ -22,11 +21,15 @@ except ImportError:  # Python < 3.11: mypy brings tomli
 with open("pyproject.toml", "rb") as project:
     meta = tomllib.load(project)["project"]
 extras = meta["optional-dependencies"]
-print("\n".join(meta["dependencies"] + extras["web"] + extras["metrics"]))
+print("\n".join(meta["dependencies"] + extras["web"] + extras["metrics"] + extras["otel"]))
 PY
 )
-        # shellcheck disable=SC2086
-        .venv-py39/bin/python -m pip install -q --disable-pip-version-check typing_extensions $deps
+    # Installed again only when the dependency list changed.
+    if [ "$(cat .venv-py39/deps.txt 2>/dev/null)" != "$deps" ]; then
+        printf '%s\n' "$deps" > .venv-py39/requirements.txt
+        .venv-py39/bin/python -m pip install -q --disable-pip-version-check typing_extensions \
+            -r .venv-py39/requirements.txt
+        printf '%s' "$deps" > .venv-py39/deps.txt
     fi
     mypy --python-version 3.9 --python-executable .venv-py39/bin/python
 else

@@ -23,7 +23,7 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, Callable, Optional, TypeVar, Union
 
-from . import _core
+from . import _core, hooks
 from .client import (
     DEFAULT_MAX_RETRY,
     DEFAULT_TIMEOUT,
@@ -33,6 +33,8 @@ from .client import (
     _kept,
     prepare_many,
     prepare_one,
+    run_before_enqueue,
+    run_before_enqueue_many,
 )
 from .errors import FlumeqError, ResultTimeout
 from .results import BLOCK_MS, READ_COUNT, RECHECK, Records, _pairs, check_wait, outcome
@@ -83,8 +85,12 @@ class AsyncClient:
         prefix: str = "flumeq",
         timeout: float = 5.0,
         buffer_size: int = 1000,
+        middleware: Iterable[Any] = (),
     ) -> None:
-        self._client = Client(url, prefix=prefix, timeout=timeout, buffer_size=buffer_size)
+        self._client = Client(
+            url, prefix=prefix, timeout=timeout, buffer_size=buffer_size, middleware=middleware
+        )
+        self.middleware = self._client.middleware
         self.url = self._client.url
         self.prefix = prefix
         self._timeout = timeout
@@ -118,6 +124,10 @@ class AsyncClient:
         **unknown: Any,
     ) -> TaskInfo[Any]:
         """``Client.enqueue`` as a coroutine; concurrent calls share round trips."""
+        if self.middleware or hooks.GLOBAL:
+            payload, labels = run_before_enqueue(
+                self.middleware, type, payload, queue, task_id, labels
+            )
         call, unique_ttl_ms = prepare_one(
             type,
             payload,
@@ -152,6 +162,8 @@ class AsyncClient:
         result_ttl: Optional[Seconds] = None,
     ) -> list[TaskInfo[Any]]:
         """``Client.enqueue_many`` as a coroutine."""
+        if self.middleware or hooks.GLOBAL:
+            items, labels = run_before_enqueue_many(self.middleware, items, queue, labels)
         call = prepare_many(
             items,
             queue=queue,

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Awaitable, Coroutine, Mapping
+from collections.abc import Awaitable, Coroutine, Iterable, Mapping
 from datetime import datetime
 from typing import Any, Callable, Generic, Optional, TypeVar, Union, overload
 
+from . import hooks
 from .aio import AsyncClient
 from .client import DEFAULT_MAX_RETRY, DEFAULT_TIMEOUT, Client, Seconds
 from .errors import ConfigError, InvalidTask
@@ -252,7 +253,8 @@ class App:
     and ``AsyncClient`` are made on first use (``app.client``,
     ``app.aclient``). ``result_ttl`` is the default of every task's
     ``result_ttl`` (``None``: outcomes are not kept unless a task or a call
-    asks).
+    asks). ``middleware`` (see ``flumeq.hooks``) goes to both clients and to
+    every engine serving the app.
     """
 
     def __init__(
@@ -261,8 +263,10 @@ class App:
         *,
         prefix: str = "flumeq",
         result_ttl: Optional[Seconds] = None,
+        middleware: Iterable[Any] = (),
     ) -> None:
         self.url = url
+        self.middleware = hooks.checked(middleware)
         self.prefix = prefix
         self.result_ttl = result_ttl
         #: The tasks by type name.
@@ -274,14 +278,14 @@ class App:
     def client(self) -> Client:
         """The app's ``Client`` (made on first use)."""
         if self._client is None:
-            self._client = Client(self.url, prefix=self.prefix)
+            self._client = Client(self.url, prefix=self.prefix, middleware=self.middleware)
         return self._client
 
     @property
     def aclient(self) -> AsyncClient:
         """The app's ``AsyncClient`` (made on first use)."""
         if self._aclient is None:
-            self._aclient = AsyncClient(self.url, prefix=self.prefix)
+            self._aclient = AsyncClient(self.url, prefix=self.prefix, middleware=self.middleware)
         return self._aclient
 
     @overload

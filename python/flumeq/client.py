@@ -19,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
-from . import _core, reads
+from . import _core, hooks, reads
 from .errors import BufferFull, InvalidTask, RedisUnavailable
 from .results import QueueWaiters, check_wait
 from .task import TaskInfo
@@ -150,6 +150,47 @@ def _queue(queue: Any) -> str:
     if not isinstance(queue, str) or not queue:
         raise InvalidTask(f"queue must be a non-empty string, got {queue!r}")
     return queue
+
+
+def run_before_enqueue(
+    middleware: Sequence[Any],
+    type: str,
+    payload: Any,
+    queue: str,
+    task_id: Optional[str],
+    labels: Optional[Mapping[str, str]],
+) -> tuple[Any, Optional[Mapping[str, str]]]:
+    """The ``before_enqueue`` hooks on one task; its payload and labels after."""
+    fields = {
+        "type": type,
+        "queue": queue,
+        "payload": payload,
+        "task_id": task_id,
+        "labels": dict(labels or {}),
+    }
+    hooks.before_enqueue(hooks.combined(middleware), fields)
+    return fields["payload"], (fields["labels"] or labels)
+
+
+def run_before_enqueue_many(
+    middleware: Sequence[Any],
+    items: Iterable[Sequence[Any]],
+    queue: str,
+    labels: Optional[Mapping[str, str]],
+) -> tuple[list[Sequence[Any]], Optional[Mapping[str, str]]]:
+    """The ``before_enqueue`` hooks once for a batch: its items and labels after."""
+    listed = list(items)
+    first = listed[0] if listed and isinstance(listed[0], (tuple, list)) else (None, None)
+    fields = {
+        "type": first[0],
+        "queue": queue,
+        "payload": first[1] if len(first) > 1 else None,
+        "task_id": None,
+        "labels": dict(labels or {}),
+        "count": len(listed),
+    }
+    hooks.before_enqueue(hooks.combined(middleware), fields)
+    return listed, (fields["labels"] or labels)
 
 
 def prepare_one(
@@ -286,8 +327,11 @@ class Client:
         prefix: str = "flumeq",
         timeout: float = 5.0,
         buffer_size: int = 1000,
+        middleware: Iterable[Any] = (),
     ) -> None:
         self.url = resolve_url(url)
+        #: Producer hooks (``before_enqueue``; see ``flumeq.hooks``).
+        self.middleware = hooks.checked(middleware)
         self.prefix = prefix
         if isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < 0:
             raise InvalidTask(f"buffer_size must be an integer >= 0, got {buffer_size!r}")
@@ -429,6 +473,10 @@ class Client:
         ``result()``. Raises ``InvalidTask`` before writing anything when an
         option is wrong.
         """
+        if self.middleware or hooks.GLOBAL:
+            payload, labels = run_before_enqueue(
+                self.middleware, type, payload, queue, task_id, labels
+            )
         call, unique_ttl_ms = prepare_one(
             type,
             payload,
@@ -466,6 +514,8 @@ class Client:
         once it completed, deliveries of the same id within the engine's
         ``processed_ttl`` are acknowledged without running.
         """
+        if self.middleware or hooks.GLOBAL:
+            items, labels = run_before_enqueue_many(self.middleware, items, queue, labels)
         call = prepare_many(
             items,
             queue=queue,

@@ -8,12 +8,12 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Callable, Optional, Union
 
 import orjson
 
-from . import _core
+from . import _core, hooks
 from ._version import __version__
 from .app import App
 from .client import resolve_url
@@ -86,9 +86,12 @@ class Engine:
         concurrency: int = _core.DEFAULT_CONCURRENCY,
         metrics_port: Optional[int] = None,
         metrics_host: str = "127.0.0.1",
+        middleware: Iterable[Any] = (),
     ) -> None:
+        own_middleware = hooks.checked(middleware)
         if isinstance(handlers, App):
             app = handlers
+            own_middleware = [*app.middleware, *own_middleware]
             if queues is None:
                 queues = app.queues()
             if url is None:
@@ -122,6 +125,8 @@ class Engine:
                 f"ring_bytes must be a multiple of 4096 and >= 65536, got {ring_bytes}"
             )
         self.handlers = dict(handlers)
+        #: Run hooks around every handler (see ``flumeq.hooks``).
+        self.middleware = own_middleware
         self.url = resolve_url(url)
         self.queues = queue_weights(queues)
         self.group = group
@@ -202,6 +207,11 @@ class Engine:
         """Asks a running engine to stop gracefully (as SIGTERM does)."""
         if self._region is not None:
             self._region.request_stop()
+
+    def run_handlers(self) -> dict[str, Handler]:
+        """The handlers the actors call: with the middleware's run hooks
+        around them (the process's global middleware first), or as given."""
+        return hooks.wrap_handlers(self.handlers, hooks.combined(self.middleware))
 
     def run(self, processes: Optional[int] = None, burst: bool = False) -> dict[str, int]:
         """Serves tasks until SIGINT/SIGTERM or ``stop()`` (or, with ``burst``,

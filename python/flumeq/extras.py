@@ -3,6 +3,7 @@
 ``pip install flumeq`` is enough to enqueue and to run workers. The dashboard
 needs ``flumeq[web]`` (starlette, uvicorn, jinja2); the Prometheus endpoint
 needs ``flumeq[metrics]`` (prometheus-client); ``flumeq[all]`` brings both.
+Tracing (``flumeq.tracing``) needs ``flumeq[otel]`` (opentelemetry-api).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ __all__ = ["EXTRAS", "missing", "require"]
 EXTRAS: dict[str, tuple[str, ...]] = {
     "web": ("starlette", "uvicorn", "jinja2"),
     "metrics": ("prometheus_client",),
+    "otel": ("opentelemetry",),
 }
 
 

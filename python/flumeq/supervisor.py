@@ -155,7 +155,7 @@ class Supervisor:
             args=(
                 self.region,
                 slot,
-                self.engine.handlers,
+                self.engine.run_handlers(),
                 self.queue_names,
                 self.engine.concurrency,
             ),
