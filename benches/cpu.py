@@ -5,11 +5,16 @@ per task moves far less, so this is the bench for "did this change make the
 hot path dearer?". Run it from two virtualenvs (one per build) and compare:
 
     python benches/cpu.py [--tasks 200000] [--processes 2] [--rounds 5]
+                          [--variants plain,app,middleware]
 
 It starts its own redis-server, enqueues no-op tasks, drains them with a
 burst engine in this process, and reads the engine's CPU from
 RUSAGE_CHILDREN (the actors and the dispatcher are this process's children)
 and Redis's from INFO cpu. Prints the median over the rounds.
+
+Variants (run interleaved, round by round): `plain` a `{type: handler}`
+mapping; `app` the same no-op as an `@app.task`; `middleware` the mapping
+with one middleware whose five hooks do nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import argparse
 import resource
 import statistics
 import time
+from typing import Any, Optional
 
 import redis
 
@@ -25,12 +31,49 @@ import flumeq
 from flumeq.redis_server import RedisServer
 
 
-def one_round(url: str, tasks: int, processes: int) -> tuple[float, float, float]:
+class NoOp:
+    """A middleware with every hook, each doing nothing."""
+
+    def before_enqueue(self, fields: dict[str, Any]) -> None:
+        pass
+
+    def before_run(self, task: flumeq.Task) -> None:
+        pass
+
+    def after_run(self, task: flumeq.Task, result: Any, error: Optional[BaseException]) -> None:
+        pass
+
+    def on_retry(self, task: flumeq.Task, error: BaseException, delay: Optional[float]) -> None:
+        pass
+
+    def on_dead(self, task: flumeq.Task, reason: str, error: BaseException) -> None:
+        pass
+
+
+def engine_for(variant: str, url: str) -> tuple[str, flumeq.Engine]:
+    """The task type to enqueue and the engine of a variant."""
+    if variant == "app":
+        app = flumeq.App(url)
+
+        @app.task(name="noop")
+        def noop(n: int) -> None:
+            return None
+
+        return noop.name, flumeq.Engine(app, queues=("cpu",))
+    middleware = [NoOp()] if variant == "middleware" else []
+    handlers = {"noop": lambda task: None}
+    return "noop", flumeq.Engine(handlers, url, queues=("cpu",), middleware=middleware)
+
+
+def one_round(
+    url: str, tasks: int, processes: int, variant: str = "plain"
+) -> tuple[float, float, float]:
     """(tasks/s, engine µs/task, redis µs/task) of one drain."""
+    kind, engine = engine_for(variant, url)
     client = flumeq.Client(url)
     for start in range(0, tasks, 5000):
         count = min(5000, tasks - start)
-        client.enqueue_many([("noop", {"n": start + n}) for n in range(count)], queue="cpu")
+        client.enqueue_many([(kind, {"n": start + n}) for n in range(count)], queue="cpu")
     server = redis.Redis.from_url(url)
 
     def redis_cpu() -> float:
@@ -40,9 +83,7 @@ def one_round(url: str, tasks: int, processes: int) -> tuple[float, float, float
     redis_before = redis_cpu()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    report = flumeq.Engine({"noop": lambda task: None}, url, queues=("cpu",)).run(
-        processes=processes, burst=True
-    )
+    report = engine.run(processes=processes, burst=True)
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     assert report["processed"] == tasks, report
@@ -55,17 +96,28 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=200_000)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--variants", default="plain,app,middleware")
     args = parser.parse_args()
+    variants = args.variants.split(",")
     server = RedisServer().start()
+    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in variants}
     try:
-        rounds = [one_round(server.url, args.tasks, args.processes) for _ in range(args.rounds)]
+        for _ in range(args.rounds):
+            for variant in variants:
+                results[variant].append(one_round(server.url, args.tasks, args.processes, variant))
     finally:
         server.stop()
-    rate, engine, red = (statistics.median(column) for column in zip(*rounds))
     print(f"{args.tasks} no-op tasks, {args.processes} processes, median of {args.rounds}")
-    print("| drain tasks/s | engine CPU µs/task | Redis CPU µs/task |")
-    print("|---|---|---|")
-    print(f"| {rate:,.0f} | {engine:.2f} | {red:.2f} |")
+    print("| handler | drain tasks/s | engine CPU µs/task | Redis CPU µs/task |")
+    print("|---|---|---|---|")
+    labels = {
+        "plain": "mapping",
+        "app": "@app.task",
+        "middleware": "mapping + 1 no-op middleware",
+    }
+    for variant in variants:
+        rate, engine, red = (statistics.median(column) for column in zip(*results[variant]))
+        print(f"| {labels[variant]} | {rate:,.0f} | {engine:.2f} | {red:.2f} |")
 
 
 if __name__ == "__main__":

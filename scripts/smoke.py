@@ -1,7 +1,7 @@
 """Smoke test of an installed flumeq: what CI runs in fresh virtualenvs of
 CPython 3.9 and 3.13 that hold only the wheel and its dependencies, with no
 Rust toolchain. Enqueues 10k tasks, drains them with a burst engine of two
-processes, then starts the dashboard, fetches its overview and stops it;
+processes, runs an ``@app.task`` and waits for its result, then starts the dashboard, fetches its overview and stops it;
 without the ``web`` extra it checks instead that ``flumeq ui`` names it.
 
     python scripts/smoke.py
@@ -71,6 +71,15 @@ def main() -> None:
         assert report["processed"] == TASKS, report
         stats = client.stats()
         assert (stats["ready"], stats["in_flight"], stats["processed"]) == (0, 0, TASKS), stats
+        app = flumeq.App(server.url, result_ttl=60)
+
+        @app.task
+        def add(a: int, b: int = 0) -> int:
+            return a + b
+
+        info = add.enqueue(2, b=3)
+        flumeq.Engine(app).run(processes=1, burst=True)
+        assert info.result(timeout=10) == 5
         if find_spec("starlette") is not None:
             dashboard(server.url)
             part = "dashboard served"

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import orjson
 import pytest
@@ -38,6 +38,11 @@ def make_app(url: str) -> tuple[flumeq.App, Any, Any, Any]:
     @app.task
     def spread(first: int, /, *rest: int, **named: int) -> int:
         return first + sum(rest) + sum(named.values())
+
+    @app.task
+    def me() -> Optional[str]:
+        task = flumeq.current_task()
+        return task.id if task else None
 
     return app, add, whoami, spread
 
@@ -85,9 +90,10 @@ def test_an_engine_serves_an_app_with_sync_and_async_tasks(redis_url: str) -> No
     sums = [add.enqueue(n, b=1) for n in range(50)]
     hello = whoami.enqueue("hello", loud=True)
     spread_info = spread.enqueue(1, 2, 3, x=4)
+    me = app.tasks[f"{__name__}.make_app.<locals>.me"].enqueue()
     assert app.queues() == ("default", "emails")
     report = flumeq.Engine(app).run(processes=2, burst=True)
-    assert report["processed"] == 52, report
+    assert report["processed"] == 53, report
     assert [info.result(timeout=5) for info in sums] == [n + 1 for n in range(50)]
     assert hello.result(timeout=5) == {
         "text": "HELLO WHOAMI #0",
@@ -95,6 +101,7 @@ def test_an_engine_serves_an_app_with_sync_and_async_tasks(redis_url: str) -> No
         "queue": "emails",
     }
     assert spread_info.result(timeout=5) == 10
+    assert me.result(timeout=5) == me.id
     assert flumeq.current_task() is None
 
 

@@ -33,6 +33,50 @@ def work_task(payload: dict[str, Any]) -> None:
     common.finish(payload)
 
 
+# Results need a result backend: a second app, so the drain rows keep
+# ignore_result. Its worker: `celery -A sys_celery:results worker`.
+results = Celery("bench_results", broker=common.URL, backend=common.URL)
+results.conf.update(broker_connection_retry_on_startup=True, worker_hijack_root_logger=False)
+
+
+@results.task(name="bench.echo")
+def echo(n: int) -> int:
+    return n + 1
+
+
+RESULTS = "echo.delay(n).get() on the Redis result backend (pub/sub wake-up), prefork -c 1"
+
+
+class RoundTrip:
+    def call(self, n: int) -> Any:
+        return echo.delay(n).get(timeout=30)
+
+    def close(self) -> None:
+        pass
+
+
+def results_worker() -> list[list[str]]:
+    return [
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "sys_celery:results",
+            "worker",
+            "--loglevel",
+            "WARNING",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "-P",
+            "prefork",
+            "-c",
+            "1",
+        ]
+    ]
+
+
 class Producer:
     def __init__(self) -> None:
         work_task.delay  # noqa: B018 (the app connects on first send)

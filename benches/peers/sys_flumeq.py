@@ -25,6 +25,38 @@ async def work_task_async(task: flumeq.Task) -> None:
     common.finish(task.payload)
 
 
+def echo(task: flumeq.Task) -> int:
+    return int(task.payload) + 1
+
+
+class AsyncProducer:
+    """AsyncClient.enqueue from many coroutines at once."""
+
+    async def start(self) -> None:
+        self.client = flumeq.AsyncClient(common.URL)
+        await self.client.ping()
+
+    async def send(self, payload: dict[str, Any]) -> None:
+        await self.client.enqueue("work", payload, queue="bench")
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+RESULTS = "Client.enqueue(result_ttl=60) then TaskInfo.result(): a blocking XREAD on the queue's ended stream"
+
+
+class RoundTrip:
+    def __init__(self) -> None:
+        self.client = flumeq.Client(common.URL)
+
+    def call(self, n: int) -> Any:
+        return self.client.enqueue("echo", n, queue="bench", result_ttl=60).result(timeout=30)
+
+    def close(self) -> None:
+        self.client.close()
+
+
 class Producer:
     def __init__(self) -> None:
         self.client = flumeq.Client(common.URL)
@@ -49,5 +81,5 @@ def worker(procs: int) -> list[list[str]]:
 
 if __name__ == "__main__":
     handler = work_task_async if common.KIND == "io" else work_task
-    engine = flumeq.Engine({"work": handler}, common.URL, queues=("bench",))
+    engine = flumeq.Engine({"work": handler, "echo": echo}, common.URL, queues=("bench",))
     engine.run(processes=int(sys.argv[1]))

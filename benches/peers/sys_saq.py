@@ -25,6 +25,19 @@ async def work_task(ctx: dict[str, Any], *, payload: dict[str, Any]) -> None:
 settings = {"queue": queue, "functions": [work_task]}
 
 
+class AsyncProducer:
+    """queue.enqueue from many coroutines at once."""
+
+    async def start(self) -> None:
+        await queue.connect()
+
+    async def send(self, payload: dict[str, Any]) -> None:
+        await queue.enqueue("work_task", payload=payload)
+
+    async def close(self) -> None:
+        await queue.disconnect()
+
+
 class Producer:
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()

@@ -23,6 +23,19 @@ async def work_task(payload: dict[str, Any]) -> None:
     common.finish(payload)
 
 
+class AsyncProducer:
+    """task.kiq from many coroutines at once."""
+
+    async def start(self) -> None:
+        await broker.startup()
+
+    async def send(self, payload: dict[str, Any]) -> None:
+        await work_task.kiq(payload)
+
+    async def close(self) -> None:
+        await broker.shutdown()
+
+
 class Producer:
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()

@@ -32,7 +32,7 @@ import orjson
 
 from . import _core
 from .logs import task_extra
-from .task import Reject, Retry, Task, _current
+from .task import Reject, Retry, Task, _current, _sync
 
 __all__ = ["actor_main"]
 
@@ -194,6 +194,7 @@ def run_batch(
 ) -> None:
     """Runs one batch and reports every task's outcome."""
     loads = orjson.loads
+    running = _sync
     records: list[Record] = []
     group: list[AsyncItem] = []
     # Plain successes go back as the range start..: until an async task is
@@ -251,7 +252,7 @@ def run_batch(
             # The engine is stopping: hand this task and the rest back unrun.
             stopped_at = index
             break
-        _current.set(task)
+        running.task = task
         try:
             value = handler(task)
             if keeps:
@@ -273,6 +274,7 @@ def run_batch(
             if wake:
                 last_flush = now
         last = now
+    running.task = None
     if stopped_at is not None:
         records.extend(
             (rest, NOT_STARTED, 0, "", "", b"") for rest in range(stopped_at, len(tasks))
