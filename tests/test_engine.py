@@ -365,3 +365,38 @@ def test_async_handlers_run_concurrently_with_retries_and_timeouts(
     [dead] = dead_letters(r)
     assert dead["id"] == slow.id and "longer than 0.2s" in dead["error"]
     assert report["retried"] == 1 and report["dead"] == 1
+
+
+def test_async_tasks_of_separate_batches_run_side_by_side(redis_url: str, r: redis.Redis) -> None:
+    """Tasks arriving one by one (one batch each) still share the actor's
+    concurrency: a slow async task never holds back the next batch."""
+    engine = spawn_script(
+        """
+        import asyncio, sys, flumeq
+        from conftest import process_redis
+
+        async def slow(task):
+            r = process_redis(sys.argv[1])
+            active = r.incr("active")
+            r.eval("if tonumber(ARGV[1]) > tonumber(redis.call('get', KEYS[1]) or '0') then "
+                   "redis.call('set', KEYS[1], ARGV[1]) end", 1, "peak", active)
+            await asyncio.sleep(1.0)
+            r.decr("active")
+
+        flumeq.Engine({"slow": slow}, sys.argv[1], concurrency=50).run(processes=1)
+        """,
+        redis_url,
+    )
+    try:
+        client = flumeq.Client(redis_url)
+        wait_until(lambda: bool(r.exists("flumeq:workers")), timeout=30)
+        for n in range(30):
+            client.enqueue("slow", {"n": n})
+            time.sleep(0.005)
+        wait_until(
+            lambda: int(r.hget("flumeq:{default}:stats", "processed") or 0) == 30, timeout=30
+        )
+        assert int(r.get("peak") or 0) >= 25
+    finally:
+        engine.send_signal(signal.SIGTERM)
+        engine.wait(timeout=30)

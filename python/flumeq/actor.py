@@ -4,8 +4,9 @@ pickled; the payload is decoded with orjson right before the call.
 
 Sync handlers run one after another; their outcomes go back at least every
 ``FLUSH_EVERY`` seconds, plain successes as ranges (no record each). Async
-handlers (``async def``) of a batch run concurrently on the actor's event
-loop, at most ``concurrency`` at once, each with its own ``timeout``
+handlers (``async def``) run concurrently on the actor's event loop, at most
+``concurrency`` at once over every batch (an actor with async handlers takes
+the next batch while the async tasks of earlier ones still run), each with its own ``timeout``
 counted from its own start. Each async task tells the core when it starts
 (so that, should a coroutine block the loop past a timeout, the dispatcher
 kills the actor and blames only the tasks that were running) and when it
@@ -25,6 +26,7 @@ import logging
 import signal
 import traceback
 from collections.abc import Awaitable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from time import perf_counter
 from typing import Any, Callable, Optional
 
@@ -126,16 +128,55 @@ class _AsyncRunner:
         self.concurrency = max(1, concurrency)
         self.end = end
         self._wake_due = False
+        self._running: set[asyncio.Task[None]] = set()
+        self._limit: Optional[asyncio.Semaphore] = None
 
     def run(self, batch_id: int, group: list[AsyncItem]) -> None:
+        """Runs one batch's async tasks to their end (outside ``serve``)."""
         self.loop.run_until_complete(self._run(batch_id, group))
+
+    def start(self, batch_id: int, group: list[AsyncItem]) -> None:
+        """Inside ``serve``: starts a batch's async tasks and returns; they
+        share the actor's ``concurrency`` with those of earlier batches."""
+        task = self.loop.create_task(self._run(batch_id, group))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    def serve(self, handlers: Mapping[str, Handler], is_async: Mapping[str, bool]) -> None:
+        """The actor's life with async handlers: batches are taken while
+        earlier ones' async tasks still run, so one slow task never holds
+        back the next batch. A thread waits for batches (GIL released);
+        they are taken and run on the loop."""
+        self.loop.run_until_complete(self._serve(handlers, is_async))
+
+    async def _serve(self, handlers: Mapping[str, Handler], is_async: Mapping[str, bool]) -> None:
+        end = self.end
+        waiter = ThreadPoolExecutor(1, thread_name_prefix="flumeq-actor-wait")
+        try:
+            while True:
+                batch = end.try_recv()
+                if batch is None:
+                    ready = await self.loop.run_in_executor(waiter, end.wait, 1.0)
+                    if ready is None:
+                        break
+                    continue
+                batch_id, tasks = batch
+                run_batch(end, handlers, batch_id, tasks, self, is_async)
+                # Let the tasks just started begin before the next batch.
+                await asyncio.sleep(0)
+            if self._running:
+                await asyncio.gather(*self._running)
+        finally:
+            waiter.shutdown(wait=False)
 
     def _wake(self) -> None:
         self._wake_due = False
         self.end.wake()
 
     async def _run(self, batch_id: int, group: list[AsyncItem]) -> None:
-        limit = asyncio.Semaphore(self.concurrency)
+        if self._limit is None:
+            self._limit = asyncio.Semaphore(self.concurrency)
+        limit = self._limit
         end = self.end
         left = len(group)
 
@@ -298,6 +339,8 @@ def run_batch(
         if stopped_at is not None or runner is None:
             unrun = [(item[0], NOT_STARTED, 0, "", "", b"") for item in group]
             end.finish(batch_id, 0, 0, unrun)
+        elif runner.loop.is_running():
+            runner.start(batch_id, group)
         else:
             runner.run(batch_id, group)
 
@@ -318,9 +361,12 @@ def actor_main(
     end = region.actor(slot, list(queues))
     runner = _AsyncRunner(end, concurrency) if any(is_async.values()) else None
     end.started(runner.concurrency if runner else 1)
+    if runner is not None:
+        runner.serve(handlers, is_async)
+        return
     while True:
         batch = end.recv()
         if batch is None:
             return
         batch_id, tasks = batch
-        run_batch(end, handlers, batch_id, tasks, runner, is_async if runner else None)
+        run_batch(end, handlers, batch_id, tasks)

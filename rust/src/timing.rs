@@ -40,12 +40,16 @@ struct Histogram {
     counts: [u64; DURATION_BUCKETS.len() + 1],
 }
 
-/// One actor's run-time histograms and the batch being run.
+/// Batches whose task types are kept for async tasks still running.
+const KEPT_BATCHES: usize = 256;
+
+/// One actor's run-time histograms and the batches being run.
 #[derive(Debug)]
 pub struct RunTimes {
     kinds: Vec<String>,
-    /// (queue, kind) of each task of the current batch.
-    batch: Vec<(u16, u16)>,
+    /// Per recent batch (newest last): its id and the (queue, kind) of each
+    /// of its tasks. Async tasks of older batches may still be running.
+    batches: std::collections::VecDeque<(u64, Vec<(u16, u16)>)>,
     running: Option<(usize, Instant)>,
     histograms: Vec<Histogram>,
     last_report: Instant,
@@ -57,7 +61,7 @@ impl Default for RunTimes {
     fn default() -> Self {
         Self {
             kinds: Vec::new(),
-            batch: Vec::new(),
+            batches: std::collections::VecDeque::new(),
             running: None,
             histograms: Vec::new(),
             last_report: Instant::now(),
@@ -68,9 +72,12 @@ impl Default for RunTimes {
 
 impl RunTimes {
     /// A new batch arrived: `tasks` gives each task's queue index and type.
-    pub fn start_batch<'a>(&mut self, tasks: impl Iterator<Item = (u16, &'a str)>) {
+    /// Sync tasks (`begin`, `end`) belong to the newest batch; async ones
+    /// name theirs (`observe_in`), which is kept until `forget` (or until
+    /// `KEPT_BATCHES` newer ones arrived).
+    pub fn start_batch<'a>(&mut self, batch_id: u64, tasks: impl Iterator<Item = (u16, &'a str)>) {
         self.running = None;
-        self.batch.clear();
+        let mut mapping = Vec::new();
         let mut last: Option<(&str, u16)> = None;
         for (queue, kind) in tasks {
             let id = match last {
@@ -78,8 +85,17 @@ impl RunTimes {
                 _ => self.intern(kind),
             };
             last = Some((kind, id));
-            self.batch.push((queue, id));
+            mapping.push((queue, id));
         }
+        if self.batches.len() >= KEPT_BATCHES {
+            self.batches.pop_front();
+        }
+        self.batches.push_back((batch_id, mapping));
+    }
+
+    /// Batch `batch_id` has no task running any more.
+    pub fn forget(&mut self, batch_id: u64) {
+        self.batches.retain(|(id, _)| *id != batch_id);
     }
 
     fn intern(&mut self, kind: &str) -> u16 {
@@ -122,10 +138,22 @@ impl RunTimes {
         std::mem::take(&mut self.work_ns).div_ceil(1000)
     }
 
-    /// Adds a run of task `index` of the batch that took `seconds`.
+    /// Adds a run of task `index` of the newest batch that took `seconds`.
     pub fn observe(&mut self, index: usize, seconds: f64) {
+        let batch_id = self.batches.back().map_or(0, |(id, _)| *id);
+        self.observe_in(batch_id, index, seconds);
+    }
+
+    /// Adds a run of task `index` of batch `batch_id` that took `seconds`.
+    pub fn observe_in(&mut self, batch_id: u64, index: usize, seconds: f64) {
         self.work_ns += (seconds * 1e9) as u64;
-        let Some(&(queue, kind)) = self.batch.get(index) else {
+        let Some(&(queue, kind)) = self
+            .batches
+            .iter()
+            .rev()
+            .find(|(id, _)| *id == batch_id)
+            .and_then(|(_, mapping)| mapping.get(index))
+        else {
             return;
         };
         let at = if let Some(at) = self
@@ -205,7 +233,7 @@ mod tests {
     #[test]
     fn runs_last_from_begin_to_the_next_begin_or_end() {
         let mut times = RunTimes::default();
-        times.start_batch([(0, "a"), (0, "a"), (1, "b")].into_iter());
+        times.start_batch(7, [(0, "a"), (0, "a"), (1, "b")].into_iter());
         let start = Instant::now();
         times.begin(0, start);
         times.begin(1, start + Duration::from_millis(2));

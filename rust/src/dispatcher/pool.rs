@@ -93,6 +93,9 @@ struct Slot {
     outstanding: usize,
     pace: Pace,
     kill: Option<Kill>,
+    /// It runs a suspect: nothing else goes to it until the suspect ended
+    /// (an actor with async handlers would run the next batch beside it).
+    alone: bool,
 }
 
 /// Tasks handed to one actor in one frame.
@@ -205,11 +208,16 @@ impl<'r> Pool<'r> {
     pub fn pump(&mut self, book: &mut Book) {
         let slots = self.slots.len();
         let mut full = vec![false; slots];
-        while !self.backlog.is_empty() {
+        while let Some(next) = self.backlog.front() {
+            // A suspect runs alone: only on an actor with nothing else.
+            let suspect = next.suspect;
             let eligible: Vec<usize> = (0..slots)
                 .filter(|slot| {
+                    let state = &self.slots[*slot];
                     !full[*slot]
-                        && self.slots[*slot].outstanding < self.limit(*slot)
+                        && !state.alone
+                        && (!suspect || state.outstanding == 0)
+                        && state.outstanding < self.limit(*slot)
                         && self.usable(*slot)
                 })
                 .collect();
@@ -314,6 +322,7 @@ impl<'r> Pool<'r> {
         ring.notify_consumer();
         self.next_batch_id += 1;
         self.slots[slot].outstanding += tasks.len();
+        self.slots[slot].alone = tasks.iter().flatten().any(|taken| taken.suspect);
         self.batches.insert(
             batch_id,
             Batch {
@@ -417,6 +426,9 @@ impl<'r> Pool<'r> {
         }
         let state = &mut self.slots[slot];
         state.outstanding = state.outstanding.saturating_sub(finished);
+        if state.outstanding == 0 {
+            state.alone = false;
+        }
         state.pace.observe(range.work_us, finished, range.parallel);
     }
 
@@ -490,6 +502,7 @@ impl<'r> Pool<'r> {
             self.backlog.push_front(taken);
         }
         self.slots[slot].outstanding = 0;
+        self.slots[slot].alone = false;
         book.count_restart();
         self.region.reclaim(slot);
         info!("actor slot {slot} reclaimed ({exit})");

@@ -217,6 +217,30 @@ impl ActorEnd {
         }
     }
 
+    /// Waits up to `timeout` seconds (GIL released) for a batch without
+    /// taking it: `True` when one is there (take it with `try_recv`, from
+    /// the thread that runs the tasks), `False` on timeout, `None` once the
+    /// dispatcher closed the ring and nothing is left. For an event loop
+    /// that waits on another thread while its tasks run.
+    fn wait(&self, py: Python<'_>, timeout: f64) -> Option<bool> {
+        let ring = self.region.task_ring(self.slot);
+        if ring.has_frame() {
+            return Some(true);
+        }
+        let wait = Duration::from_secs_f64(timeout.max(0.0));
+        match py.detach(|| ring.wait_for_frame(Some(wait))) {
+            _ if ring.has_frame() => Some(true),
+            Wait::Closed => None,
+            _ => Some(false),
+        }
+    }
+
+    /// The next batch if one is there, else `None` (never waits).
+    fn try_recv<'py>(&self, py: Python<'py>) -> PyResult<Option<(u64, Bound<'py, PyList>)>> {
+        let ring = self.region.task_ring(self.slot);
+        ring.read_frame(|bytes| self.decode(py, bytes)).transpose()
+    }
+
     /// Whether the engine is stopping (no task may start).
     fn stopping(&self) -> bool {
         self.region.stop_requested()
@@ -337,7 +361,10 @@ impl ActorEnd {
         let work_us = {
             let mut times = self.times();
             if outcome != Outcome::NotStarted as u8 {
-                times.observe(index as usize, seconds);
+                times.observe_in(batch_id, index as usize, seconds);
+            }
+            if last {
+                times.forget(batch_id);
             }
             times.take_work_us()
         };
@@ -454,8 +481,10 @@ impl ActorEnd {
                 self.slot
             ))
         })?;
-        self.times()
-            .start_batch(records.iter().map(|record| (record.queue, record.kind)));
+        self.times().start_batch(
+            batch_id,
+            records.iter().map(|record| (record.queue, record.kind)),
+        );
         let queues: Vec<Bound<'py, PyString>> = self
             .queues
             .iter()
