@@ -31,6 +31,10 @@ DEFAULT_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_MAX_RETRY = 25
 #: Seconds a handler may run when ``timeout`` is not given.
 DEFAULT_TIMEOUT = 30.0
+DEFAULT_TIMEOUT_MS = 30_000
+#: Seconds a ``unique_key`` is held when ``unique_ttl`` is not given.
+DEFAULT_UNIQUE_TTL = 3600.0
+DEFAULT_UNIQUE_TTL_MS = 3_600_000
 #: What ``Client.stats`` reports (``flumeq.Admin.overview`` has more).
 STATS = ("ready", "in_flight", "delayed", "dead", "processed", "failed")
 #: Longest task type and task id accepted (bytes), as the core bounds them.
@@ -217,33 +221,50 @@ def prepare_one(
             f"task {type!r}: unknown option(s) {', '.join(sorted(unknown))}; "
             "see Client.enqueue for the accepted ones"
         )
-    type_ = _check_type(type)
+    # The common case (a str type, default timeout and unique_ttl, int
+    # max_retry) takes the short checks: this runs once per enqueue.
+    if type.__class__ is not str or not type or len(type) * 4 > MAX_TYPE_BYTES:
+        _check_type(type)
+    type_ = type
     body = _payload(type_, payload)
     if task_id is not None:
         _check_id(type_, task_id)
-    timeout_ms = 0 if timeout is None else round(_seconds("timeout", timeout, type_) * 1000)
-    if delay is not None and at is not None:
-        raise InvalidTask(f"task {type_!r}: give delay or at, not both")
+    if timeout is None:
+        timeout_ms = 0
+    elif timeout.__class__ is float and timeout == DEFAULT_TIMEOUT:
+        timeout_ms = DEFAULT_TIMEOUT_MS
+    else:
+        timeout_ms = round(_seconds("timeout", timeout, type_) * 1000)
     due_ms = 0
-    if delay is not None:
-        seconds = _seconds("delay", delay, type_)
-        if seconds > 0:
-            due_ms = int(time.time() * 1000 + seconds * 1000)
-    if at is not None:
-        due_ms = _epoch_ms("at", at, type_)
+    if delay is not None or at is not None:
+        if delay is not None and at is not None:
+            raise InvalidTask(f"task {type_!r}: give delay or at, not both")
+        if delay is not None:
+            seconds = _seconds("delay", delay, type_)
+            if seconds > 0:
+                due_ms = int(time.time() * 1000 + seconds * 1000)
+        if at is not None:
+            due_ms = _epoch_ms("at", at, type_)
     deadline_ms = None if deadline is None else _epoch_ms("deadline", deadline, type_)
     if unique_key is not None and (not isinstance(unique_key, str) or not unique_key):
         raise InvalidTask(f"task {type_!r}: unique_key must be a non-empty string")
-    ttl_ms = round(_seconds("unique_ttl", unique_ttl, type_) * 1000)
+    if unique_ttl.__class__ is float and unique_ttl == DEFAULT_UNIQUE_TTL:
+        ttl_ms = DEFAULT_UNIQUE_TTL_MS
+    else:
+        ttl_ms = round(_seconds("unique_ttl", unique_ttl, type_) * 1000)
+    if queue.__class__ is not str or not queue:
+        _queue(queue)
+    if max_retry.__class__ is not int or max_retry < 0:
+        max_retry = _retries(type_, max_retry)
     call = _Call(
-        _queue(queue),
+        queue,
         [(type_, body, task_id, task_id is not None)],
-        _retries(type_, max_retry),
+        max_retry,
         timeout_ms,
         deadline_ms,
-        _labels(type_, labels),
+        None if labels is None else _labels(type_, labels),
         due_ms,
-        _result_ttl(type_, result_ttl),
+        0 if result_ttl is None else _result_ttl(type_, result_ttl),
     )
     return call, max(ttl_ms, 1)
 
