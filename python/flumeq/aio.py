@@ -202,29 +202,42 @@ class AsyncClient:
                 if not batch:
                     self._sending = False
                     return
-            groups: dict[tuple[Any, ...], list[_Pending]] = {}
-            for pending in batch:
-                groups.setdefault(_group_key(pending[0]), []).append(pending)
-            settled: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any, bool]]] = {}
-            for members in groups.values():
-                items = [item for call, _, _ in members for item in call.items]
-                merged = members[0][0]._replace(items=items)
-                self.round_trips += 1
-                try:
-                    pairs = self._client._send(merged)
-                except BaseException as error:  # handed to each waiter
-                    for _, future, loop in members:
-                        settled.setdefault(loop, []).append((future, error, True))
-                    continue
-                at = 0
-                for call, future, loop in members:
-                    count = len(call.items)
-                    settled.setdefault(loop, []).append((future, pairs[at : at + count], False))
-                    at += count
-            for loop, outcomes in settled.items():
+            for loop, outcomes in self._send_batch(batch).items():
                 # A closed loop raises: nobody waits there any more.
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(_settle_all, outcomes)
+
+    def _send_batch(
+        self, batch: list[_Pending]
+    ) -> dict[asyncio.AbstractEventLoop, list[tuple[Any, Any, bool]]]:
+        """Sends a batch, one pipeline per group of calls with the same
+        options; returns each loop's futures with their outcome."""
+        first = batch[0][0]
+        queue, options = first[0], first[2:]
+        if all(call[0] == queue and call[2:] == options for call, _, _ in batch):
+            groups = [batch]  # the usual case: one group, found without keys
+        else:
+            keyed: dict[tuple[Any, ...], list[_Pending]] = {}
+            for pending in batch:
+                keyed.setdefault(_group_key(pending[0]), []).append(pending)
+            groups = list(keyed.values())
+        settled: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any, bool]]] = {}
+        for members in groups:
+            items = [item for call, _, _ in members for item in call.items]
+            merged = members[0][0]._replace(items=items)
+            self.round_trips += 1
+            try:
+                pairs = self._client._send(merged)
+            except BaseException as error:  # handed to each waiter
+                for _, future, loop in members:
+                    settled.setdefault(loop, []).append((future, error, True))
+                continue
+            at = 0
+            for call, future, loop in members:
+                count = len(call.items)
+                settled.setdefault(loop, []).append((future, pairs[at : at + count], False))
+                at += count
+        return settled
 
     # ---- results ---------------------------------------------------------
 
