@@ -65,6 +65,8 @@ REPORT_SLOW = 0.0005
 ASYNC_WAKE = 0.005
 
 Handler = Callable[[Task], Any]
+#: ``asyncio.timeout`` (CPython 3.11+): a deadline on the running task.
+_deadline: Optional[Callable[[float], Any]] = getattr(asyncio, "timeout", None)
 #: ``(index, outcome, delay_ms, message, traceback, value)``: ``value`` is
 #: the return value as JSON, for a task that keeps its result.
 Record = tuple[int, int, int, str, str, bytes]
@@ -193,7 +195,11 @@ class _AsyncRunner:
                     _current.set(task)
                     started = perf_counter()
                     try:
-                        if task.timeout > 0:
+                        if task.timeout > 0 and _deadline is not None:
+                            # No extra task per run, unlike wait_for.
+                            async with _deadline(task.timeout):
+                                value = await handler(task)
+                        elif task.timeout > 0:
                             value = await asyncio.wait_for(handler(task), task.timeout)
                         else:
                             value = await handler(task)

@@ -87,6 +87,9 @@ enum Kill {
 }
 
 /// What the dispatcher tracks of one actor slot.
+/// An actor with work left is refilled once this share of its limit is free.
+const REFILL_PARTS: usize = 8;
+
 #[derive(Debug, Default)]
 struct Slot {
     /// Tasks handed to it and not finished.
@@ -214,10 +217,18 @@ impl<'r> Pool<'r> {
             let eligible: Vec<usize> = (0..slots)
                 .filter(|slot| {
                     let state = &self.slots[*slot];
+                    let limit = self.limit(*slot);
+                    // An actor that still has work is refilled in chunks of
+                    // an eighth of its limit, not a task at a time: each
+                    // batch costs it a wake-up (async actors had batches of
+                    // one or two tasks, ~100 µs each).
+                    let refill = state.outstanding == 0
+                        || state.outstanding + (limit / REFILL_PARTS).max(1) <= limit;
                     !full[*slot]
                         && !state.alone
                         && (!suspect || state.outstanding == 0)
-                        && state.outstanding < self.limit(*slot)
+                        && state.outstanding < limit
+                        && refill
                         && self.usable(*slot)
                 })
                 .collect();
