@@ -493,3 +493,58 @@ def test_a_burst_waiting_for_a_delayed_task_does_not_spin(redis_url: str, r: red
     assert took >= 2.5
     assert engine < 0.5, f"the engine used {engine:.2f} CPU-s waiting {took:.1f}s"
     assert redis_cpu() - redis_before < 0.5, "the engine kept redis busy while waiting"
+
+
+def test_waiters_outlive_a_redis_restart_and_a_killed_actor() -> None:
+    """Sync and async waiters blocked in Redis when it restarts resume from
+    their cursor; a task whose actor is killed mid-run is retried and its
+    result still reaches them."""
+    server = RedisServer(appendonly=True).start()
+    try:
+        url = server.url
+        client = flumeq.Client(url, timeout=1.0)
+        plain = client.enqueue("add", {"n": 1}, result_ttl=60)
+        doomed = client.enqueue("die_once", {"n": 2}, result_ttl=60, max_retry=3)
+        got: dict[str, Any] = {}
+
+        def wait_sync() -> None:
+            got["sync"] = client.result(plain, timeout=60)
+
+        async def wait_async() -> None:
+            async with flumeq.AsyncClient(url, timeout=1.0) as aclient:
+                got["async"] = await aclient.result(doomed, timeout=60)
+
+        waiters = [
+            threading.Thread(target=wait_sync),
+            threading.Thread(target=asyncio.run, args=(wait_async(),)),
+        ]
+        for waiter in waiters:
+            waiter.start()
+        time.sleep(0.5)
+        server.kill()
+        time.sleep(1.5)
+        server.start()
+        engine = spawn_script(
+            """
+            import os, sys, flumeq
+            from conftest import process_redis
+
+            def die_once(task):
+                if task.attempt == 0:
+                    os.kill(os.getpid(), 9)
+                return task.payload["n"] * 10
+
+            handlers = {"add": lambda task: task.payload["n"] + 1, "die_once": die_once}
+            flumeq.Engine(handlers, sys.argv[1], retry_base=0.01, retry_max=0.01).run(processes=1)
+            """,
+            url,
+        )
+        try:
+            for waiter in waiters:
+                waiter.join(timeout=60)
+            assert got == {"sync": 2, "async": 20}
+        finally:
+            os.kill(engine.pid, signal.SIGTERM)
+            engine.communicate(timeout=30)
+    finally:
+        server.stop()

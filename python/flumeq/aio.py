@@ -36,7 +36,7 @@ from .client import (
     run_before_enqueue,
     run_before_enqueue_many,
 )
-from .errors import FlumeqError, ResultTimeout
+from .errors import FlumeqError, RedisUnavailable, ResultTimeout
 from .results import BLOCK_MS, READ_COUNT, RECHECK, Records, _pairs, check_wait, outcome
 from .task import TaskInfo
 
@@ -389,7 +389,9 @@ class _QueueReader:
                             "read: give it a longer result_ttl"
                         )
                 except asyncio.TimeoutError:
-                    record = await self._look(task_id, first=False)
+                    # Redis away: the reader backs off; look again later.
+                    with contextlib.suppress(RedisUnavailable):
+                        record = await self._look(task_id, first=False)
             return outcome(task_id, record)
         finally:
             futures = self._waiting.get(task_id, [])

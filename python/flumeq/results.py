@@ -22,6 +22,7 @@ looks for its record every ``RECHECK`` seconds.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -30,9 +31,18 @@ from typing import Any, Optional
 import orjson
 
 from . import _core
-from .errors import FlumeqError, InvalidTask, ResultTimeout, TaskCancelled, TaskFailed
+from .errors import (
+    FlumeqError,
+    InvalidTask,
+    RedisUnavailable,
+    ResultTimeout,
+    TaskCancelled,
+    TaskFailed,
+)
 
 __all__ = ["RECHECK", "QueueWaiters", "Records", "check_wait", "outcome"]
+
+log = logging.getLogger("flumeq.results")
 
 #: Seconds between a waiter's own looks for its record (the safety net).
 RECHECK = 5.0
@@ -146,21 +156,29 @@ class QueueWaiters:
             self._start()
             record = self._record(task_id, first=True)
             next_look = time.monotonic() + RECHECK
+            outage = 0
             while not record:
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
                     raise ResultTimeout(
                         f"task {task_id} did not end within the timeout (queue {self.queue!r})"
                     )
-                woken = self._wait_for(task_id, deadline, next_look)
-                if woken or time.monotonic() >= next_look:
-                    record = self._record(task_id, first=False)
-                    next_look = time.monotonic() + RECHECK
-                    if woken and not record:
-                        raise FlumeqError(
-                            f"task {task_id} ended, but its result expired before it was "
-                            "read: give it a longer result_ttl"
-                        )
+                try:
+                    woken = self._wait_for(task_id, deadline, next_look)
+                    if woken or time.monotonic() >= next_look:
+                        record = self._record(task_id, first=False)
+                        next_look = time.monotonic() + RECHECK
+                except RedisUnavailable as error:
+                    # The wait outlives an outage: the cursor is kept, so
+                    # the ends it missed are read once Redis is back.
+                    outage = self._outage(error, outage, deadline)
+                    continue
+                outage = 0
+                if woken and not record:
+                    raise FlumeqError(
+                        f"task {task_id} ended, but its result expired before it was "
+                        "read: give it a longer result_ttl"
+                    )
             return outcome(task_id, record)
         finally:
             with self._cond:
@@ -169,6 +187,16 @@ class QueueWaiters:
                     self._wanted[task_id] = left
                 else:
                     self._ended.discard(task_id)
+
+    def _outage(self, error: RedisUnavailable, count: int, deadline: Optional[float]) -> int:
+        """Waits a little (backing off) while Redis is away; returns the count."""
+        if count == 0:
+            log.warning("waiting for results of queue %r: redis is away (%s)", self.queue, error)
+        pause = min(1.0, 0.05 * 2**count)
+        if deadline is not None:
+            pause = max(0.0, min(pause, deadline - time.monotonic()))
+        time.sleep(pause)
+        return count + 1
 
     def _start(self) -> None:
         """Takes the stream's last id as the cursor, once (before the first
