@@ -139,3 +139,23 @@ def test_async_waits_time_out_and_fail(redis_url: str) -> None:
                 await client.result(info, timeout=5)
 
     asyncio.run(main())
+
+
+def test_one_client_serves_waits_from_successive_loops(redis_url: str) -> None:
+    client = flumeq.AsyncClient(redis_url)
+    handlers = {"add": lambda task: task.payload + 1}
+    for n in range(3):  # asyncio.run makes a new loop each time
+
+        async def once(n: int = n) -> Any:
+            info = await client.enqueue("add", n, result_ttl=60)
+            waiting = asyncio.ensure_future(client.result(info, timeout=10))
+            await asyncio.sleep(0.2)
+            await asyncio.to_thread(flumeq.Engine(handlers, redis_url).run, processes=1, burst=True)
+            started = time.monotonic()
+            value = await waiting
+            # Woken by the blocking read, not by the 5 s safety look.
+            assert time.monotonic() - started < 2.0
+            return value
+
+        assert asyncio.run(once()) == n + 1
+    asyncio.run(client.close())
