@@ -331,13 +331,16 @@ def run_batch(
         done = len(tasks)
     # The sync part ends before the async group runs (its last task must not
     # look running meanwhile), and the dispatcher hears of it now.
+    # The batch's last report always goes out, even when its tasks were all
+    # reported already (a slow last task): it carries the run times, which
+    # would otherwise wait for the next batch, or be lost at a stop.
     last_report = not group
     if ranged:
-        if done > start or records or not tasks:
+        if done > start or records or not tasks or last_report:
             end.finish(batch_id, start, done - start, records, True, last_report)
         elif unwoken:
             end.wake()
-    elif records or group:
+    elif records or group or last_report:
         end.finish(batch_id, 0, 0, records, True, last_report)
     elif unwoken:
         end.wake()

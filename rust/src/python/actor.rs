@@ -310,7 +310,12 @@ impl ActorEnd {
             work_us,
             parallel: 1,
         };
-        self.send_results(py, batch_id, range, &parsed)?;
+        // A last report of a batch whose tasks were all reported already
+        // carries only the run times: no empty result frame for a batch the
+        // dispatcher may have closed.
+        if count > 0 || !parsed.is_empty() {
+            self.send_results(py, batch_id, range, &parsed)?;
+        }
         if wake {
             region::signal_event(self.region.results_event());
         }
