@@ -548,3 +548,39 @@ def test_waiters_outlive_a_redis_restart_and_a_killed_actor() -> None:
             engine.communicate(timeout=30)
     finally:
         server.stop()
+
+
+def test_sigterm_to_the_group_lets_async_tasks_of_every_batch_finish(
+    redis_url: str, r: redis.Redis
+) -> None:
+    """An async actor runs several batches at once; a group-wide SIGTERM
+    (systemd) finishes the running tasks, hands the rest back, exits 0."""
+    client = flumeq.Client(redis_url)
+    engine = spawn_script(
+        """
+        import asyncio, sys, flumeq
+        from conftest import process_redis
+
+        async def slow(task):
+            process_redis(sys.argv[1]).hincrby("started", task.id, 1)
+            await asyncio.sleep(1.0)
+            process_redis(sys.argv[1]).hincrby("runs", task.id, 1)
+
+        flumeq.Engine({"slow": slow}, sys.argv[1], concurrency=10).run(processes=2)
+        """,
+        redis_url,
+    )
+    wait_until(lambda: bool(r.exists("flumeq:workers")), timeout=30)
+    infos = []
+    for n in range(60):  # arriving one by one: many small batches per actor
+        infos.append(client.enqueue("slow", {"n": n}))
+        time.sleep(0.005)
+    wait_until(lambda: r.hlen("started") >= 10, timeout=30)
+    os.killpg(engine.pid, signal.SIGTERM)
+    assert engine.wait(timeout=40) == 0
+    started, runs = counts(r, "started"), counts(r, "runs")
+    assert started and runs == started, "a task that started did not finish"
+    assert all(count == 1 for count in started.values())
+    assert r.xlen("flumeq:{default}:dead") == 0
+    left = client.stats()
+    assert left["ready"] + len(runs) == len(infos), (left, len(runs))

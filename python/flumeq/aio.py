@@ -23,7 +23,7 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, Callable, Optional, TypeVar, Union
 
-from . import _core, hooks
+from . import _core
 from .client import (
     DEFAULT_MAX_RETRY,
     DEFAULT_TIMEOUT,
@@ -33,11 +33,9 @@ from .client import (
     _kept,
     prepare_many,
     prepare_one,
-    run_before_enqueue,
-    run_before_enqueue_many,
 )
 from .errors import FlumeqError, RedisUnavailable, ResultTimeout
-from .results import BLOCK_MS, READ_COUNT, RECHECK, Records, _pairs, check_wait, outcome
+from .results import BLOCK_MS, RECHECK, Records, check_wait, outcome
 from .task import TaskInfo
 
 __all__ = ["AsyncClient"]
@@ -124,10 +122,6 @@ class AsyncClient:
         **unknown: Any,
     ) -> TaskInfo[Any]:
         """``Client.enqueue`` as a coroutine; concurrent calls share round trips."""
-        if self.middleware or hooks.GLOBAL:
-            payload, labels = run_before_enqueue(
-                self.middleware, type, payload, queue, task_id, labels
-            )
         call, unique_ttl_ms = prepare_one(
             type,
             payload,
@@ -143,6 +137,7 @@ class AsyncClient:
             labels=labels,
             result_ttl=result_ttl,
             unknown=unknown,
+            middleware=self.middleware,
         )
         if unique_key is not None:
             pairs = await self._run(self._client._send, call, unique_key, unique_ttl_ms)
@@ -162,8 +157,6 @@ class AsyncClient:
         result_ttl: Optional[Seconds] = None,
     ) -> list[TaskInfo[Any]]:
         """``Client.enqueue_many`` as a coroutine."""
-        if self.middleware or hooks.GLOBAL:
-            items, labels = run_before_enqueue_many(self.middleware, items, queue, labels)
         call = prepare_many(
             items,
             queue=queue,
@@ -171,6 +164,7 @@ class AsyncClient:
             timeout=timeout,
             labels=labels,
             result_ttl=result_ttl,
+            middleware=self.middleware,
         )
         if call is None:
             return []
@@ -400,27 +394,17 @@ class _QueueReader:
             if not futures:
                 self._waiting.pop(task_id, None)
 
-    def _read_once(
-        self, cursor: str, wanted: set[str]
-    ) -> tuple[str, dict[str, dict[bytes, bytes]]]:
-        """Reader thread: one blocking read, then the records of the awaited
-        ids that ended, in one pipeline."""
-        cursor, ids = self._store.read_ended(self.queue, cursor, BLOCK_MS, READ_COUNT)
-        hits = [task_id for task_id in ids if task_id in wanted]
-        if not hits:
-            return cursor, {}
-        replies = self._store.pipeline(
-            [[b"HGETALL", self._records.key(task_id)] for task_id in hits]
-        )
-        return cursor, {task_id: _pairs(reply) for task_id, reply in zip(hits, replies)}
-
     async def _read(self) -> None:
         """Reads while anyone waits; wakes the waiters of the ids it sees."""
         failures = 0
         while self._waiting and not self._stopped:
             try:
                 cursor, records = await self._in_thread(
-                    self._read_once, self._cursor or "0-0", set(self._waiting)
+                    self._records.read,
+                    self._store,
+                    self._cursor or "0-0",
+                    BLOCK_MS,
+                    set(self._waiting),
                 )
             except FlumeqError:
                 # Redis away: the waiters' own looks go on; back off here.

@@ -213,9 +213,13 @@ def prepare_one(
     labels: Optional[Mapping[str, str]],
     result_ttl: Optional[Seconds],
     unknown: Mapping[str, Any],
+    middleware: Sequence[Any] = (),
 ) -> tuple[_Call, int]:
-    """Checks one task's options (``InvalidTask`` naming the task and the
-    option); returns its call and its unique key's lifetime in ms."""
+    """Runs the ``before_enqueue`` hooks, then checks one task's options
+    (``InvalidTask`` naming the task and the option); returns its call and
+    its unique key's lifetime in ms."""
+    if middleware or hooks.GLOBAL:
+        payload, labels = run_before_enqueue(middleware, type, payload, queue, task_id, labels)
     if unknown:
         raise InvalidTask(
             f"task {type!r}: unknown option(s) {', '.join(sorted(unknown))}; "
@@ -277,9 +281,13 @@ def prepare_many(
     timeout: Optional[Seconds],
     labels: Optional[Mapping[str, str]],
     result_ttl: Optional[Seconds],
+    middleware: Sequence[Any] = (),
 ) -> Optional[_Call]:
-    """Checks a batch of ``(type, payload[, task_id])`` items and their
-    shared options; ``None`` for no items."""
+    """Runs the ``before_enqueue`` hooks once, then checks a batch of
+    ``(type, payload[, task_id])`` items and their shared options; ``None``
+    for no items."""
+    if middleware or hooks.GLOBAL:
+        items, labels = run_before_enqueue_many(middleware, items, queue, labels)
     prepared: list[Item] = []
     dumps = orjson.dumps
     for number, item in enumerate(items):
@@ -494,10 +502,6 @@ class Client:
         ``result()``. Raises ``InvalidTask`` before writing anything when an
         option is wrong.
         """
-        if self.middleware or hooks.GLOBAL:
-            payload, labels = run_before_enqueue(
-                self.middleware, type, payload, queue, task_id, labels
-            )
         call, unique_ttl_ms = prepare_one(
             type,
             payload,
@@ -513,6 +517,7 @@ class Client:
             labels=labels,
             result_ttl=result_ttl,
             unknown=unknown,
+            middleware=self.middleware,
         )
         [(id_, entry_id)] = self._send(call, unique_key, unique_ttl_ms)
         return TaskInfo(id_, call.items[0][0], queue, entry_id, self, _kept(call))
@@ -535,8 +540,6 @@ class Client:
         once it completed, deliveries of the same id within the engine's
         ``processed_ttl`` are acknowledged without running.
         """
-        if self.middleware or hooks.GLOBAL:
-            items, labels = run_before_enqueue_many(self.middleware, items, queue, labels)
         call = prepare_many(
             items,
             queue=queue,
@@ -544,6 +547,7 @@ class Client:
             timeout=timeout,
             labels=labels,
             result_ttl=result_ttl,
+            middleware=self.middleware,
         )
         if call is None:
             return []

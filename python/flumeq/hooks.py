@@ -30,7 +30,7 @@ import asyncio
 import inspect
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from .task import Reject, Retry, Task
 
@@ -96,37 +96,43 @@ def _failed(middleware: Sequence[Middleware], task: Task, error: BaseException) 
         _call(item, "on_dead", task, reason, error)
 
 
+def _before(middleware: Sequence[Middleware], task: Task) -> None:
+    for item in middleware:
+        _call(item, "before_run", task)
+
+
+def _after(
+    middleware: Sequence[Middleware], task: Task, value: Any, error: Optional[BaseException]
+) -> None:
+    for item in middleware:
+        _call(item, "after_run", task, value, error)
+    if error is not None:
+        _failed(middleware, task, error)
+
+
 def _wrap(handler: Handler, middleware: Sequence[Middleware]) -> Handler:
     if inspect.iscoroutinefunction(handler):
 
         async def run_async(task: Task) -> Any:
-            for item in middleware:
-                _call(item, "before_run", task)
+            _before(middleware, task)
             try:
                 value = await handler(task)
             except BaseException as error:
-                for item in middleware:
-                    _call(item, "after_run", task, None, error)
-                _failed(middleware, task, error)
+                _after(middleware, task, None, error)
                 raise
-            for item in middleware:
-                _call(item, "after_run", task, value, None)
+            _after(middleware, task, value, None)
             return value
 
         return run_async
 
     def run(task: Task) -> Any:
-        for item in middleware:
-            _call(item, "before_run", task)
+        _before(middleware, task)
         try:
             value = handler(task)
         except Exception as error:
-            for item in middleware:
-                _call(item, "after_run", task, None, error)
-            _failed(middleware, task, error)
+            _after(middleware, task, None, error)
             raise
-        for item in middleware:
-            _call(item, "after_run", task, value, None)
+        _after(middleware, task, value, None)
         return value
 
     return run

@@ -124,6 +124,19 @@ class Records:
             )
         return _pairs(replies[-1])
 
+    def read(
+        self, reader: _core.Store, cursor: str, block_ms: int, wanted: set[str]
+    ) -> tuple[str, dict[str, dict[bytes, bytes]]]:
+        """One blocking read of the ``ended`` stream from ``cursor``, then the
+        records of the awaited ids that ended, in one pipeline: the new
+        cursor and ``{task id: record}`` (an empty record: it expired)."""
+        cursor, ids = reader.read_ended(self.queue, cursor, block_ms, READ_COUNT)
+        hits = [task_id for task_id in ids if task_id in wanted]
+        if not hits:
+            return cursor, {}
+        replies = reader.pipeline([[b"HGETALL", self.key(task_id)] for task_id in hits])
+        return cursor, {task_id: _pairs(reply) for task_id, reply in zip(hits, replies)}
+
 
 class QueueWaiters:
     """The threads of one process waiting for outcomes of one queue.
@@ -140,9 +153,10 @@ class QueueWaiters:
         self._cond = threading.Condition()
         self._cursor: Optional[str] = None
         self._reading = False
-        #: Waiters per awaited id, and the awaited ids seen ending.
+        #: Waiters per awaited id, and the records of awaited ids seen ending
+        #: (read by the leading waiter for all, in one pipeline).
         self._wanted: dict[str, int] = {}
-        self._ended: set[str] = set()
+        self._ended: dict[str, dict[bytes, bytes]] = {}
 
     def _record(self, task_id: str, first: bool) -> dict[bytes, bytes]:
         records = self._records
@@ -164,8 +178,10 @@ class QueueWaiters:
                         f"task {task_id} did not end within the timeout (queue {self.queue!r})"
                     )
                 try:
-                    woken = self._wait_for(task_id, deadline, next_look)
-                    if woken or time.monotonic() >= next_look:
+                    seen = self._wait_for(task_id, deadline, next_look)
+                    if seen is not None:
+                        record = seen
+                    elif time.monotonic() >= next_look:
                         record = self._record(task_id, first=False)
                         next_look = time.monotonic() + RECHECK
                 except RedisUnavailable as error:
@@ -174,7 +190,7 @@ class QueueWaiters:
                     outage = self._outage(error, outage, deadline)
                     continue
                 outage = 0
-                if woken and not record:
+                if seen is not None and not record:
                     raise FlumeqError(
                         f"task {task_id} ended, but its result expired before it was "
                         "read: give it a longer result_ttl"
@@ -186,7 +202,7 @@ class QueueWaiters:
                 if left:
                     self._wanted[task_id] = left
                 else:
-                    self._ended.discard(task_id)
+                    self._ended.pop(task_id, None)
 
     def _outage(self, error: RedisUnavailable, count: int, deadline: Optional[float]) -> int:
         """Waits a little (backing off) while Redis is away; returns the count."""
@@ -206,31 +222,33 @@ class QueueWaiters:
                 return
             self._cursor, _ = self._reader.read_ended(self.queue, "", 0, 1)
 
-    def _wait_for(self, task_id: str, deadline: Optional[float], until: float) -> bool:
-        """Waits for a wake-up of ``task_id``, leading the read when nobody
-        does, at most until ``until`` or the deadline. True when it ended."""
+    def _wait_for(
+        self, task_id: str, deadline: Optional[float], until: float
+    ) -> Optional[dict[bytes, bytes]]:
+        """Waits for the end of ``task_id``, leading the read when nobody
+        does, at most until ``until`` or the deadline. Its record once it
+        ended (empty: expired), else ``None``."""
         with self._cond:
             if task_id in self._ended:
-                self._ended.discard(task_id)
-                return True
+                return self._ended[task_id]
+            limit = until if deadline is None else min(until, deadline)
             if self._reading:
-                limit = until if deadline is None else min(until, deadline)
                 self._cond.wait(max(0.0, limit - time.monotonic()))
-                return task_id in self._ended
+                return self._ended.get(task_id)
             self._reading = True
             cursor = self._cursor or "0-0"
-        ids: list[str] = []
+            wanted = set(self._wanted)
+        found: dict[str, dict[bytes, bytes]] = {}
         try:
-            limit = until if deadline is None else min(until, deadline)
             block_ms = max(1, min(BLOCK_MS, int((limit - time.monotonic()) * 1000)))
-            cursor, ids = self._reader.read_ended(self.queue, cursor, block_ms, READ_COUNT)
+            cursor, found = self._records.read(self._reader, cursor, block_ms, wanted)
         finally:
             with self._cond:
                 self._reading = False
                 self._cursor = cursor
-                for ended in ids:
+                for ended, record in found.items():
                     if ended in self._wanted:
-                        self._ended.add(ended)
+                        self._ended[ended] = record
                 self._cond.notify_all()
         with self._cond:
-            return task_id in self._ended
+            return self._ended.get(task_id)
