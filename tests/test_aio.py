@@ -33,6 +33,26 @@ def test_concurrent_enqueues_share_round_trips(redis_url: str, r: redis.Redis) -
     assert round_trips < 50, round_trips
 
 
+def test_one_cancelled_caller_leaves_its_batch_mates_alone(redis_url: str, r: redis.Redis) -> None:
+    """Callers of one batch await one future: cancelling one of them (as
+    ``wait_for`` does on its timeout) must not fail the others; the
+    cancelled one gets ``CancelledError`` once the batch is written."""
+
+    async def main() -> list[Any]:
+        async with flumeq.AsyncClient(redis_url) as client:
+            calls = [asyncio.ensure_future(client.enqueue("t", n)) for n in range(200)]
+            await asyncio.sleep(0)  # every call has joined a batch
+            assert calls[7].cancel()
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    outcomes = asyncio.run(main())
+    assert isinstance(outcomes[7], asyncio.CancelledError)
+    others = outcomes[:7] + outcomes[8:]
+    assert all(isinstance(info, flumeq.TaskInfo) and info.entry_id for info in others), others
+    # The cancelled call's task was on the wire already: it is written too.
+    assert r.xlen(STREAM) == 200
+
+
 def test_mixed_options_uniqueness_and_admin_calls(redis_url: str, r: redis.Redis) -> None:
     async def main() -> None:
         async with flumeq.AsyncClient(redis_url) as client:

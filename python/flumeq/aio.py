@@ -42,10 +42,8 @@ __all__ = ["AsyncClient"]
 
 T = TypeVar("T")
 
-#: ``(call, future, loop)`` of one pending enqueue.
-_Pending = tuple[
-    _Call, "asyncio.Future[list[tuple[str, Optional[str]]]]", asyncio.AbstractEventLoop
-]
+#: The pairs ``(task id, entry id)`` a batch's pipeline gave, in its order.
+_Pairs = list[tuple[str, Optional[str]]]
 
 
 def _group_key(call: _Call) -> tuple[Any, ...]:
@@ -60,13 +58,32 @@ def _group_key(call: _Call) -> tuple[Any, ...]:
     )
 
 
-def _settle(future: asyncio.Future[T], value: Any, failed: bool) -> None:
-    if future.done():
-        return
-    if failed:
-        future.set_exception(value)
-    else:
-        future.set_result(value)
+class _Batch(asyncio.Future):  # type: ignore[type-arg]
+    """The pending enqueues of one loop that share their options: they go
+    out in one pipeline, and every caller awaits this one future (one
+    future and one wake-up of the loop per batch, not per call).
+
+    It refuses ``cancel``: one caller's cancellation must not fail the
+    others. A cancelled caller gets its ``CancelledError`` when the batch is
+    written (its task was on the wire already, as with ``Client.enqueue``).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, call: _Call) -> None:
+        super().__init__(loop=loop)
+        self.home = loop
+        self.options = call[2:]
+        self.queue = call.queue
+        self.call = call._replace(items=[])
+
+    def cancel(self, msg: Any = None) -> bool:
+        return False
+
+    def finish(self, value: Any, failed: bool) -> None:
+        """Loop thread: hands the batch's pairs (or its error) to the callers."""
+        if failed:
+            super().set_exception(value)
+        else:
+            super().set_result(value)
 
 
 class AsyncClient:
@@ -94,7 +111,9 @@ class AsyncClient:
         self._timeout = timeout
         self._io = ThreadPoolExecutor(1, thread_name_prefix="flumeq-io")
         self._lock = threading.Lock()
-        self._pending: list[_Pending] = []
+        #: Open batches by loop and options; the last one joined, checked first.
+        self._open: dict[tuple[Any, ...], _Batch] = {}
+        self._last: Optional[_Batch] = None
         self._sending = False
         self._readers: dict[str, _QueueReader] = {}
         #: Pipelines the batched enqueues went out in (one per send of a
@@ -140,10 +159,11 @@ class AsyncClient:
             middleware=self.middleware,
         )
         if unique_key is not None:
-            pairs = await self._run(self._client._send, call, unique_key, unique_ttl_ms)
+            [(id_, entry_id)] = await self._run(self._client._send, call, unique_key, unique_ttl_ms)
         else:
-            pairs = await self._batched(call)
-        [(id_, entry_id)] = pairs
+            batch, start = self._join(call)
+            pairs: _Pairs = await batch
+            id_, entry_id = pairs[start]
         return TaskInfo(id_, call.items[0][0], queue, entry_id, self._client, _kept(call))
 
     async def enqueue_many(
@@ -168,70 +188,62 @@ class AsyncClient:
         )
         if call is None:
             return []
-        pairs = await self._batched(call)
+        batch, start = self._join(call)
+        pairs: _Pairs = await batch
         kept = _kept(call)
         return [
             TaskInfo(id_, item[0], queue, entry_id, self._client, kept)
-            for (id_, entry_id), item in zip(pairs, call.items)
+            for (id_, entry_id), item in zip(pairs[start : start + len(call.items)], call.items)
         ]
 
-    def _batched(self, call: _Call) -> asyncio.Future[list[tuple[str, Optional[str]]]]:
-        """Adds ``call`` to the pending batch; starts a send unless one runs."""
+    def _join(self, call: _Call) -> tuple[_Batch, int]:
+        """Adds ``call``'s items to its loop's open batch of the same
+        options (a new one if none); starts a send unless one runs. Returns
+        the batch and where the call's items start in it."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[tuple[str, Optional[str]]]] = loop.create_future()
         with self._lock:
-            self._pending.append((call, future, loop))
-            start = not self._sending
+            batch = self._last
+            if (
+                batch is None
+                or batch.home is not loop
+                or batch.queue != call.queue
+                or batch.options != call[2:]
+            ):
+                key = (loop, *_group_key(call))
+                batch = self._open.get(key)
+                if batch is None:
+                    batch = self._open[key] = _Batch(loop, call)
+                self._last = batch
+            items = batch.call.items
+            start = len(items)
+            items.extend(call.items)
+            idle = not self._sending
             self._sending = True
-        if start:
+        if idle:
             self._io.submit(self._drain)
-        return future
+        return batch, start
 
     def _drain(self) -> None:
-        """I/O thread: sends pending batches until none is left; each batch
-        is one pipeline per group of calls with the same options."""
+        """I/O thread: sends the open batches until none is left, each as one
+        pipeline, and hands each its outcome on its loop."""
         while True:
             with self._lock:
-                batch, self._pending = self._pending, []
-                if not batch:
+                batches = list(self._open.values())
+                self._open.clear()
+                self._last = None
+                if not batches:
                     self._sending = False
                     return
-            for loop, outcomes in self._send_batch(batch).items():
+            for batch in batches:
+                self.round_trips += 1
+                try:
+                    outcome: Any = self._client._send(batch.call)
+                    failed = False
+                except BaseException as error:  # handed to each caller
+                    outcome, failed = error, True
                 # A closed loop raises: nobody waits there any more.
                 with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(_settle_all, outcomes)
-
-    def _send_batch(
-        self, batch: list[_Pending]
-    ) -> dict[asyncio.AbstractEventLoop, list[tuple[Any, Any, bool]]]:
-        """Sends a batch, one pipeline per group of calls with the same
-        options; returns each loop's futures with their outcome."""
-        first = batch[0][0]
-        queue, options = first[0], first[2:]
-        if all(call[0] == queue and call[2:] == options for call, _, _ in batch):
-            groups = [batch]  # the usual case: one group, found without keys
-        else:
-            keyed: dict[tuple[Any, ...], list[_Pending]] = {}
-            for pending in batch:
-                keyed.setdefault(_group_key(pending[0]), []).append(pending)
-            groups = list(keyed.values())
-        settled: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any, bool]]] = {}
-        for members in groups:
-            items = [item for call, _, _ in members for item in call.items]
-            merged = members[0][0]._replace(items=items)
-            self.round_trips += 1
-            try:
-                pairs = self._client._send(merged)
-            except BaseException as error:  # handed to each waiter
-                for _, future, loop in members:
-                    settled.setdefault(loop, []).append((future, error, True))
-                continue
-            at = 0
-            for call, future, loop in members:
-                count = len(call.items)
-                settled.setdefault(loop, []).append((future, pairs[at : at + count], False))
-                at += count
-        return settled
+                    batch.home.call_soon_threadsafe(batch.finish, outcome, failed)
 
     # ---- results ---------------------------------------------------------
 
@@ -309,11 +321,6 @@ class AsyncClient:
         tb: Optional[TracebackType],
     ) -> None:
         await self.close()
-
-
-def _settle_all(outcomes: list[tuple[Any, Any, bool]]) -> None:
-    for future, value, failed in outcomes:
-        _settle(future, value, failed)
 
 
 class _QueueReader:
