@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import os
 import signal
@@ -365,6 +366,33 @@ def test_async_handlers_run_concurrently_with_retries_and_timeouts(
     [dead] = dead_letters(r)
     assert dead["id"] == slow.id and "longer than 0.2s" in dead["error"]
     assert report["retried"] == 1 and report["dead"] == 1
+
+
+def test_async_concurrency_bound_and_a_fresh_context_per_task(
+    redis_url: str, r: redis.Redis
+) -> None:
+    """However many tasks an actor holds, at most ``concurrency`` run at
+    once; a context variable a handler sets is not seen by later tasks."""
+    client = flumeq.Client(redis_url)
+    client.enqueue_many([("probe", {"n": n}) for n in range(300)])
+    seen = contextvars.ContextVar("seen", default="unset")
+    state = {"active": 0, "peak": 0, "leaks": 0}
+
+    async def probe(task: flumeq.Task) -> None:
+        state["active"] += 1
+        state["peak"] = max(state["peak"], state["active"])
+        if seen.get() != "unset":
+            state["leaks"] += 1
+        seen.set(task.id)
+        await asyncio.sleep(0.01)
+        state["active"] -= 1
+        if task.payload["n"] % 100 == 99:
+            process_redis(redis_url).hset("probe", task.id, json.dumps(state))
+
+    report = flumeq.Engine({"probe": probe}, redis_url, concurrency=7).run(processes=1, burst=True)
+    assert report["processed"] == 300
+    states = [json.loads(value) for value in r.hvals("probe")]
+    assert states and all(item["peak"] == 7 and item["leaks"] == 0 for item in states), states
 
 
 def test_async_tasks_of_separate_batches_run_side_by_side(redis_url: str, r: redis.Redis) -> None:

@@ -21,10 +21,12 @@ them gracefully.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import signal
 import traceback
+from collections import deque
 from collections.abc import Awaitable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from time import perf_counter
@@ -122,27 +124,63 @@ def _failure(index: int, task: Task, error: BaseException) -> Record:
 AsyncItem = tuple[int, Callable[[Task], Awaitable[Any]], Task, bool]
 
 
+class _Batch:
+    """The async tasks of one batch not yet ended."""
+
+    __slots__ = ("id", "left")
+
+    def __init__(self, batch_id: int, left: int) -> None:
+        self.id = batch_id
+        self.left = left
+
+
 class _AsyncRunner:
-    """Runs the async tasks of a batch on this actor's event loop."""
+    """Runs the async tasks of the batches on this actor's event loop.
+
+    Tasks wait in a queue and get an asyncio task of their own only when one
+    of the ``concurrency`` places frees (no semaphore, no waiting asyncio
+    task per prefetched task). Each runs in a fresh copy of the actor's
+    context, so a context variable a handler sets never leaks into the
+    next task.
+    """
 
     def __init__(self, end: _core.ActorEnd, concurrency: int) -> None:
         self.loop = asyncio.new_event_loop()
         self.concurrency = max(1, concurrency)
         self.end = end
         self._wake_due = False
-        self._running: set[asyncio.Task[None]] = set()
-        self._limit: Optional[asyncio.Semaphore] = None
+        self._waiting: deque[tuple[_Batch, AsyncItem]] = deque()
+        self._active = 0
+        self._idle: Optional[asyncio.Future[None]] = None
+        self._context = contextvars.copy_context()
 
     def run(self, batch_id: int, group: list[AsyncItem]) -> None:
         """Runs one batch's async tasks to their end (outside ``serve``)."""
-        self.loop.run_until_complete(self._run(batch_id, group))
+        self.start(batch_id, group)
+        self.loop.run_until_complete(self._drained())
 
     def start(self, batch_id: int, group: list[AsyncItem]) -> None:
-        """Inside ``serve``: starts a batch's async tasks and returns; they
-        share the actor's ``concurrency`` with those of earlier batches."""
-        task = self.loop.create_task(self._run(batch_id, group))
-        self._running.add(task)
-        task.add_done_callback(self._running.discard)
+        """Queues a batch's async tasks and starts as many as places are
+        free; they share the actor's ``concurrency`` with earlier batches'."""
+        batch = _Batch(batch_id, len(group))
+        self._waiting.extend((batch, item) for item in group)
+        self._fill()
+
+    def _fill(self) -> None:
+        waiting = self._waiting
+        enter = self._context.run
+        create = self.loop.create_task
+        while waiting and self._active < self.concurrency:
+            batch, item = waiting.popleft()
+            self._active += 1
+            # create_task copies the current context: here the actor's own.
+            enter(create, self._one(batch, *item))
+
+    async def _drained(self) -> None:
+        """Returns once every queued and running async task has ended."""
+        if self._active or self._waiting:
+            self._idle = self.loop.create_future()
+            await self._idle
 
     def serve(self, handlers: Mapping[str, Handler], is_async: Mapping[str, bool]) -> None:
         """The actor's life with async handlers: batches are taken while
@@ -166,8 +204,7 @@ class _AsyncRunner:
                 run_batch(end, handlers, batch_id, tasks, self, is_async)
                 # Let the tasks just started begin before the next batch.
                 await asyncio.sleep(0)
-            if self._running:
-                await asyncio.gather(*self._running)
+            await self._drained()
         finally:
             waiter.shutdown(wait=False)
 
@@ -175,60 +212,62 @@ class _AsyncRunner:
         self._wake_due = False
         self.end.wake()
 
-    async def _run(self, batch_id: int, group: list[AsyncItem]) -> None:
-        if self._limit is None:
-            self._limit = asyncio.Semaphore(self.concurrency)
-        limit = self._limit
+    async def _one(
+        self,
+        batch: _Batch,
+        index: int,
+        handler: Callable[[Task], Awaitable[Any]],
+        task: Task,
+        keeps: bool,
+    ) -> None:
         end = self.end
-        left = len(group)
-
-        async def one(
-            index: int, handler: Callable[[Task], Awaitable[Any]], task: Task, keeps: bool
-        ) -> None:
-            nonlocal left
-            async with limit:
-                seconds = 0.0
-                record: Optional[Record] = None
-                if not end.start_async(batch_id, index, task.timeout):
-                    record = (index, NOT_STARTED, 0, "", "", b"")
+        seconds = 0.0
+        record: Optional[Record] = None
+        if not end.start_async(batch.id, index, task.timeout):
+            record = (index, NOT_STARTED, 0, "", "", b"")
+        else:
+            _current.set(task)
+            started = perf_counter()
+            try:
+                if task.timeout > 0 and _deadline is not None:
+                    # No extra task per run, unlike wait_for.
+                    async with _deadline(task.timeout):
+                        value = await handler(task)
+                elif task.timeout > 0:
+                    value = await asyncio.wait_for(handler(task), task.timeout)
                 else:
-                    _current.set(task)
-                    started = perf_counter()
-                    try:
-                        if task.timeout > 0 and _deadline is not None:
-                            # No extra task per run, unlike wait_for.
-                            async with _deadline(task.timeout):
-                                value = await handler(task)
-                        elif task.timeout > 0:
-                            value = await asyncio.wait_for(handler(task), task.timeout)
-                        else:
-                            value = await handler(task)
-                        if keeps:
-                            record = _kept(index, task, value)
-                    except asyncio.TimeoutError:
-                        message = f"timeout: the handler ran longer than {task.timeout:g}s"
-                        record = (index, TIMED_OUT, 0, message, "", b"")
-                    except (Exception, asyncio.CancelledError) as error:
-                        record = _failure(index, task, error)
-                    seconds = perf_counter() - started
-                left -= 1
-                _, outcome, delay_ms, message, trace, body = record or (
-                    index,
-                    SUCCEEDED,
-                    0,
-                    "",
-                    "",
-                    b"",
-                )
-                end.done_async(
-                    batch_id, index, outcome, delay_ms, message, trace, seconds, left == 0, body
-                )
-                if not self._wake_due:
-                    self._wake_due = True
-                    self.loop.call_later(ASYNC_WAKE, self._wake)
-
-        await asyncio.gather(*(one(*item) for item in group))
-        end.wake()
+                    value = await handler(task)
+                if keeps:
+                    record = _kept(index, task, value)
+            except asyncio.TimeoutError:
+                message = f"timeout: the handler ran longer than {task.timeout:g}s"
+                record = (index, TIMED_OUT, 0, message, "", b"")
+            except (Exception, asyncio.CancelledError) as error:
+                record = _failure(index, task, error)
+            seconds = perf_counter() - started
+        batch.left -= 1
+        last = batch.left == 0
+        _, outcome, delay_ms, message, trace, body = record or (
+            index,
+            SUCCEEDED,
+            0,
+            "",
+            "",
+            b"",
+        )
+        end.done_async(batch.id, index, outcome, delay_ms, message, trace, seconds, last, body)
+        self._active -= 1
+        self._fill()
+        if last:
+            end.wake()
+        elif not self._wake_due:
+            self._wake_due = True
+            self.loop.call_later(ASYNC_WAKE, self._wake)
+        idle = self._idle
+        if idle is not None and not self._active and not self._waiting:
+            self._idle = None
+            if not idle.done():
+                idle.set_result(None)
 
 
 def run_batch(
