@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional
 import orjson
 
 from . import _core
+from ._eventloop import new_event_loop
 from .logs import task_extra
 from .task import Reject, Retry, Task, _current, _sync
 
@@ -145,7 +146,7 @@ class _AsyncRunner:
     """
 
     def __init__(self, end: _core.ActorEnd, concurrency: int) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()
         self.concurrency = max(1, concurrency)
         self.end = end
         self._wake_due = False
