@@ -245,6 +245,29 @@ def test_dead_letter_requeue_from_the_page(dashboard: str, page: Page, redis_url
     assert client.stats("q")["ready"] == 0
 
 
+def test_pause_and_resume_from_the_queue_page(dashboard: str, page: Page, redis_url: str) -> None:
+    client = flumeq.Client(redis_url)
+    client.enqueue("email:send", {}, queue="mail")
+    page.goto(f"{dashboard}/queues/mail")
+    toggle = page.locator("#pause-toggle")
+    expect(toggle).to_have_text("Pause")
+    toggle.click()
+    expect(page.locator("#toast")).to_contain_text("Paused mail")
+    expect(toggle).to_have_text("Resume")
+    expect(page.locator("#paused-pill")).to_be_visible()
+    assert client.paused() == ["mail"]
+    page.goto(f"{dashboard}/")
+    expect(page.locator('#queues tr[data-queue="mail"]')).to_contain_text("paused")
+    page.goto(f"{dashboard}/queues/mail")
+    page.locator("#pause-toggle", has_text="Resume").click()
+    expect(page.locator("#toast")).to_contain_text("Resumed mail")
+    expect(page.locator("#pause-toggle")).to_have_text("Pause")
+    assert client.paused() == []
+    # The action needs the page's CSRF token, like every other.
+    status, _, _ = post_json(f"{dashboard}/api/pause/mail", {})
+    assert status == 403 and client.paused() == []
+
+
 def test_payloads_and_errors_are_text(dashboard: str, page: Page, redis_url: str) -> None:
     task_id = make_dead(redis_url, "q", "xss", {"html": XSS}, XSS)
     page.goto(f"{dashboard}/dead/q")

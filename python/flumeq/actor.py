@@ -224,7 +224,10 @@ class _AsyncRunner:
         end = self.end
         seconds = 0.0
         record: Optional[Record] = None
-        if not end.start_async(batch.id, index, task.timeout):
+        paused = end.paused()
+        if (paused is not None and task.queue in paused) or not end.start_async(
+            batch.id, index, task.timeout
+        ):
             record = (index, NOT_STARTED, 0, "", "", b"")
         else:
             _current.set(task)
@@ -292,6 +295,9 @@ def run_batch(
     last_flush = last = perf_counter()
     unwoken = False  # a report went out without waking the dispatcher
     stopped_at: Optional[int] = None
+    # Queues paused meanwhile: their tasks go back unrun (checked again at
+    # each flush of a long batch).
+    paused = end.paused()
     for index, (
         task_id,
         type_,
@@ -304,6 +310,9 @@ def run_batch(
         labels,
         keeps,
     ) in enumerate(tasks):
+        if paused is not None and queue in paused:
+            records.append((index, NOT_STARTED, 0, "", "", b""))
+            continue
         handler = handlers.get(type_)
         if handler is None:
             records.append(
@@ -360,6 +369,7 @@ def run_batch(
             unwoken = not wake
             if wake:
                 last_flush = now
+                paused = end.paused()
         last = now
     running.task = None
     if stopped_at is not None:

@@ -82,6 +82,18 @@ class Admin:
         """Names of the known queues (any that ever had a task), sorted."""
         return sorted(text(name) for name in self._one("SMEMBERS", self._keys["queues"]))
 
+    def pause(self, queue: str) -> bool:
+        """``Client.pause``: no engine starts ``queue``'s tasks until resumed."""
+        return self.client.pause(queue)
+
+    def resume(self, queue: str) -> bool:
+        """``Client.resume``."""
+        return self.client.resume(queue)
+
+    def paused(self) -> list[str]:
+        """The paused queues, sorted."""
+        return self.client.paused()
+
     def has_queue(self, queue: str) -> bool:
         return bool(self._one("SISMEMBER", self._keys["queues"], queue))
 

@@ -290,6 +290,18 @@ class AsyncClient:
         """``Client.purge_dead`` as a coroutine."""
         return await self._run(self._client.purge_dead, queue)
 
+    async def pause(self, queue: str) -> bool:
+        """``Client.pause`` as a coroutine."""
+        return await self._run(self._client.pause, queue)
+
+    async def resume(self, queue: str) -> bool:
+        """``Client.resume`` as a coroutine."""
+        return await self._run(self._client.resume, queue)
+
+    async def paused(self) -> list[str]:
+        """``Client.paused`` as a coroutine."""
+        return await self._run(self._client.paused)
+
     async def ping(self) -> None:
         """``Client.ping`` as a coroutine."""
         await self._run(self._client.ping)

@@ -388,7 +388,8 @@ def render_stats(admin: Admin, queues: Optional[list[str]], interval: float) -> 
         rate = ""
         if interval and row["name"] in before:
             rate = f"{(row['processed'] - before[row['name']]) / interval:,.0f}/s"
-        table_rows.append([row["name"], *(row[column] for column in STAT_COLUMNS), rate])
+        name = f"{row['name']} (paused)" if row["paused"] else row["name"]
+        table_rows.append([name, *(row[column] for column in STAT_COLUMNS), rate])
     headers = ["queue", "ready", "in flight", "delayed", "dead", "processed", "failed", "rate"]
     out = [_table(headers, table_rows) if rows else "no queues yet"]
     workers = admin.workers()
@@ -576,6 +577,58 @@ def dead_purge(queue: str, yes: bool, url: Optional[str], prefix: str) -> None:
             f"Delete all {count} dead letters of {queue!r}? This cannot be undone", abort=True
         )
     click.echo(f"purged {admin.purge_dead(queue)} dead letter(s) of {queue!r}")
+
+
+# -- queue ------------------------------------------------------------------
+
+
+@main.group()
+def queue() -> None:
+    """Pause, resume or list queues."""
+
+
+@queue.command("pause")
+@click.argument("names", metavar="QUEUE...", nargs=-1, required=True)
+@redis_options
+@friendly_errors
+def queue_pause(names: tuple[str, ...], url: Optional[str], prefix: str) -> None:
+    """Pause QUEUE on every engine: within about a second none starts its
+    tasks (running ones finish); enqueues and delayed moves go on."""
+    admin = _admin(url, prefix)
+    for name in names:
+        changed = admin.pause(name)
+        known = "" if admin.has_queue(name) else " (no task was ever enqueued to it)"
+        click.echo(f"paused {name!r}{known}" if changed else f"{name!r} was paused already")
+
+
+@queue.command("resume")
+@click.argument("names", metavar="QUEUE...", nargs=-1, required=True)
+@redis_options
+@friendly_errors
+def queue_resume(names: tuple[str, ...], url: Optional[str], prefix: str) -> None:
+    """Let engines start QUEUE's tasks again."""
+    admin = _admin(url, prefix)
+    for name in names:
+        changed = admin.resume(name)
+        click.echo(f"resumed {name!r}" if changed else f"{name!r} was not paused")
+
+
+@queue.command("list")
+@redis_options
+@friendly_errors
+def queue_list(url: Optional[str], prefix: str) -> None:
+    """Known queues with their counts, and whether each is paused."""
+    admin = _admin(url, prefix)
+    rows = admin.overview()
+    paused_only = sorted(set(admin.paused()) - {row["name"] for row in rows})
+    table = [
+        [row["name"], "paused" if row["paused"] else "running", row["ready"], row["in_flight"]]
+        for row in rows
+    ] + [[name, "paused", 0, 0] for name in paused_only]
+    if not table:
+        click.echo("no queues yet")
+        return
+    click.echo(_table(["queue", "state", "ready", "in flight"], table))
 
 
 # -- ui ---------------------------------------------------------------------

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 
 from . import _core, hooks, reads
-from .errors import BufferFull, InvalidTask, RedisUnavailable
+from .errors import BufferFull, ConfigError, InvalidTask, RedisUnavailable
 from .results import QueueWaiters, check_wait
 from .task import TaskInfo
 
@@ -153,6 +153,16 @@ def _result_ttl(type_: str, result_ttl: Optional[Seconds]) -> int:
 def _queue(queue: Any) -> str:
     if not isinstance(queue, str) or not queue:
         raise InvalidTask(f"queue must be a non-empty string, got {queue!r}")
+    return queue
+
+
+def _named(queue: Any) -> str:
+    """``queue`` if it can name a queue (``ConfigError`` saying why not)."""
+    if not isinstance(queue, str):
+        raise ConfigError(f"queue must be a string, got {queue!r}")
+    problem = _core.queue_problem(queue)
+    if problem:
+        raise ConfigError(problem)
     return queue
 
 
@@ -641,6 +651,29 @@ class Client:
         store = self._connection()
         (row,) = reads.queue_rows(store, self.prefix, group, [_queue(queue)], oldest=False)
         return {name: row[name] for name in STATS}
+
+    def pause(self, queue: str) -> bool:
+        """Pauses ``queue`` on every engine: within about a second none
+        starts a task of it. Running tasks finish; tasks an engine had taken
+        but not started go back to the stream (behind those enqueued since).
+        Enqueues and delayed moves go on. It lasts until ``resume``: a
+        record in Redis, which engines started later read too. Returns
+        ``False`` when the queue was paused already."""
+        return bool(reads.one(self._connection(), "SADD", self._paused_key, _named(queue)))
+
+    def resume(self, queue: str) -> bool:
+        """Lets engines start ``queue``'s tasks again (within about a
+        second). Returns ``False`` when it was not paused."""
+        return bool(reads.one(self._connection(), "SREM", self._paused_key, _named(queue)))
+
+    def paused(self) -> list[str]:
+        """The paused queues, sorted."""
+        names = reads.one(self._connection(), "SMEMBERS", self._paused_key)
+        return sorted(reads.text(name) for name in names)
+
+    @property
+    def _paused_key(self) -> str:
+        return _core.key_names(self.prefix)["paused"]
 
     def ping(self) -> None:
         """Checks that Redis answers; raises ``RedisUnavailable`` if not."""

@@ -81,6 +81,11 @@ class FlumeqCollector:
                 ("dead", "Tasks in the dead-letter stream"),
             )
         }
+        paused = GaugeMetricFamily(
+            "flumeq_queue_paused",
+            "1 while the queue is paused (no engine starts its tasks)",
+            labels=["queue"],
+        )
         age = GaugeMetricFamily(
             "flumeq_queue_oldest_ready_age_seconds",
             "Age of the oldest task waiting to be read (0 when none waits)",
@@ -99,6 +104,7 @@ class FlumeqCollector:
             queue = row["name"]
             for name, gauge in gauges.items():
                 gauge.add_metric([queue], row[name])
+            paused.add_metric([queue], 1 if row["paused"] else 0)
             age.add_metric([queue], row["oldest_ready_age"] or 0.0)
             for type_, counts in sorted(row["types"].items()):
                 for name, counter in counters.items():
@@ -111,6 +117,7 @@ class FlumeqCollector:
                     buckets.append((label, cumulative))
                 durations.add_metric([queue, type_], buckets, histogram["sum"])
         yield from gauges.values()
+        yield paused
         yield age
         yield from counters.values()
         yield durations

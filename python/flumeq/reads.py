@@ -141,12 +141,12 @@ def queue_rows(
     store: _core.Store, prefix: str, group: str, names: Sequence[str], oldest: bool = True
 ) -> list[dict[str, Any]]:
     """Counts of each queue as consumer group ``group`` sees it: ready,
-    in_flight, delayed, dead (held now), consumers, processed, failed,
+    in_flight, delayed, dead (held now), consumers, paused, processed, failed,
     retried, enqueued, dead_total (ever), skipped, ``types`` (the counters per
     task type) and, with ``oldest``, oldest_ready_age (seconds, or None).
     One round trip, two with ``oldest``."""
     keys = [_core.key_names(prefix, name) for name in names]
-    commands: list[list[Arg]] = []
+    commands: list[list[Arg]] = [["SMEMBERS", _core.key_names(prefix)["paused"]]]
     for key in keys:
         commands += [
             ["XLEN", key["stream"]],
@@ -155,7 +155,10 @@ def queue_rows(
             ["XLEN", key["dead"]],
             ["HGETALL", key["stats"]],
         ]
-    replies = run(store, *commands)
+    paused_reply, *replies = run(store, *commands)
+    if isinstance(paused_reply, RedisCommandError):
+        raise paused_reply
+    paused = {text(name) for name in paused_reply}
     for reply in replies[::5] + replies[2::5] + replies[3::5] + replies[4::5]:
         if isinstance(reply, RedisCommandError):
             raise reply  # only XINFO may be refused (a stream not made yet)
@@ -174,6 +177,7 @@ def queue_rows(
             "delayed": integer(delayed),
             "dead": integer(dead),
             "consumers": integer(info.get("consumers")),
+            "paused": name in paused,
         }
         row.update(_counters(counters))
         rows.append(row)

@@ -2,7 +2,9 @@
 //!
 //! All keys of a queue carry the hash tag `{queue}`, so one queue lives on one
 //! Redis Cluster slot and the Lua scripts touching several of its keys stay
-//! legal there. Only the registry of known queues is global.
+//! legal there. Only the registries (known queues, live engines) and the set
+//! of paused queues are global; each is read or written on its own, never in
+//! a script or MULTI with a queue's keys.
 
 /// Why a queue name was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -139,6 +141,12 @@ impl Keys {
     pub fn queues(&self) -> String {
         format!("{}:queues", self.prefix)
     }
+
+    /// The set of paused queues: no engine starts their tasks.
+    #[must_use]
+    pub fn paused(&self) -> String {
+        format!("{}:paused", self.prefix)
+    }
 }
 
 #[cfg(test)]
@@ -153,6 +161,7 @@ mod tests {
         assert_eq!(keys.delayed("mail"), "flumeq:{mail}:delayed");
         assert_eq!(keys.stats("mail"), "flumeq:{mail}:stats");
         assert_eq!(Keys::new("app").queues(), "app:queues");
+        assert_eq!(Keys::new("app").paused(), "app:paused");
         assert_eq!(keys.unique("mail", "u:1"), "flumeq:{mail}:unique:u:1");
         assert_eq!(keys.done("mail", "order-7"), "flumeq:{mail}:done:order-7");
         assert_eq!(keys.written("mail", "pod-1"), "flumeq:{mail}:written:pod-1");

@@ -28,13 +28,20 @@ pub const SLOT_RECLAIMED: u32 = 3;
 /// Number of engine counts kept in the region (`dispatcher::Report::NAMES`).
 pub const COUNTS: usize = 8;
 
+/// Queues (by their index in the engine's list) whose pause the actors see
+/// themselves; a pause of a later queue holds its tasks in the dispatcher only.
+pub const PAUSABLE_IN_ACTORS: usize = 256;
+
 /// Engine-wide flags, and the counts of every dispatcher life so far (a
 /// dispatcher adds to them as it goes, so a killed one's work still counts).
 #[repr(C, align(64))]
 struct ControlBlock {
     stop: AtomicU32,
     closing: AtomicU32,
-    _pad: [u32; 14],
+    /// Bit `i`: queue `i` is paused (set by the dispatcher, read by actors
+    /// before each task starts).
+    paused: [AtomicU64; PAUSABLE_IN_ACTORS / 64],
+    _pad: [u32; 6],
     counts: [AtomicU64; COUNTS],
 }
 
@@ -298,6 +305,44 @@ impl Region {
         self.control().stop.load(Ordering::SeqCst) != 0
     }
 
+    /// Dispatcher: which queues are paused (by index; those past
+    /// `PAUSABLE_IN_ACTORS` are not marked).
+    pub fn set_paused(&self, paused: &[bool]) {
+        for (word, bits) in self.control().paused.iter().enumerate() {
+            let mut value = 0_u64;
+            for (bit, _) in paused
+                .iter()
+                .skip(word * 64)
+                .take(64)
+                .enumerate()
+                .filter(|(_, paused)| **paused)
+            {
+                value |= 1 << bit;
+            }
+            bits.store(value, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether queue `index` is paused (always `false` past
+    /// `PAUSABLE_IN_ACTORS`).
+    #[must_use]
+    pub fn is_paused(&self, index: usize) -> bool {
+        self.control()
+            .paused
+            .get(index / 64)
+            .is_some_and(|bits| bits.load(Ordering::Relaxed) & (1 << (index % 64)) != 0)
+    }
+
+    /// Whether any queue is marked paused (one load per word: what an
+    /// actor checks first).
+    #[must_use]
+    pub fn any_paused(&self) -> bool {
+        self.control()
+            .paused
+            .iter()
+            .any(|bits| bits.load(Ordering::Relaxed) != 0)
+    }
+
     /// Whether the dispatcher has finished and released the actors (their
     /// exits from then on are expected).
     #[must_use]
@@ -410,6 +455,24 @@ mod tests {
             assert_eq!(task, Some(vec![slot as u8; 1000]));
             assert_eq!(result, Some(vec![slot as u8; 10]));
         }
+    }
+
+    #[test]
+    fn paused_queues_are_marked_by_index_up_to_the_actor_limit() {
+        let region = Region::new(layout()).expect("region");
+        assert!(!region.any_paused());
+        let mut paused = vec![false; PAUSABLE_IN_ACTORS + 10];
+        paused[1] = true;
+        paused[130] = true;
+        paused[PAUSABLE_IN_ACTORS + 3] = true;
+        region.set_paused(&paused);
+        assert!(region.any_paused());
+        let marked: Vec<usize> = (0..paused.len())
+            .filter(|at| region.is_paused(*at))
+            .collect();
+        assert_eq!(marked, [1, 130]);
+        region.set_paused(&[false; 3]);
+        assert!(!region.any_paused() && !region.is_paused(1));
     }
 
     #[test]

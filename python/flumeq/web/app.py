@@ -442,6 +442,25 @@ class _Dashboard:
 
         return await self._api(produce)
 
+    async def pause(self, request: Request) -> Response:
+        return await self._set_paused(request, True)
+
+    async def resume(self, request: Request) -> Response:
+        return await self._set_paused(request, False)
+
+    async def _set_paused(self, request: Request, paused: bool) -> Response:
+        problem = self._action_problem(request)
+        if problem:
+            return _error(403, problem)
+        name = request.path_params["name"]
+
+        async def produce() -> dict[str, Any]:
+            call = self.admin.pause if paused else self.admin.resume
+            changed = await self._admin(call, name)
+            return {"queue": name, "paused": paused, "changed": changed}
+
+        return await self._api(produce)
+
     async def api_not_found(self, request: Request) -> Response:
         return _error(404, "no such API endpoint")
 
@@ -503,6 +522,8 @@ def create_app(
             Route("/api/tasks", board.api_task),
             Route("/api/requeue/{name:path}", board.requeue, methods=["POST"]),
             Route("/api/purge/{name:path}", board.purge, methods=["POST"]),
+            Route("/api/pause/{name:path}", board.pause, methods=["POST"]),
+            Route("/api/resume/{name:path}", board.resume, methods=["POST"]),
             Route("/api/dead/{name:path}", board.api_dead),
             Route("/api/queues/{name:path}", board.api_queue),
             Route("/api/{rest:path}", board.api_not_found, methods=["GET", "POST"]),

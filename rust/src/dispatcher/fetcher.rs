@@ -55,6 +55,8 @@ pub struct ReadRequest {
     pub block_ms: u64,
     /// Our own pending entries to take back first.
     pub recover: Recover,
+    /// Per queue: paused (no new entries are read from it).
+    pub paused: super::control::Paused,
 }
 
 /// What one read brought.
@@ -125,6 +127,7 @@ impl Fetcher {
             let entries = reader::read_new(
                 &mut self.reader,
                 &self.queues,
+                &request.paused,
                 &self.group,
                 &self.consumer,
                 request.count,

@@ -16,12 +16,14 @@
 //! | recovery | `recovery` | `XAUTOCLAIM` of dead engines' stale tasks |
 //! | janitor | `janitor` | removal of dead consumers |
 //! | registry | `registry` | this engine's heartbeat entry |
+//! | control poll | `control` | paused queues, read from Redis every 250 ms |
 //!
 //! Start order (`serve`; stop order is the reverse, in `Dispatcher::stop`):
 //!
 //! 1. the write connection and the consumer groups (waiting for Redis as long
 //!    as it takes, or until a stop request);
-//! 2. writer, scheduler, recovery, janitor, read loop, registry;
+//! 2. the paused queues (read before any task is), then writer, scheduler,
+//!    recovery, janitor, read loop, registry, control poll;
 //! 3. the event loop, whose first read takes back what an earlier life of
 //!    this consumer name left pending.
 //!
@@ -32,6 +34,7 @@
 //! a terminal), and a 100 ms tick (hard timeouts, held entries).
 
 mod book;
+mod control;
 mod fetcher;
 mod janitor;
 mod patience;
@@ -57,11 +60,12 @@ use redis::aio::ConnectionManager;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::signal::unix::{signal, Signal, SignalKind};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 pub use self::book::Report;
 use self::book::{Book, Failure};
+use self::control::{Control, Paused};
 use self::fetcher::{Fetched, Fetcher, FetcherHandle, ReadRequest, Recover};
 use self::janitor::Janitor;
 use self::patience::Patience;
@@ -178,6 +182,18 @@ impl Signals {
     }
 }
 
+/// The next value of a watched channel (`None`: its sender is gone; never
+/// resolves without a channel).
+async fn changed<T: Clone>(receiver: Option<&mut watch::Receiver<T>>) -> Option<T> {
+    let Some(receiver) = receiver else {
+        return std::future::pending().await;
+    };
+    match receiver.changed().await {
+        Ok(()) => Some(receiver.borrow_and_update().clone()),
+        Err(_) => None,
+    }
+}
+
 /// Waits for the first of `futures` to finish: its output and position.
 async fn first_of<F: Future + Unpin>(futures: impl Iterator<Item = F>) -> (F::Output, usize) {
     let mut futures: Vec<F> = futures.collect();
@@ -274,18 +290,32 @@ async fn serve(
             })
             .collect(),
     );
-    let control = watch(region.control_event())?;
+    let control_fd = watch(region.control_event())?;
     let results = watch(region.results_event())?;
     let mut signals = Signals::new();
     let response_timeout = Duration::from_millis(settings.block_ms + 10_000);
     let connection = tokio::select! {
         connection = prepare(&endpoint, response_timeout, &keys, &queues, &settings.group) => connection,
-        () = stop_requested(region, &control, &mut signals) => {
+        () = stop_requested(region, &control_fd, &mut signals) => {
             info!("stopped before redis answered");
             region.close_all();
             return Ok(Report::default());
         }
     };
+    let mut control = Control {
+        connection: connection.clone(),
+        keys: keys.clone(),
+        queues: Arc::clone(&queues),
+    };
+    let paused = tokio::select! {
+        paused = control.first() => paused,
+        () = stop_requested(region, &control_fd, &mut signals) => {
+            info!("stopped before redis answered");
+            region.close_all();
+            return Ok(Report::default());
+        }
+    };
+    region.set_paused(&paused);
     let raw = |role: &str| {
         let name = format!("flumeq:{}:{role}:{}", settings.consumer, std::process::id());
         endpoint.raw(&name, response_timeout)
@@ -358,11 +388,14 @@ async fn serve(
     };
     let refresh_every =
         Duration::from_millis(settings.claim_stale_after_ms / 3).max(Duration::from_millis(50));
+    let (control_poll, paused_changes) = control.start(Arc::clone(&paused));
+    let mut pool = Pool::new(region, settings.prefetch, refresh_every);
+    pool.set_paused(&paused);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut dispatcher = Dispatcher {
         region,
-        pool: Pool::new(region, settings.prefetch, refresh_every),
+        pool,
         book: Book::new(keys.clone(), Arc::clone(&queues), policy),
         keys,
         queues,
@@ -374,10 +407,12 @@ async fn serve(
         delayed,
         registry,
         connection,
-        control,
+        control: control_fd,
         results,
         signals,
         tick,
+        paused,
+        paused_changes: Some(paused_changes),
         stopping_since: None,
         recover: true,
         finished_since_recover: None,
@@ -387,6 +422,7 @@ async fn serve(
         pending_checked: None,
     };
     dispatcher.run().await?;
+    control_poll.shutdown();
     Ok(dispatcher.stop(recovery, janitor, scheduler).await)
 }
 
@@ -472,6 +508,10 @@ struct Dispatcher<'r> {
     claims_closed: bool,
     reads: ReadPace,
     pending_checked: Option<Instant>,
+    /// Per queue: paused (not read; its tasks are handed back).
+    paused: Paused,
+    /// Changes of `paused` (`None` once the poll ended).
+    paused_changes: Option<watch::Receiver<Paused>>,
 }
 
 impl Dispatcher<'_> {
@@ -545,11 +585,37 @@ impl Dispatcher<'_> {
                     info!("signal received: stopping gracefully");
                     self.region.request_stop();
                 }
+                changed = changed(self.paused_changes.as_mut()) => match changed {
+                    Some(paused) => self.on_paused(paused),
+                    None => self.paused_changes = None,
+                },
             }
             self.flush();
         }
         self.flush();
         Ok(())
+    }
+
+    /// Queues were paused or resumed: actors check the marks before each
+    /// task; the backlog's tasks of paused queues go back to their streams.
+    fn on_paused(&mut self, paused: Paused) {
+        let names = |paused: &[bool]| -> Vec<&str> {
+            self.queues
+                .iter()
+                .zip(paused)
+                .filter(|(_, paused)| **paused)
+                .map(|(queue, _)| queue.name.as_str())
+                .collect()
+        };
+        info!(
+            "paused queues: {:?} (were {:?})",
+            names(&paused),
+            names(&self.paused)
+        );
+        self.region.set_paused(&paused);
+        self.pool.set_paused(&paused);
+        self.paused = paused;
+        self.pool.pump(&mut self.book);
     }
 
     /// Publishes the counts and hands the outcomes to the writer.
@@ -583,9 +649,15 @@ impl Dispatcher<'_> {
         // soon claimed by recovery), or that the mover just made due, are
         // still in the streams.
         self.pending_checked = Some(Instant::now());
-        match store::tasks_in_streams(&mut self.connection, &self.queues, &self.settings.group)
-            .await
-        {
+        // Paused queues' tasks wait for a resume: not work left for a burst.
+        let open: Vec<QueueSpec> = self
+            .queues
+            .iter()
+            .zip(self.paused.iter())
+            .filter(|(_, paused)| !**paused)
+            .map(|(queue, _)| queue.clone())
+            .collect();
+        match store::tasks_in_streams(&mut self.connection, &open, &self.settings.group).await {
             Ok(0) => true,
             Ok(_) => false,
             Err(error) => {
@@ -624,11 +696,18 @@ impl Dispatcher<'_> {
             self.settings.block_ms
         };
         let recovering = recover.any();
+        if !recovering && self.paused.iter().all(|paused| *paused) {
+            // Every queue is paused: nothing to read (a resume, or the tick,
+            // wakes the loop). For burst mode, that is "empty".
+            self.reads.last_empty = true;
+            return;
+        }
         let startup = matches!(recover, Recover::All);
         let sent = self.fetcher.request(ReadRequest {
             count: credit.min(self.settings.read_count),
             block_ms,
             recover,
+            paused: Arc::clone(&self.paused),
         });
         if sent {
             self.recover = false;

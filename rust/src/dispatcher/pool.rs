@@ -122,6 +122,9 @@ pub struct Pool<'r> {
     prefetch: usize,
     refresh_every: Duration,
     last_refresh: Instant,
+    /// Per queue: paused (its tasks are handed back, not to actors).
+    paused: Vec<bool>,
+    any_paused: bool,
 }
 
 impl<'r> Pool<'r> {
@@ -140,7 +143,36 @@ impl<'r> Pool<'r> {
             prefetch: prefetch.max(1),
             refresh_every,
             last_refresh: Instant::now(),
+            paused: Vec::new(),
+            any_paused: false,
         }
+    }
+
+    /// Which queues are paused (by index): from now on their tasks in the
+    /// backlog go back to their streams at the next `pump`.
+    pub fn set_paused(&mut self, paused: &[bool]) {
+        self.paused = paused.to_vec();
+        self.any_paused = paused.iter().any(|paused| *paused);
+    }
+
+    /// Hands the backlog's tasks of paused queues back to their streams
+    /// (appended again: they run after resume, behind what was enqueued
+    /// meanwhile). Returns how many.
+    fn hand_back_paused(&mut self, book: &mut Book) -> usize {
+        let paused = &self.paused;
+        let is_paused = |taken: &Taken| paused.get(usize::from(taken.queue)) == Some(&true);
+        if !self.backlog.iter().any(is_paused) {
+            return 0;
+        }
+        let (held, kept): (VecDeque<Taken>, VecDeque<Taken>) = std::mem::take(&mut self.backlog)
+            .into_iter()
+            .partition(is_paused);
+        self.backlog = kept;
+        let count = held.len();
+        for taken in held {
+            book.hand_back(taken);
+        }
+        count
     }
 
     fn usable(&self, slot: usize) -> bool {
@@ -207,8 +239,12 @@ impl<'r> Pool<'r> {
         }
     }
 
-    /// Hands as much of the backlog to actors as their prefetch and rings allow.
+    /// Hands as much of the backlog to actors as their prefetch and rings
+    /// allow (tasks of paused queues go back to their streams instead).
     pub fn pump(&mut self, book: &mut Book) {
+        if self.any_paused {
+            self.hand_back_paused(book);
+        }
         let slots = self.slots.len();
         let mut full = vec![false; slots];
         while let Some(next) = self.backlog.front() {

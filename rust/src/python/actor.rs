@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyFrozenSet, PyList, PyString, PyTuple};
 
 use super::errors::error;
 use crate::dispatcher::{defaults, Report};
@@ -244,6 +244,21 @@ impl ActorEnd {
     /// Whether the engine is stopping (no task may start).
     fn stopping(&self) -> bool {
         self.region.stop_requested()
+    }
+
+    /// The names of the paused queues (their tasks must not start: report
+    /// them `NOT_STARTED`), or `None` when no queue is paused (one load).
+    fn paused<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyFrozenSet>>> {
+        if !self.region.any_paused() {
+            return Ok(None);
+        }
+        let names = self
+            .queues
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| self.region.is_paused(*index))
+            .map(|(_, name)| name.as_str());
+        PyFrozenSet::new(py, names).map(Some)
     }
 
     /// Records that sync task `index` of `batch_id` starts now, with its

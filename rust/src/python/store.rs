@@ -275,6 +275,7 @@ fn key_names(prefix: &str, queue: Option<&str>) -> std::collections::HashMap<&'s
     let keys = Keys::new(prefix);
     let mut names = std::collections::HashMap::from([
         ("queues", keys.queues()),
+        ("paused", keys.paused()),
         ("workers", keys.workers()),
         ("worker", keys.worker("")),
     ]);

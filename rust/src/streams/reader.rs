@@ -32,9 +32,11 @@ fn xreadgroup(group: &str, consumer: &str, count: usize, block_ms: Option<u64>) 
 /// when work is there. With several queues, each gets a share of `count` by
 /// weight (one pipelined non-blocking read); only when all are empty does it
 /// block on all of them at once for up to `block_ms` (0 = do not block).
+/// Queues marked in `paused` are not read.
 pub async fn read_new(
     reader: &mut Reader,
     queues: &[QueueSpec],
+    paused: &[bool],
     group: &str,
     consumer: &str,
     count: usize,
@@ -51,9 +53,18 @@ pub async fn read_new(
             })
             .collect()
     };
-    if queues.len() > 1 {
-        let total: u64 = queues.iter().map(|queue| u64::from(queue.weight)).sum();
-        let commands: Vec<Cmd> = queues
+    let open: Vec<&QueueSpec> = queues
+        .iter()
+        .enumerate()
+        .filter(|(index, _)| paused.get(*index) != Some(&true))
+        .map(|(_, queue)| queue)
+        .collect();
+    if open.is_empty() {
+        return Ok(Vec::new());
+    }
+    if open.len() > 1 {
+        let total: u64 = open.iter().map(|queue| u64::from(queue.weight)).sum();
+        let commands: Vec<Cmd> = open
             .iter()
             .map(|queue| {
                 let share =
@@ -70,10 +81,10 @@ pub async fn read_new(
         }
     }
     let mut cmd = xreadgroup(group, consumer, count, (block_ms > 0).then_some(block_ms));
-    for queue in queues {
+    for queue in &open {
         cmd.arg(&queue.stream);
     }
-    for _ in queues {
+    for _ in &open {
         cmd.arg(">");
     }
     let mut replies = reader.query(std::slice::from_ref(&cmd)).await?;

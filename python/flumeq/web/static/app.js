@@ -272,7 +272,12 @@
       return el(
         "tr",
         { "data-queue": queue.name },
-        el("td", {}, el("a", { href: queueHref(queue.name) }, queue.name)),
+        el(
+          "td",
+          {},
+          el("a", { href: queueHref(queue.name) }, queue.name),
+          queue.paused ? el("span", { class: "pill", title: "no engine starts its tasks" }, "paused") : "",
+        ),
         num(fmtInt(queue.ready), "ready"),
         num(fmtInt(queue.in_flight)),
         num(fmtInt(queue.delayed)),
@@ -324,6 +329,14 @@
     const rate = rateOf("queue", data.processed || 0, now);
     setText("count-rate", rate === null ? "–" : fmtRate(rate) + " /s");
     setText("count-oldest", fmtDuration(data.oldest_ready_age));
+    const toggle = byId("pause-toggle");
+    if (toggle) {
+      toggle.disabled = false;
+      toggle.dataset.paused = data.paused ? "1" : "";
+      toggle.textContent = data.paused ? "Resume" : "Pause";
+    }
+    const pill = byId("paused-pill");
+    if (pill) pill.hidden = !data.paused;
     const deadLink = byId("dead-link");
     if (deadLink) deadLink.classList.toggle("bad", Number(data.dead) > 0);
 
@@ -521,6 +534,23 @@
     });
   }
 
+  function setupQueue() {
+    const queue = body.dataset.queue;
+    const refresh = poll("/api/queues/" + encodeURIComponent(queue), renderQueue);
+    const toggle = byId("pause-toggle");
+    toggle.addEventListener("click", async () => {
+      const resume = toggle.dataset.paused === "1";
+      toggle.disabled = true;
+      try {
+        await postJson("/api/" + (resume ? "resume/" : "pause/") + encodeURIComponent(queue), {});
+        toast(resume ? "Resumed " + queue + "." : "Paused " + queue + ": no engine starts its tasks.");
+      } catch (error) {
+        toast((resume ? "Resume" : "Pause") + " failed: " + error.message, true);
+      }
+      refresh();
+    });
+  }
+
   // -- task lookup -------------------------------------------------------------------
 
   const TASK_FIELDS = [
@@ -632,7 +662,7 @@
   // -- start -----------------------------------------------------------------------
 
   if (page === "overview") poll("/api/overview", renderOverview);
-  else if (page === "queue") poll("/api/queues/" + encodeURIComponent(body.dataset.queue), renderQueue);
+  else if (page === "queue") setupQueue();
   else if (page === "dead") setupDead();
   else if (page === "task") setupTask();
   else if (page === "workers") poll("/api/workers", renderWorkers);
