@@ -27,7 +27,7 @@ PY
     # Installed again only when the dependency list changed.
     if [ "$(cat .venv-py39/deps.txt 2>/dev/null)" != "$deps" ]; then
         printf '%s\n' "$deps" > .venv-py39/requirements.txt
-        .venv-py39/bin/python -m pip install -q --disable-pip-version-check typing_extensions \
+        .venv-py39/bin/python -m pip install -q --disable-pip-version-check typing_extensions types-croniter \
             -r .venv-py39/requirements.txt
         printf '%s' "$deps" > .venv-py39/deps.txt
     fi

@@ -23,6 +23,7 @@ from .client import (
     MAX_TYPE_BYTES,
     Client,
 )
+from .cron import Cron
 from .engine import Engine
 from .errors import (
     BufferFull,
@@ -49,6 +50,7 @@ __all__ = [
     "Client",
     "AsyncClient",
     "Engine",
+    "Cron",
     # inspecting and managing (what the CLI and the dashboard use)
     "Admin",
     # what handlers see and raise

@@ -93,7 +93,9 @@ class Store:
         unique_ttl_ms: int = 3600000,
         due_ms: int = 0,
         result_ttl_ms: int = 0,
+        tick: Optional[tuple[str, int]] = None,
     ) -> list[tuple[str, str]]: ...
+    def cron_leases(self, entries: list[str], holder: str, ttl_ms: int) -> list[bool]: ...
     def read_ended(
         self, queue: str, cursor: str, block_ms: int, count: int
     ) -> tuple[str, list[str]]: ...

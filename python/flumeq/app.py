@@ -18,6 +18,7 @@ from typing import Any, Callable, Generic, Optional, TypeVar, Union, overload
 from . import hooks
 from .aio import AsyncClient
 from .client import DEFAULT_MAX_RETRY, DEFAULT_TIMEOUT, Client, Seconds
+from .cron import Cron, checked_entries
 from .errors import ConfigError, InvalidTask
 from .task import Reject, Task, TaskInfo
 
@@ -30,6 +31,7 @@ __all__ = ["App", "AsyncTaskFunction", "BoundTask", "SyncTaskFunction", "TaskFun
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T", bound="TaskFunction[Any, Any]")
 
 #: What ``app.task(...)`` and ``options(...)`` accept: ``Client.enqueue``'s
 #: options.
@@ -48,6 +50,8 @@ OPTIONS = frozenset(
         "result_ttl",
     }
 )
+#: The task options a cron entry takes over.
+CRON_OPTIONS = frozenset({"queue", "max_retry", "timeout", "labels", "result_ttl"})
 #: Options that make sense per call only, not as a task's default.
 PER_CALL = frozenset({"delay", "at", "deadline", "task_id", "unique_key"})
 
@@ -271,6 +275,8 @@ class App:
         self.result_ttl = result_ttl
         #: The tasks by type name.
         self.tasks: dict[str, TaskFunction[Any, Any]] = {}
+        #: The ``@app.cron`` entries, carried by every engine serving the app.
+        self.cron_entries: list[Cron] = []
         self._client: Optional[Client] = None
         self._aclient: Optional[AsyncClient] = None
 
@@ -345,6 +351,43 @@ class App:
         self.tasks[name] = declared
         return declared
 
+    def cron(
+        self,
+        schedule: Union[str, float],
+        *,
+        name: Optional[str] = None,
+        tz: Optional[str] = None,
+        **options: Any,
+    ) -> _CronDecorator:
+        """Enqueues a task on a schedule (see ``flumeq.Cron``):
+        ``@app.cron("0 3 * * *", tz="UTC")`` above ``@app.task``, or on a
+        plain function, which it declares as a task (and returns). The task
+        must take no required arguments (a tick sends none). ``name``
+        defaults to the task's; ``options`` (``queue``, ``max_retry``,
+        ``timeout``, ``labels``, ``result_ttl``) default to the task's."""
+
+        def decorate(target: Any) -> TaskFunction[Any, Any]:
+            task = target if isinstance(target, TaskFunction) else self._declare(target, {})
+            required = [
+                parameter.name
+                for parameter in task.signature.parameters.values()
+                if parameter.default is inspect.Parameter.empty
+                and parameter.kind
+                not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+            ]
+            if required:
+                raise ConfigError(
+                    f"app.cron: task {task.name!r} needs argument(s) {', '.join(required)}; "
+                    "a cron tick sends none"
+                )
+            kept = {key: value for key, value in task.defaults.items() if key in CRON_OPTIONS}
+            kept.update(options)
+            entry = Cron(schedule, task.name, {}, name=name or task.name, tz=tz, **kept)
+            self.cron_entries = checked_entries([*self.cron_entries, entry])
+            return task
+
+        return _CronDecorator(decorate)
+
     def handlers(self) -> dict[str, Callable[[Task], Any]]:
         """The mapping of task type to handler an engine serves."""
         return {name: task.handler() for name, task in self.tasks.items()}
@@ -372,6 +415,28 @@ class _Decorator:
     def __call__(self, fn: Callable[P, R], /) -> SyncTaskFunction[P, R]: ...
 
     def __call__(self, fn: Callable[..., Any], /) -> Any:
+        return self._decorate(fn)
+
+
+class _CronDecorator:
+    """What ``app.cron(...)`` returns: applied to a task (or a function,
+    declared as one), that task."""
+
+    def __init__(self, decorate: Callable[[Any], TaskFunction[Any, Any]]) -> None:
+        self._decorate = decorate
+
+    @overload
+    def __call__(self, fn: T, /) -> T: ...
+
+    @overload
+    def __call__(  # type: ignore[overload-overlap]
+        self, fn: Callable[P, Awaitable[R]], /
+    ) -> AsyncTaskFunction[P, R]: ...
+
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> SyncTaskFunction[P, R]: ...
+
+    def __call__(self, fn: Any, /) -> Any:
         return self._decorate(fn)
 
 

@@ -33,6 +33,7 @@ from . import logs
 from .admin import Admin
 from .app import App
 from .client import Client, resolve_url, safe_url
+from .cron import entries_in_redis
 from .engine import Engine, queue_weights
 from .errors import ConfigError, DuplicateTask, FlumeqError, InvalidTask, RedisUnavailable
 from .extras import require
@@ -629,6 +630,43 @@ def queue_list(url: Optional[str], prefix: str) -> None:
         click.echo("no queues yet")
         return
     click.echo(_table(["queue", "state", "ready", "in flight"], table))
+
+
+# -- cron -------------------------------------------------------------------
+
+
+def _when(stamp: Optional[float]) -> str:
+    if stamp is None:
+        return "never"
+    moment = datetime.fromtimestamp(stamp, timezone.utc)
+    return moment.strftime("%Y-%m-%d %H:%M:%S") + "Z"
+
+
+@main.command()
+@redis_options
+@friendly_errors
+def cron(url: Optional[str], prefix: str) -> None:
+    """The cron entries engines carry: schedule, next run, last tick
+    enqueued and its task id, and the engine holding the entry's lease."""
+    admin = _admin(url, prefix)
+    rows = entries_in_redis(admin.client)
+    if not rows:
+        click.echo("no cron entries (an engine with cron entries registers them when it starts)")
+        return
+    table = [
+        [
+            row["name"],
+            f"{row['schedule']} ({row['tz']})" if row.get("tz") else f"every {row['schedule']}s",
+            f"{row['type']} -> {row['queue']}",
+            _when(row["next"]),
+            _when(row["last_tick"]),
+            row["task_id"] or "",
+            row["holder"] or "no engine",
+        ]
+        for row in rows
+    ]
+    headers = ["entry", "schedule", "task", "next", "last tick", "task id", "held by"]
+    click.echo(_table(headers, table))
 
 
 # -- ui ---------------------------------------------------------------------

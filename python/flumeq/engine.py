@@ -17,6 +17,7 @@ from . import _core, hooks
 from ._version import __version__
 from .app import App
 from .client import resolve_url
+from .cron import Cron, checked_entries
 from .errors import ConfigError
 from .extras import require
 from .supervisor import Supervisor
@@ -61,7 +62,9 @@ class Engine:
     ``async def`` (async tasks of a batch run concurrently in each actor, at
     most ``concurrency`` at once). ``queues`` is a sequence of names, or a
     mapping of name to weight: when several queues have work, each read takes
-    from them in proportion to their weights.
+    from them in proportion to their weights. ``cron`` entries (``flumeq.Cron``,
+    plus an app's ``@app.cron`` ones) are enqueued on their schedules, each
+    tick once across every engine carrying them.
     """
 
     def __init__(
@@ -87,11 +90,14 @@ class Engine:
         metrics_port: Optional[int] = None,
         metrics_host: str = "127.0.0.1",
         middleware: Iterable[Any] = (),
+        cron: Iterable[Cron] = (),
     ) -> None:
         own_middleware = hooks.checked(middleware)
+        entries = list(cron) if not isinstance(cron, Cron) else [cron]
         if isinstance(handlers, App):
             app = handlers
             own_middleware = [*app.middleware, *own_middleware]
+            entries = [*app.cron_entries, *entries]
             if queues is None:
                 queues = app.queues()
             if url is None:
@@ -153,6 +159,19 @@ class Engine:
             require("metrics", "metrics_port")
         self.metrics_port = metrics_port
         self.metrics_host = metrics_host
+        #: Cron entries whose ticks this engine enqueues while it holds
+        #: their leases (see ``flumeq.cron``).
+        self.cron = checked_entries(entries)
+        served = {name for name, _ in self.queues}
+        for entry in self.cron:
+            if entry.queue in served and entry.type not in self.handlers:
+                log.warning(
+                    "cron entry %r enqueues %r to queue %r, which this engine serves "
+                    "without a handler for it",
+                    entry.name,
+                    entry.type,
+                    entry.queue,
+                )
         self._region: Optional[_core.Region] = None
 
     def _settings(self, burst: bool, processes: int) -> dict[str, Any]:

@@ -7,7 +7,8 @@ Start order (stop order is the reverse):
 2. the actor processes are forked, one per ring slot;
 3. the dispatcher process is forked; it runs the Rust dispatcher (tokio,
    Redis connections) and is the only process of the engine with threads;
-4. the metrics process, with ``metrics_port``.
+4. the helpers: the metrics process (with ``metrics_port``) and the cron
+   process (with cron entries, not in burst mode).
 
 This process never starts a thread, so it can fork a replacement at any
 time. It waits on its children and on signals (a self-pipe wakes it at
@@ -20,7 +21,7 @@ once), and keeps the engine whole:
   are killed (their batches died with it), the region is emptied, and a new
   dispatcher with the same consumer name takes its pending tasks back at
   once;
-- the metrics process is replaced when it dies.
+- a helper (metrics, cron) is replaced when it dies, with the same backoff.
 
 SIGINT/SIGTERM ask for a graceful stop; a second one stops at once. The
 engine returns only then, or at the end of a burst. A stop is bounded: past
@@ -44,6 +45,7 @@ from multiprocess.connection import wait
 
 from . import _core
 from .actor import actor_main
+from .cron import scheduler_main
 from .errors import ConfigError, InvalidTask
 
 if TYPE_CHECKING:
@@ -79,6 +81,77 @@ class _Backoff:
         if self.deaths == 1 and lived >= HEALTHY_AFTER:
             return 0.0
         return float(min(FIRST_BACKOFF * 2.0 ** (self.deaths - 1), LONGEST_BACKOFF))
+
+
+class _Helper:
+    """A child off the task path (metrics, cron): started with the engine,
+    replaced with backoff when it dies, stopped first (SIGTERM, then
+    SIGKILL after ``grace`` seconds; 0 kills at once), or, ``early``, as
+    soon as the engine starts stopping."""
+
+    def __init__(
+        self,
+        context: Any,
+        name: str,
+        target: Callable[..., None],
+        args: tuple[Any, ...],
+        grace: float = 0.0,
+        early: bool = False,
+    ) -> None:
+        self.context = context
+        #: Stopped as soon as the engine starts stopping (not at its end).
+        self.early = early
+        self.name = name
+        self.target = target
+        self.args = args
+        self.grace = grace
+        self.process: Any = None
+        self.born = 0.0
+        self.backoff = _Backoff()
+        #: When a dead one is to be replaced.
+        self.due: Optional[float] = None
+
+    def start(self) -> None:
+        self.process = self.context.Process(
+            target=self.target, args=self.args, name=f"flumeq-{self.name}", daemon=True
+        )
+        self.process.start()
+        self.born = time.monotonic()
+
+    def tend(self, now: float) -> None:
+        """Replaces it when it died (after its backoff)."""
+        if self.due is not None:
+            if now >= self.due:
+                self.due = None
+                self.start()
+            return
+        if not self.process.is_alive():
+            self.process.join()
+            delay = self.backoff.next_delay(now - self.born)
+            log.warning(
+                "the %s process exited with code %s; restarting it in %.1fs",
+                self.name,
+                self.process.exitcode,
+                delay,
+            )
+            self.due = now + delay
+
+    def waitable(self) -> Optional[Any]:
+        """Its sentinel while it runs (ready once it exits)."""
+        return None if self.due is not None else self.process.sentinel
+
+    def stop(self) -> None:
+        process = self.process
+        if process is None or not process.is_alive():
+            if process is not None:
+                process.join()
+            return
+        if self.grace > 0:
+            process.terminate()
+            process.join(self.grace)
+        if process.is_alive():
+            process.kill()
+        process.join()
 
 
 def _dispatcher_main(region: _core.Region, settings: dict[str, Any], report: Any) -> None:
@@ -135,10 +208,7 @@ class Supervisor:
         self.dispatcher_due: Optional[float] = None
         self.dispatcher_restarts = 0
         self.reports: Any = None
-        self.metrics: Any = None
-        self.metrics_born = 0.0
-        self.metrics_backoff = _Backoff()
-        self.metrics_due: Optional[float] = None
+        self.helpers: list[_Helper] = []
         self.signals = 0
         self.stop_since: Optional[float] = None
         self.finished: Optional[tuple[Any, ...]] = None
@@ -179,23 +249,39 @@ class Supervisor:
         self.dispatcher, self.reports = process, reader
         self.dispatcher_born = time.monotonic()
 
-    def _start_metrics(self) -> None:
+    def _start_helpers(self) -> None:
         engine = self.engine
-        self.metrics = self.context.Process(
-            target=_metrics_main,
-            args=(
-                engine.url,
-                engine.prefix,
-                engine.group,
-                engine.metrics_host,
-                engine.metrics_port,
-                self.queue_names,
-            ),
-            name="flumeq-metrics",
-            daemon=True,
-        )
-        self.metrics.start()
-        self.metrics_born = time.monotonic()
+        if engine.metrics_port:
+            self.helpers.append(
+                _Helper(
+                    self.context,
+                    "metrics",
+                    _metrics_main,
+                    (
+                        engine.url,
+                        engine.prefix,
+                        engine.group,
+                        engine.metrics_host,
+                        engine.metrics_port,
+                        self.queue_names,
+                    ),
+                )
+            )
+        if engine.cron and not self.burst:
+            # SIGTERM first: it lets its leases go, so another engine takes
+            # its entries over at once.
+            self.helpers.append(
+                _Helper(
+                    self.context,
+                    "cron",
+                    scheduler_main,
+                    (engine.url, engine.prefix, engine.cron, engine.consumer),
+                    grace=2.0,
+                    early=True,
+                )
+            )
+        for helper in self.helpers:
+            helper.start()
 
     def _report(self) -> Optional[tuple[Any, ...]]:
         """What the dead dispatcher said before it exited, if anything."""
@@ -254,8 +340,7 @@ class Supervisor:
             for slot in range(self.count):
                 self._start_actor(slot)
             self._start_dispatcher()
-            if self.engine.metrics_port:
-                self._start_metrics()
+            self._start_helpers()
             log.info(
                 "engine %s serving %s with %d process(es)%s",
                 self.engine.consumer,
@@ -278,6 +363,9 @@ class Supervisor:
                 return
             if self.region.stop_requested() and self.stop_since is None:
                 self.stop_since = now
+                for helper in self.helpers:
+                    if helper.early:
+                        helper.stop()  # cron: its entries go to another engine now
             if self._dispatcher_exited(now):
                 return
             if self.dispatcher is None and self.stop_since is not None:
@@ -293,7 +381,9 @@ class Supervisor:
                     self._start_actor(slot)
                 self._start_dispatcher()
             self._tend_actors(now)
-            self._tend_metrics(now)
+            if self.stop_since is None:
+                for helper in self.helpers:
+                    helper.tend(now)
             if self.stop_since is not None:
                 limit = self.engine.shutdown_timeout + _core.WRITE_GRACE_MS / 1000 + STOP_MARGIN
                 if now - self.stop_since > limit:
@@ -374,35 +464,17 @@ class Supervisor:
                 del self.actor_due[slot]
                 self._start_actor(slot)
 
-    def _tend_metrics(self, now: float) -> None:
-        if self.metrics is None or self.stop_since is not None:
-            return
-        if self.metrics_due is not None:
-            if now >= self.metrics_due:
-                self.metrics_due = None
-                self._start_metrics()
-            return
-        if not self.metrics.is_alive():
-            self.metrics.join()
-            delay = self.metrics_backoff.next_delay(now - self.metrics_born)
-            log.warning(
-                "the metrics process exited with code %s; restarting it in %.1fs",
-                self.metrics.exitcode,
-                delay,
-            )
-            self.metrics_due = now + delay
-
     def _wait(self, now: float) -> None:
         """Sleeps until a child exits, a signal arrives, or something is due."""
         # Only what the loop will act on: a due time it skips (actors while
-        # the engine closes, metrics while it stops) would make this spin.
+        # the engine closes, helpers while it stops) would make this spin.
         dues: list[float] = []
         if not self.region.closing() and self.dispatcher is not None:
             dues += self.actor_due.values()
         if self.dispatcher_due is not None:
             dues.append(self.dispatcher_due)
-        if self.metrics_due is not None and self.stop_since is None:
-            dues.append(self.metrics_due)
+        if self.stop_since is None:
+            dues += [helper.due for helper in self.helpers if helper.due is not None]
         timeout = 1.0
         if dues:
             timeout = min(timeout, max(0.0, min(dues) - now))
@@ -411,9 +483,9 @@ class Supervisor:
             timeout = min(timeout, 0.02)
         waitables: list[Any] = [self.wake_read]
         children = [*self.actors, self.dispatcher]
-        if self.metrics is not None and self.metrics_due is None:
-            children.append(self.metrics)
         waitables += [child.sentinel for child in children if child is not None]
+        if self.stop_since is None:
+            waitables += [helper.waitable() for helper in self.helpers if helper.due is None]
         wait(waitables, timeout=timeout)
         with contextlib.suppress(BlockingIOError):
             while os.read(self.wake_read, 512):
@@ -422,9 +494,9 @@ class Supervisor:
     # -- the end -----------------------------------------------------------
 
     def _close(self) -> None:
-        """Stops every child (stop order: metrics, dispatcher, actors)."""
-        if self.metrics is not None:
-            self._kill(self.metrics)
+        """Stops every child (stop order: helpers, dispatcher, actors)."""
+        for helper in self.helpers:
+            helper.stop()
         orderly = self.finished is not None and self.finished[0] == "ok"
         if not orderly:
             self._kill(self.dispatcher)

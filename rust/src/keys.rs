@@ -4,7 +4,8 @@
 //! Redis Cluster slot and the Lua scripts touching several of its keys stay
 //! legal there. Only the registries (known queues, live engines) and the set
 //! of paused queues are global; each is read or written on its own, never in
-//! a script or MULTI with a queue's keys.
+//! a script or MULTI with a queue's keys. The cron entries' leases share the
+//! tag `{cron}`, so one script keeps them all.
 
 /// Why a queue name was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -140,6 +141,26 @@ impl Keys {
     #[must_use]
     pub fn queues(&self) -> String {
         format!("{}:queues", self.prefix)
+    }
+
+    /// The hash of a queue's cron entries and the time (ms) of the last
+    /// tick each enqueued: the guard that makes a tick go in once.
+    #[must_use]
+    pub fn cron_ticks(&self, queue: &str) -> String {
+        self.queue_key(queue, "cron")
+    }
+
+    /// The cron entries the engines carry (name -> JSON description), for
+    /// `flumeq cron`. With the scheduler leases under one hash tag.
+    #[must_use]
+    pub fn cron_entries(&self) -> String {
+        format!("{}:{{cron}}:entries", self.prefix)
+    }
+
+    /// The scheduler lease of cron entry `name` (its holder enqueues its ticks).
+    #[must_use]
+    pub fn cron_lease(&self, name: &str) -> String {
+        format!("{}:{{cron}}:lease:{name}", self.prefix)
     }
 
     /// The set of paused queues: no engine starts their tasks.

@@ -1,6 +1,7 @@
 //! Every Lua script flumeq runs, always by SHA (`EVALSHA`, through
 //! `redis::Script`), loading it when Redis answers `NOSCRIPT`. Each takes only keys it declares (all of one
-//! queue, so with the `{queue}` hash tag they stay legal in Redis Cluster).
+//! queue, so with the `{queue}` hash tag they stay legal in Redis Cluster;
+//! the cron leases all carry the tag `{cron}`).
 //!
 //! A delayed task (scheduled or waiting for its retry) is stored in the
 //! queue's delayed ZSET as a JSON array of its stream fields,
@@ -55,6 +56,47 @@ if tonumber(ARGV[3]) > 0 then
   return ''
 end
 return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 6))
+";
+
+/// Enqueues the tick of a cron entry, once: only if no tick of the entry at
+/// this time or later was enqueued (so two schedulers that overlap, or one
+/// that replays a tick, never append it twice, nor an older one after it).
+///
+/// KEYS[1] the queue's cron hash (entry -> last tick ms), KEYS[2] stream,
+/// KEYS[3] stats hash. ARGV[1] entry name, ARGV[2] tick (ms), ARGV[3] task
+/// type, ARGV[4..] the fields. Returns the entry id, or `false` (nothing
+/// written) when the tick was enqueued already.
+pub const CRON_TICK: &str = r"
+local last = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '-1')
+if last >= tonumber(ARGV[2]) then return false end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HINCRBY', KEYS[3], 'enqueued', 1)
+redis.call('HINCRBY', KEYS[3], 'enqueued|' .. ARGV[3], 1)
+return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
+";
+
+/// Takes or keeps the scheduler leases of cron entries (all under the tag
+/// `{cron}`): a free lease is taken, one held by `ARGV[1]` is extended,
+/// another holder's is left. With a TTL of 0, those held are let go.
+///
+/// KEYS the leases. ARGV[1] holder, ARGV[2] TTL (ms). Returns per key 1 when
+/// held by the holder now, else 0.
+pub const CRON_LEASES: &str = r"
+local held = {}
+for i, key in ipairs(KEYS) do
+  local owner = redis.call('GET', key)
+  held[i] = 0
+  if ARGV[2] == '0' then
+    if owner == ARGV[1] then redis.call('DEL', key) end
+  elseif owner == ARGV[1] then
+    redis.call('PEXPIRE', key, ARGV[2])
+    held[i] = 1
+  elseif not owner then
+    redis.call('SET', key, ARGV[1], 'PX', ARGV[2])
+    held[i] = 1
+  end
+end
+return held
 ";
 
 /// Releases a uniqueness key if it still belongs to the task.

@@ -7,6 +7,7 @@ from typing import Any
 from typing_extensions import assert_type
 
 import flumeq
+from flumeq.app import AsyncTaskFunction
 
 app = flumeq.App()
 
@@ -21,7 +22,20 @@ async def send_email(to: str, subject: str = "") -> dict[str, str]:
     return {"to": to, "subject": subject}
 
 
+@app.cron("0 3 * * *", tz="UTC")
+@app.task(queue="upkeep")
+def tidy(days: int = 7) -> int:
+    return days
+
+
+@app.cron(60.0, name="warm")
+async def warm() -> None:
+    pass
+
+
 def produce() -> None:
+    assert_type(tidy.enqueue(days=1).result(), int)
+    assert_type(warm, AsyncTaskFunction[[], None])
     assert_type(add(1, 2), int)
     info = add.enqueue(1, b=2)
     assert_type(info, flumeq.TaskInfo[int])

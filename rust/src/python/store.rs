@@ -91,7 +91,10 @@ impl Store {
     /// entry_id)` pairs in order (entry id `""` when scheduled). With
     /// `unique_key` (one item only) raises `DuplicateTask` when the key is held.
     /// `result_ttl_ms > 0` keeps each task's outcome that long once it ended.
-    #[pyo3(signature = (queue, items, max_retry, timeout_ms, deadline_ms = None, labels = None, unique_key = None, unique_ttl_ms = 3_600_000, due_ms = 0, result_ttl_ms = 0))]
+    /// With `tick = (entry, tick_ms)` (one item only) the task is a cron
+    /// entry's tick: appended only if no later or equal tick of the entry
+    /// was, in one script; an empty list says it was enqueued already.
+    #[pyo3(signature = (queue, items, max_retry, timeout_ms, deadline_ms = None, labels = None, unique_key = None, unique_ttl_ms = 3_600_000, due_ms = 0, result_ttl_ms = 0, tick = None))]
     #[expect(
         clippy::too_many_arguments,
         reason = "mirrors Client.enqueue's options"
@@ -113,13 +116,14 @@ impl Store {
         unique_ttl_ms: u64,
         due_ms: u64,
         result_ttl_ms: u64,
+        tick: Option<(String, u64)>,
     ) -> PyResult<Vec<(String, String)>> {
         validate_queue(queue).map_err(|failure| error(py, "InvalidTask", failure.to_string()))?;
-        if unique_key.is_some() && items.len() != 1 {
+        if (unique_key.is_some() || tick.is_some()) && items.len() != 1 {
             return Err(error(
                 py,
                 "InvalidTask",
-                "unique_key applies to one task at a time".to_owned(),
+                "unique_key and tick apply to one task at a time".to_owned(),
             ));
         }
         reseed_after_fork();
@@ -146,6 +150,15 @@ impl Store {
                 result_ttl_ms,
             })
             .collect();
+        if let Some((entry, tick_ms)) = &tick {
+            let appended = self.with(py, |store| {
+                store.enqueue_tick(queue, &tasks[0], entry, *tick_ms)
+            })?;
+            return Ok(appended
+                .map(|entry_id| (ids[0].clone(), entry_id))
+                .into_iter()
+                .collect());
+        }
         let entries: Vec<String> = if let Some(key) = unique_key {
             match self.with(py, |store| {
                 store.enqueue_unique(queue, &tasks[0], key, unique_ttl_ms, due_ms)
@@ -184,6 +197,23 @@ impl Store {
         count: usize,
     ) -> PyResult<(String, Vec<String>)> {
         self.with(py, |store| store.read_ended(queue, cursor, block_ms, count))
+    }
+
+    /// Takes or keeps (for `ttl_ms`) the scheduler leases of these cron
+    /// entries for `holder`, in one script; returns which it holds. With
+    /// `ttl_ms` 0 it lets go of those it holds instead.
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "PyO3 extracts arguments as owned values"
+    )]
+    fn cron_leases(
+        &self,
+        py: Python<'_>,
+        entries: Vec<String>,
+        holder: &str,
+        ttl_ms: u64,
+    ) -> PyResult<Vec<bool>> {
+        self.with(py, |store| store.cron_leases(&entries, holder, ttl_ms))
     }
 
     /// Moves dead letters back to the stream (all, or those with these task ids).
@@ -276,6 +306,8 @@ fn key_names(prefix: &str, queue: Option<&str>) -> std::collections::HashMap<&'s
     let mut names = std::collections::HashMap::from([
         ("queues", keys.queues()),
         ("paused", keys.paused()),
+        ("cron_entries", keys.cron_entries()),
+        ("cron_lease", keys.cron_lease("")),
         ("workers", keys.workers()),
         ("worker", keys.worker("")),
     ]);
@@ -288,6 +320,7 @@ fn key_names(prefix: &str, queue: Option<&str>) -> std::collections::HashMap<&'s
         names.insert("done", keys.done(queue, ""));
         names.insert("result", keys.result(queue, ""));
         names.insert("ended", keys.ended(queue));
+        names.insert("cron", keys.cron_ticks(queue));
     }
     names
 }

@@ -64,6 +64,8 @@ fn count_enqueued(pipe: &mut redis::Pipeline, stats: &str, tasks: &[TaskRef<'_>]
 /// Redis does not know them (`NOSCRIPT`: it restarted, or was flushed).
 struct ClientScripts {
     enqueue_unique: Script,
+    cron_tick: Script,
+    cron_leases: Script,
     requeue_dead: Script,
     purge_dead: Script,
 }
@@ -72,6 +74,8 @@ impl Default for ClientScripts {
     fn default() -> Self {
         Self {
             enqueue_unique: Script::new(scripts::ENQUEUE_UNIQUE),
+            cron_tick: Script::new(scripts::CRON_TICK),
+            cron_leases: Script::new(scripts::CRON_LEASES),
             requeue_dead: Script::new(scripts::REQUEUE_DEAD),
             purge_dead: Script::new(scripts::PURGE_DEAD),
         }
@@ -80,6 +84,28 @@ impl Default for ClientScripts {
 
 fn is_no_script(error: &redis::RedisError) -> bool {
     error.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
+}
+
+/// Registers `queue` and runs `invocation` (a script whose reply is an
+/// entry id or nil) in one pipeline; loads the script when Redis does not
+/// know it (then nothing was written: the script never ran) and retries.
+fn registered_script(
+    connection: &mut redis::Connection,
+    keys: &Keys,
+    queue: &str,
+    invocation: &redis::ScriptInvocation<'_>,
+) -> RedisResult<Option<String>> {
+    let mut pipe = redis::pipe();
+    pipe.cmd("SADD").arg(keys.queues()).arg(queue).ignore();
+    pipe.invoke_script(invocation);
+    let (reply,): (Option<String>,) = match pipe.query(connection) {
+        Err(error) if is_no_script(&error) => {
+            invocation.load(connection)?;
+            pipe.query(connection)?
+        }
+        other => other?,
+    };
+    Ok(reply)
 }
 
 /// The synchronous store the client uses.
@@ -267,19 +293,62 @@ impl SyncStore {
             for (name, value) in &fields {
                 invocation.arg(*name).arg(value.as_slice());
             }
-            let mut pipe = redis::pipe();
-            pipe.cmd("SADD").arg(keys.queues()).arg(queue).ignore();
-            pipe.invoke_script(&invocation);
-            let reply: RedisResult<(Option<String>,)> = pipe.query(connection);
-            let (reply,) = match reply {
+            registered_script(connection, keys, queue, &invocation)
+        })
+    }
+
+    /// Appends the tick `tick_ms` of cron entry `entry` (`task`), unless
+    /// that tick or a later one of the entry was appended already (then
+    /// `None`, nothing written). One script; registers the queue too.
+    pub fn enqueue_tick(
+        &mut self,
+        queue: &str,
+        task: &TaskRef<'_>,
+        entry: &str,
+        tick_ms: u64,
+    ) -> RedisResult<Option<String>> {
+        self.run(|connection, keys, scripts| {
+            let fields = task.to_fields();
+            let mut invocation = scripts.cron_tick.prepare_invoke();
+            invocation
+                .key(keys.cron_ticks(queue))
+                .key(keys.stream(queue))
+                .key(keys.stats(queue))
+                .arg(entry)
+                .arg(tick_ms)
+                .arg(task.kind);
+            for (name, value) in &fields {
+                invocation.arg(*name).arg(value.as_slice());
+            }
+            registered_script(connection, keys, queue, &invocation)
+        })
+    }
+
+    /// Takes or keeps (`ttl_ms`; 0 lets go) the scheduler leases of cron
+    /// `entries` for `holder`; returns which it holds.
+    pub fn cron_leases(
+        &mut self,
+        entries: &[String],
+        holder: &str,
+        ttl_ms: u64,
+    ) -> RedisResult<Vec<bool>> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.run(|connection, keys, scripts| {
+            let mut invocation = scripts.cron_leases.prepare_invoke();
+            for entry in entries {
+                invocation.key(keys.cron_lease(entry));
+            }
+            invocation.arg(holder).arg(ttl_ms);
+            let held: Vec<i64> = match invocation.invoke(connection) {
                 Err(error) if is_no_script(&error) => {
-                    // Nothing was written (the script never ran): load, retry.
                     invocation.load(connection)?;
-                    pipe.query(connection)?
+                    invocation.invoke(connection)?
                 }
                 other => other?,
             };
-            Ok(reply)
+            Ok(held.into_iter().map(|flag| flag == 1).collect())
         })
     }
 

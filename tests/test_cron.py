@@ -1,0 +1,266 @@
+"""Cron entries: every tick enqueued once across engines that carry the
+entry (and across a lease holder's kill -9), only the latest missed tick
+after an outage, time zones across DST changes, ``flumeq cron``, and clear
+errors for bad entries."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+import redis
+from click.testing import CliRunner
+
+import flumeq
+from conftest import script_env, spawn_script, wait_until
+from flumeq.cli import main
+from flumeq.cron import Cron, Scheduler
+
+BERLIN = ZoneInfo("Europe/Berlin")
+
+ENGINE = """
+import sys, flumeq
+from conftest import process_redis
+
+def beat(task):
+    process_redis(sys.argv[1]).hincrby("runs", task.id, 1)
+
+flumeq.Engine({"beat": beat}, sys.argv[1], consumer=sys.argv[2],
+              cron=[flumeq.Cron(1.0, "beat", name="beat")]).run(processes=1)
+"""
+
+
+def local(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, BERLIN).strftime("%Y-%m-%d %H:%M%z")
+
+
+def ticks(entry: Cron, start: datetime, count: int) -> list[str]:
+    at = entry.latest(start.timestamp())
+    out = []
+    for _ in range(count):
+        at = entry.next_after(at)
+        out.append(local(at))
+    return out
+
+
+def enqueued_ticks(r: redis.Redis) -> list[float]:
+    """The tick times (s) of the beat entry's tasks that ran."""
+    seconds = []
+    for key in r.hkeys("runs"):
+        stamp = key.decode().removeprefix("cron:beat:").rstrip("Z")
+        seconds.append(datetime.fromisoformat(stamp).replace(tzinfo=timezone.utc).timestamp())
+    return sorted(seconds)
+
+
+def lease_holder(r: redis.Redis) -> str:
+    """The consumer name of the engine holding the beat entry's lease
+    (``""`` while nobody does)."""
+    value = r.get("flumeq:{cron}:lease:beat")
+    return "" if value is None else value.decode().split(":")[0]
+
+
+def test_three_engines_enqueue_each_tick_once_and_survive_the_holders_kill(
+    redis_url: str, r: redis.Redis
+) -> None:
+    engines = {name: spawn_script(ENGINE, redis_url, name) for name in ("e0", "e1", "e2")}
+    try:
+        wait_until(lambda: r.exists("flumeq:{cron}:lease:beat") == 1, timeout=30)
+        time.sleep(10)
+        holder = lease_holder(r)
+        killed_at = time.time()
+        os.killpg(engines[holder].pid, signal.SIGKILL)
+        engines[holder].wait(timeout=10)
+        wait_until(lambda: lease_holder(r) not in ("", holder), timeout=15)
+        time.sleep(3)
+    finally:
+        for process in engines.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in engines.values():
+            process.wait(timeout=30)
+    counts = {key.decode(): int(value) for key, value in r.hgetall("runs").items()}
+    stats = r.hgetall("flumeq:{default}:stats")
+    # No tick twice: each id ran once, and as many tasks went in as ids.
+    assert set(counts.values()) == {1}, counts
+    assert int(stats[b"enqueued"]) == len(counts)
+    seen = enqueued_ticks(r)
+    before = [at for at in seen if at < killed_at - 1]
+    gaps = [b - a for a, b in zip(before, before[1:])]
+    assert len(before) >= 9 and set(gaps) == {1.0}, before  # every second while alive
+    after = [at for at in seen if at > killed_at]
+    assert after, "no tick after the takeover"
+    takeover = after[0] - killed_at
+    assert takeover < 6.0, f"takeover took {takeover:.1f}s"
+    assert set(b - a for a, b in zip(after, after[1:])) == {1.0}
+
+
+def test_a_graceful_stop_hands_the_entry_over_at_once(redis_url: str, r: redis.Redis) -> None:
+    first = spawn_script(ENGINE, redis_url, "first")
+    wait_until(lambda: r.exists("flumeq:{cron}:lease:beat") == 1, timeout=30)
+    second = spawn_script(ENGINE, redis_url, "second")
+    try:
+        time.sleep(3)  # the second engine is up and looking
+        assert lease_holder(r) == "first"
+        first.send_signal(signal.SIGTERM)
+        stopped = time.time()
+        wait_until(lambda: lease_holder(r) == "second", timeout=10)
+        assert time.time() - stopped < 2.5  # not the lease's 3 s plus a look
+        assert first.wait(timeout=30) == 0
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(timeout=30)
+    assert set(int(value) for value in r.hvals("runs")) == {1}
+
+
+def test_after_an_outage_only_the_latest_missed_tick_is_enqueued(
+    redis_url: str, r: redis.Redis
+) -> None:
+    """The scheduler's clock is its argument: an outage is a jump of it."""
+    client = flumeq.Client(redis_url)
+    entry = Cron("*/5 * * * *", "report", {"k": 1}, name="reports", tz="Europe/Berlin")
+    first = Scheduler(client, [entry], "a")
+    start = datetime(2026, 6, 1, 12, 1, tzinfo=BERLIN).timestamp()
+    first.step(start)  # a new entry starts with the next tick, not 12:00
+    assert r.xlen("flumeq:{default}:stream") == 0
+    first.step(start + 4 * 60 + 1)  # 12:05:01
+    # Nobody alive from 12:05:01 to 12:31: ticks 12:10 ... 12:30 were missed.
+    first.step(start + 30 * 60)
+    fields = [entry_fields for _, entry_fields in r.xrange("flumeq:{default}:stream")]
+    assert [f[b"id"] for f in fields] == [
+        b"cron:reports:2026-06-01T10:05:00Z",
+        b"cron:reports:2026-06-01T10:30:00Z",
+    ]
+    assert fields[0][b"payload"] == b'{"k":1}' and fields[0][b"type"] == b"report"
+    # Two schedulers that overlap (the lease passed while one was frozen)
+    # never append a tick twice, nor an older one after a newer one.
+    frozen = Scheduler(client, [entry], "b")
+    tick = entry.latest(start + 30 * 60)
+    frozen._enqueue(entry, tick)
+    frozen._enqueue(entry, entry.latest(start + 20 * 60))
+    assert r.xlen("flumeq:{default}:stream") == 2
+    first.release()
+
+
+def test_time_zones_across_the_spring_and_autumn_changes() -> None:
+    daily = Cron("30 2 * * *", "nightly", tz="Europe/Berlin")
+    half_hourly = Cron("*/30 * * * *", "sync", tz="Europe/Berlin")
+    # Spring (2026-03-29, 02:00 -> 03:00): 02:30 does not exist that day.
+    assert ticks(daily, datetime(2026, 3, 28, 12, 0, tzinfo=BERLIN), 3) == [
+        "2026-03-29 03:00+0200",
+        "2026-03-30 02:30+0200",
+        "2026-03-31 02:30+0200",
+    ]
+    assert ticks(half_hourly, datetime(2026, 3, 29, 1, 10, tzinfo=BERLIN), 3) == [
+        "2026-03-29 01:30+0100",
+        "2026-03-29 03:00+0200",
+        "2026-03-29 03:30+0200",
+    ]
+    # Autumn (2026-10-25, 03:00 -> 02:00): 02:00-02:59 comes twice, ticks once.
+    assert ticks(daily, datetime(2026, 10, 24, 12, 0, tzinfo=BERLIN), 2) == [
+        "2026-10-25 02:30+0200",
+        "2026-10-26 02:30+0100",
+    ]
+    assert ticks(half_hourly, datetime(2026, 10, 25, 1, 40, tzinfo=BERLIN), 4) == [
+        "2026-10-25 02:00+0200",
+        "2026-10-25 02:30+0200",
+        "2026-10-25 03:00+0100",
+        "2026-10-25 03:30+0100",
+    ]
+    # In the repeated hour the latest tick is the first 02:30, not a new one.
+    repeated = datetime(2026, 10, 25, 2, 40, tzinfo=BERLIN).replace(fold=1).timestamp()
+    assert local(daily.latest(repeated)) == "2026-10-25 02:30+0200"
+    # Intervals are on multiples of the interval since the epoch.
+    every = Cron(10.0, "warm")
+    assert every.latest(1_000_000_007.5) == 1_000_000_000_000
+    assert every.next_after(1_000_000_000_000) == 1_000_000_010_000
+
+
+def test_app_cron_and_the_cron_listing(redis_url: str, r: redis.Redis) -> None:
+    app = flumeq.App(redis_url)
+
+    @app.cron(2.0, name="tidy")
+    @app.task(queue="upkeep", max_retry=1)
+    def tidy(days: int = 3) -> None:
+        pass
+
+    @app.cron("0 3 * * *", tz="UTC")
+    def nightly() -> None:
+        pass
+
+    with pytest.raises(flumeq.ConfigError, match="needs argument"):
+
+        @app.cron(60.0)
+        @app.task
+        def needs(order: int) -> None:
+            pass
+
+    engine = flumeq.Engine(app)
+    assert [entry.name for entry in engine.cron] == ["tidy", nightly.name]
+    assert nightly.name.endswith(".nightly")
+    assert (engine.cron[0].queue, engine.cron[0].type) == ("upkeep", tidy.name)
+    client = flumeq.Client(redis_url)
+    scheduler = Scheduler(client, engine.cron, "host-1")
+    now = time.time()
+    scheduler.step(now)
+    scheduler.step(now + 2.0)
+    out = CliRunner().invoke(main, ["cron", "--url", redis_url])
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    tidy_line = next(line for line in lines if line.startswith("tidy"))
+    assert "every 2.0s" in tidy_line and "-> upkeep" in tidy_line and "host-1" in tidy_line
+    assert "cron:tidy:" in tidy_line
+    nightly_line = next(line for line in lines if line.startswith(nightly.name))
+    assert "0 3 * * * (UTC)" in nightly_line and "never" in nightly_line
+    assert r.xlen("flumeq:{upkeep}:stream") == 1
+    scheduler.release()
+    out = CliRunner().invoke(main, ["cron", "--url", redis_url])
+    assert "no engine" in out.output
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "message"),
+    [
+        (("61 * * * *", "t"), {}, "cron entry 't': bad cron expression"),
+        (("* * *", "t"), {"name": "short"}, "cron entry 'short': bad cron expression"),
+        (("* * * * *", "t"), {"tz": "Mars/Olympus"}, "unknown time zone 'Mars/Olympus'"),
+        ((0, "t"), {}, "schedule must be a cron expression or seconds > 0"),
+        ((True, "t"), {}, "schedule must be"),
+        ((5.0, "t"), {"tz": "UTC"}, "tz applies to cron expressions"),
+        ((5.0, "t", {1, 2}), {}, "not JSON-serialisable"),
+        ((5.0, "t"), {"queue": "a{b"}, "cron entry 't'"),
+        ((5.0, ""), {}, "type must be a task type string"),
+        ((5.0, "t"), {"name": ""}, "name must be a short string"),
+    ],
+)
+def test_bad_entries_are_config_errors_naming_the_entry(
+    args: tuple[Any, ...], kwargs: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(flumeq.ConfigError, match=message.replace("*", r"\*").replace("{", r"\{")):
+        Cron(*args, **kwargs)
+
+
+def test_two_entries_of_one_name_and_foreign_objects_are_refused(redis_url: str) -> None:
+    with pytest.raises(flumeq.ConfigError, match="two cron entries are named 'a'"):
+        flumeq.Engine({}, redis_url, cron=[Cron(1.0, "a"), Cron(2.0, "a")])
+    with pytest.raises(flumeq.ConfigError, match=r"flumeq\.Cron objects"):
+        flumeq.Engine({}, redis_url, cron=["* * * * *"])  # type: ignore[list-item]
+
+
+def test_a_burst_engine_starts_no_cron_process(redis_url: str, r: redis.Redis) -> None:
+    source = ENGINE.replace("run(processes=1)", "run(processes=1, burst=True)")
+    engine = subprocess.run(
+        [sys.executable, "-c", source, redis_url, "burst"],
+        env=script_env(),
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert engine.returncode == 0, engine.stderr.decode()
+    assert r.exists("flumeq:{cron}:lease:beat") == 0
