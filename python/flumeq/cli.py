@@ -161,6 +161,12 @@ def load_app(path: str) -> Any:
     help="Queues to serve: 'a,b' or with weights 'critical=6,default=3'.",
 )
 @click.option("--burst", is_flag=True, help="Exit once no task is ready, in flight or delayed.")
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Strict priority: a queue's tasks run only while the queues before it (with "
+    "weights: the heavier ones) have none ready.",
+)
 @click.option("--group", default=None, help="Consumer group [default: the engine's, 'flumeq'].")
 @click.option(
     "--consumer",
@@ -198,6 +204,7 @@ def worker(
     processes: Optional[int],
     queues: Optional[str],
     burst: bool,
+    strict: bool,
     group: Optional[str],
     consumer: Optional[str],
     log_level: str,
@@ -214,7 +221,16 @@ def worker(
     queue_spec = parse_queues(queues)
     try:
         engine = _engine_for(
-            target, app, url, prefix, queue_spec, group, metrics_port, metrics_host, consumer
+            target,
+            app,
+            url,
+            prefix,
+            queue_spec,
+            group,
+            metrics_port,
+            metrics_host,
+            consumer,
+            strict,
         )
     except ConfigError as error:
         raise click.BadParameter(str(error)) from None
@@ -243,6 +259,7 @@ def _engine_for(
     metrics_port: Optional[int],
     metrics_host: Optional[str],
     consumer: Optional[str] = None,
+    strict: bool = False,
 ) -> Engine:
     if isinstance(target, Engine):
         engine = target
@@ -250,8 +267,10 @@ def _engine_for(
             engine.consumer = consumer
         if url:
             engine.url = url
+        if strict:
+            engine.strict = True
         if queues is not None:
-            engine.queues = queue_weights(queues)
+            engine.queues = queue_weights(queues, engine.strict)
         if group:
             engine.group = group
         if metrics_port:
@@ -271,6 +290,7 @@ def _engine_for(
             metrics_port=metrics_port,
             metrics_host=metrics_host or "127.0.0.1",
             consumer=consumer,
+            strict=strict,
         )
         return engine
     raise click.BadParameter(

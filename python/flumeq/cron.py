@@ -18,8 +18,10 @@ How a tick goes in once:
   its lease passed) cannot append a tick twice.
 - The task id is derived from the entry's name and the tick's time
   (``cron:<name>:<UTC time>``).
-- After an outage (no engine alive, Redis away) only the latest missed tick
-  is enqueued. A new entry starts with the next tick, not a past one.
+- After an outage (no engine alive, Redis away, a takeover) only the latest
+  missed tick is enqueued; a holder that was merely late (up to
+  ``CATCH_UP`` ticks) enqueues each tick it missed. A new entry starts with
+  the next tick, not a past one.
 
 Time zones follow ``tz`` (zoneinfo; UTC by default). On the spring change a
 time that does not exist that day runs at the first time after the gap
@@ -61,6 +63,9 @@ log = logging.getLogger("flumeq.cron")
 #: is at most about their sum.
 LEASE = 3.0
 RENEW = 1.0
+#: Ticks a holder that was late (a slow host, a long pause of the process)
+#: still enqueues one by one; later ones than that collapse to the latest.
+CATCH_UP = 10
 #: Longest wait between two looks at Redis when Redis is away.
 LONGEST_WAIT = 5.0
 
@@ -268,7 +273,8 @@ class Scheduler:
             if not mine:
                 self.last.pop(entry.name, None)  # read again once it is ours
                 continue
-            if entry.name not in self.last:
+            taken_now = entry.name not in self.last
+            if taken_now:
                 stored = reads.one(
                     store,
                     "HGET",
@@ -278,8 +284,22 @@ class Scheduler:
                 self.last[entry.name] = int(stored) if stored else entry.latest(now)
                 log.info("cron entry %r: this engine holds its lease", entry.name)
             due = entry.latest(now)
-            if due > self.last[entry.name]:
-                self._enqueue(entry, due)
+            last = self.last[entry.name]
+            if due > last:
+                # Held all along (this process was only late): every tick
+                # since the last, up to CATCH_UP. Just taken (an outage, a
+                # takeover): the latest only.
+                ticks = [due]
+                if not taken_now:
+                    ticks = []
+                    at = entry.next_after(last)
+                    while at <= due and len(ticks) < CATCH_UP:
+                        ticks.append(at)
+                        at = entry.next_after(at)
+                    if ticks[-1] != due:
+                        ticks = [due]
+                for tick in ticks:
+                    self._enqueue(entry, tick)
                 self.last[entry.name] = due
             wait = min(wait, max(0.0, entry.next_after(due) / 1000 - now))
         return wait

@@ -35,9 +35,10 @@ Queues = Union[Mapping[str, int], tuple[str, ...], list[str]]
 HEARTBEAT = 2.0
 
 
-def queue_weights(queues: Queues) -> list[tuple[str, int]]:
+def queue_weights(queues: Queues, strict: bool = False) -> list[tuple[str, int]]:
     """``queues`` (names, or a mapping of name to weight) as checked
-    ``(name, weight)`` pairs; a ``ConfigError`` says what is wrong."""
+    ``(name, weight)`` pairs; a ``ConfigError`` says what is wrong. For
+    strict priority a mapping is ordered by weight, highest first."""
     if isinstance(queues, str):
         queues = (queues,)
     pairs = list(queues.items()) if isinstance(queues, Mapping) else [(name, 1) for name in queues]
@@ -51,6 +52,8 @@ def queue_weights(queues: Queues) -> list[tuple[str, int]]:
             raise ConfigError(problem)
         if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
             raise ConfigError(f"queue {name!r}: weight must be an integer >= 1, got {weight!r}")
+    if strict and isinstance(queues, Mapping):
+        pairs.sort(key=lambda pair: -pair[1])  # ties keep their order
     return pairs
 
 
@@ -62,7 +65,13 @@ class Engine:
     ``async def`` (async tasks of a batch run concurrently in each actor, at
     most ``concurrency`` at once). ``queues`` is a sequence of names, or a
     mapping of name to weight: when several queues have work, each read takes
-    from them in proportion to their weights. ``cron`` entries (``flumeq.Cron``,
+    from them in proportion to their weights (every queue gets at least one
+    task per read, so none starves). With ``strict=True`` the order is the
+    priority instead (for a mapping: higher weight first): a queue's tasks
+    are taken only while every queue before it has none ready, and each
+    actor holds at most one task ahead of those it runs, so a task of a
+    higher queue waits for at most one lower-queue task per process (plus
+    those running). ``cron`` entries (``flumeq.Cron``,
     plus an app's ``@app.cron`` ones) are enqueued on their schedules, each
     tick once across every engine carrying them.
     """
@@ -91,6 +100,7 @@ class Engine:
         metrics_host: str = "127.0.0.1",
         middleware: Iterable[Any] = (),
         cron: Iterable[Cron] = (),
+        strict: bool = False,
     ) -> None:
         own_middleware = hooks.checked(middleware)
         entries = list(cron) if not isinstance(cron, Cron) else [cron]
@@ -134,7 +144,7 @@ class Engine:
         #: Run hooks around every handler (see ``flumeq.hooks``).
         self.middleware = own_middleware
         self.url = resolve_url(url)
-        self.queues = queue_weights(queues)
+        self.queues = queue_weights(queues, strict)
         self.group = group
         self.claim_stale_after = float(claim_stale_after)
         self.retry_base = float(retry_base)
@@ -149,6 +159,11 @@ class Engine:
         self.ring_bytes = ring_bytes
         self.dead_max_length = dead_max_length
         self.concurrency = concurrency
+        if not isinstance(strict, bool):
+            raise ConfigError(f"strict must be True or False, got {strict!r}")
+        #: Strict priority: a queue's tasks are taken only while every queue
+        #: before it has none ready (see ``queues``).
+        self.strict = strict
         if metrics_port is not None and (
             isinstance(metrics_port, bool)
             or not isinstance(metrics_port, int)
@@ -196,6 +211,7 @@ class Engine:
             "group": self.group,
             "consumer": self.consumer,
             "burst": burst,
+            "strict": self.strict,
             "prefetch": self.prefetch,
             "read_count": self.read_count,
             "block_ms": round(self.block * 1000),

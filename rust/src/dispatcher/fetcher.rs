@@ -57,6 +57,9 @@ pub struct ReadRequest {
     pub recover: Recover,
     /// Per queue: paused (no new entries are read from it).
     pub paused: super::control::Paused,
+    /// Strict priority: a queue is read only when those before it had
+    /// fewer than `count` ready.
+    pub strict: bool,
 }
 
 /// What one read brought.
@@ -128,6 +131,7 @@ impl Fetcher {
                 &mut self.reader,
                 &self.queues,
                 &request.paused,
+                request.strict,
                 &self.group,
                 &self.consumer,
                 request.count,

@@ -390,6 +390,7 @@ async fn serve(
         Duration::from_millis(settings.claim_stale_after_ms / 3).max(Duration::from_millis(50));
     let (control_poll, paused_changes) = control.start(Arc::clone(&paused));
     let mut pool = Pool::new(region, settings.prefetch, refresh_every);
+    pool.strict = settings.strict;
     pool.set_paused(&paused);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -708,6 +709,7 @@ impl Dispatcher<'_> {
             block_ms,
             recover,
             paused: Arc::clone(&self.paused),
+            strict: self.settings.strict,
         });
         if sent {
             self.recover = false;

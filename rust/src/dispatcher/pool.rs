@@ -31,6 +31,8 @@ use crate::streams::Durations;
 /// Tasks queued behind what an actor runs at once, before its first results
 /// say how long its tasks take.
 const FIRST_PREFETCH: usize = 16;
+/// Tasks an actor holds beyond what it runs at once, with strict priority.
+const STRICT_AHEAD: usize = 1;
 /// Weight of the newest sample in the run-time average.
 const PACE_WEIGHT: f64 = 0.25;
 
@@ -125,6 +127,9 @@ pub struct Pool<'r> {
     /// Per queue: paused (its tasks are handed back, not to actors).
     paused: Vec<bool>,
     any_paused: bool,
+    /// Strict priority: the backlog is handed out in queue order, and an
+    /// actor holds one task ahead of what it runs at most.
+    pub strict: bool,
 }
 
 impl<'r> Pool<'r> {
@@ -145,6 +150,7 @@ impl<'r> Pool<'r> {
             last_refresh: Instant::now(),
             paused: Vec::new(),
             any_paused: false,
+            strict: false,
         }
     }
 
@@ -182,6 +188,10 @@ impl<'r> Pool<'r> {
 
     fn limit(&self, slot: usize) -> usize {
         let declared = self.region.slot(slot).parallel.load(Ordering::Relaxed);
+        if self.strict {
+            // A task of a higher queue waits for one task ahead at most.
+            return (declared.max(1) as usize + STRICT_AHEAD).min(self.prefetch);
+        }
         self.slots[slot].pace.limit(self.prefetch, declared)
     }
 
@@ -244,6 +254,12 @@ impl<'r> Pool<'r> {
     pub fn pump(&mut self, book: &mut Book) {
         if self.any_paused {
             self.hand_back_paused(book);
+        }
+        if self.strict && !self.backlog.iter().is_sorted_by_key(|taken| taken.queue) {
+            // Higher queues first; a stable sort keeps each queue's order.
+            self.backlog
+                .make_contiguous()
+                .sort_by_key(|taken| taken.queue);
         }
         let slots = self.slots.len();
         let mut full = vec![false; slots];

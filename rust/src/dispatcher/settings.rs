@@ -48,6 +48,10 @@ pub struct Settings {
     pub consumer: String,
     /// Stop once nothing is ready, in flight or delayed.
     pub burst: bool,
+    /// Strict priority: a queue's tasks are read only while every queue
+    /// before it has none ready, and each actor holds one task ahead at
+    /// most (weighted reads otherwise).
+    pub strict: bool,
     /// Most tasks handed to one actor and not yet finished.
     pub prefetch: usize,
     /// Most entries fetched by one read.
@@ -86,6 +90,7 @@ impl Settings {
             group: "flumeq".to_owned(),
             consumer: "test".to_owned(),
             burst: false,
+            strict: false,
             prefetch: defaults::PREFETCH,
             read_count: defaults::READ_COUNT,
             block_ms: defaults::BLOCK_MS,

@@ -32,11 +32,16 @@ fn xreadgroup(group: &str, consumer: &str, count: usize, block_ms: Option<u64>) 
 /// when work is there. With several queues, each gets a share of `count` by
 /// weight (one pipelined non-blocking read); only when all are empty does it
 /// block on all of them at once for up to `block_ms` (0 = do not block).
-/// Queues marked in `paused` are not read.
+/// Queues marked in `paused` are not read. `strict`: the queues are read
+/// one after another in their order, each for what the ones before it did
+/// not fill (a round trip per queue reached), so a queue's entries are
+/// taken only while those before it have too few ready.
+#[expect(clippy::too_many_arguments, reason = "one read, field by field")]
 pub async fn read_new(
     reader: &mut Reader,
     queues: &[QueueSpec],
     paused: &[bool],
+    strict: bool,
     group: &str,
     consumer: &str,
     count: usize,
@@ -62,7 +67,22 @@ pub async fn read_new(
     if open.is_empty() {
         return Ok(Vec::new());
     }
-    if open.len() > 1 {
+    if strict && open.len() > 1 {
+        let mut entries = Vec::new();
+        for queue in &open {
+            let left = count.saturating_sub(entries.len());
+            if left == 0 {
+                break;
+            }
+            let mut cmd = xreadgroup(group, consumer, left, None);
+            cmd.arg(&queue.stream).arg(">");
+            let replies = reader.query(std::slice::from_ref(&cmd)).await?;
+            entries.extend(replies.into_iter().flat_map(reply::read_reply));
+        }
+        if !entries.is_empty() || block_ms == 0 {
+            return Ok(tag(entries));
+        }
+    } else if open.len() > 1 {
         let total: u64 = open.iter().map(|queue| u64::from(queue.weight)).sum();
         let commands: Vec<Cmd> = open
             .iter()
