@@ -139,7 +139,11 @@ class Bench:
         env.update(system.env)
         env["BENCH_URL"] = self.url
         env["BENCH_KIND"] = kind
-        env["PYTHONPATH"] = str(PEERS)
+        # A PYTHONPATH of the caller goes first: a build to compare with
+        # (python/ of another checkout) runs in the same bench.
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [os.environ.get("PYTHONPATH"), str(PEERS)])
+        )
         return env
 
     def driver(self, system: System, *arguments: str, kind: str = "noop") -> Any:
