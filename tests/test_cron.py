@@ -106,6 +106,34 @@ def test_three_engines_enqueue_each_tick_once_and_survive_the_holders_kill(
     assert set(b - a for a, b in zip(after, after[1:])) == {1.0}
 
 
+def test_a_killed_cron_process_is_replaced_and_ticks_go_on(redis_url: str, r: redis.Redis) -> None:
+    engine = spawn_script(ENGINE, redis_url, "solo")
+    try:
+        wait_until(lambda: r.exists("flumeq:{cron}:lease:beat") == 1, timeout=30)
+        value = r.get("flumeq:{cron}:lease:beat")
+        assert value is not None
+        cron_pid = int(value.decode().rsplit(":", 1)[1])
+        assert cron_pid != engine.pid
+        os.kill(cron_pid, signal.SIGKILL)
+        killed_at = time.time()
+        # The supervisor forks a new one; it takes the lease once the old
+        # one's passes (the same consumer, another pid).
+        wait_until(
+            lambda: (
+                (r.get("flumeq:{cron}:lease:beat") or b"").decode().endswith(f":{cron_pid}")
+                is False
+                and r.exists("flumeq:{cron}:lease:beat") == 1
+            ),
+            timeout=15,
+        )
+        wait_until(lambda: max(enqueued_ticks(r), default=0) > killed_at + 1, timeout=15)
+        assert engine.poll() is None  # the engine kept serving
+    finally:
+        engine.send_signal(signal.SIGTERM)
+        assert engine.wait(timeout=30) == 0
+    assert set(int(value) for value in r.hvals("runs")) == {1}
+
+
 def test_a_graceful_stop_hands_the_entry_over_at_once(redis_url: str, r: redis.Redis) -> None:
     first = spawn_script(ENGINE, redis_url, "first")
     wait_until(lambda: r.exists("flumeq:{cron}:lease:beat") == 1, timeout=30)

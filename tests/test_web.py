@@ -23,6 +23,7 @@ import pytest
 import flumeq
 from conftest import ROOT, spawn_script, wait_until
 from flumeq.admin import Admin
+from flumeq.cron import Scheduler
 
 try:
     from flumeq.web import create_app, serve
@@ -266,6 +267,21 @@ def test_pause_and_resume_from_the_queue_page(dashboard: str, page: Page, redis_
     # The action needs the page's CSRF token, like every other.
     status, _, _ = post_json(f"{dashboard}/api/pause/mail", {})
     assert status == 403 and client.paused() == []
+
+
+def test_cron_page_lists_the_entries(dashboard: str, page: Page, redis_url: str) -> None:
+    client = flumeq.Client(redis_url)
+    entry = flumeq.Cron("*/5 * * * *", "report:build", name="reports", tz="Europe/Berlin")
+    scheduler = Scheduler(client, [entry], "host-7")
+    scheduler.step(time.time())
+    page.goto(f"{dashboard}/cron")
+    row = page.locator('#cron tr[data-entry="reports"]')
+    expect(row).to_contain_text("*/5 * * * * (Europe/Berlin)")
+    expect(row).to_contain_text("report:build")
+    expect(row).to_contain_text("host-7")
+    expect(row).to_contain_text("never")
+    scheduler.release()
+    expect(row).to_contain_text("no engine", timeout=5000)
 
 
 def test_payloads_and_errors_are_text(dashboard: str, page: Page, redis_url: str) -> None:

@@ -16,6 +16,7 @@ import orjson
 
 from . import _core, reads
 from .client import Client, safe_url
+from .cron import entries_in_redis
 from .errors import ConfigError, RedisCommandError
 from .reads import COUNTERS, integer, pairs, text
 
@@ -93,6 +94,10 @@ class Admin:
     def paused(self) -> list[str]:
         """The paused queues, sorted."""
         return self.client.paused()
+
+    def cron_entries(self) -> list[dict[str, Any]]:
+        """The cron entries engines carry (see ``flumeq.cron.entries_in_redis``)."""
+        return entries_in_redis(self.client)
 
     def has_queue(self, queue: str) -> bool:
         return bool(self._one("SISMEMBER", self._keys["queues"], queue))

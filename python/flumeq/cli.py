@@ -33,7 +33,6 @@ from . import logs
 from .admin import Admin
 from .app import App
 from .client import Client, resolve_url, safe_url
-from .cron import entries_in_redis
 from .engine import Engine, queue_weights
 from .errors import ConfigError, DuplicateTask, FlumeqError, InvalidTask, RedisUnavailable
 from .extras import require
@@ -669,7 +668,7 @@ def cron(url: Optional[str], prefix: str) -> None:
     """The cron entries engines carry: schedule, next run, last tick
     enqueued and its task id, and the engine holding the entry's lease."""
     admin = _admin(url, prefix)
-    rows = entries_in_redis(admin.client)
+    rows = admin.cron_entries()
     if not rows:
         click.echo("no cron entries (an engine with cron entries registers them when it starts)")
         return

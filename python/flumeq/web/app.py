@@ -312,6 +312,9 @@ class _Dashboard:
     async def workers_page(self, request: Request) -> Response:
         return self._page(request, "workers.html", page="workers", title="Workers")
 
+    async def cron_page(self, request: Request) -> Response:
+        return self._page(request, "cron.html", page="cron", title="Cron")
+
     async def login(self, request: Request) -> Response:
         """Asks the browser for the token, then goes back to ``next``."""
         if not authorized(request, self.token):
@@ -389,6 +392,13 @@ class _Dashboard:
     async def api_workers(self, request: Request) -> Response:
         async def produce() -> dict[str, Any]:
             return {"time": time.time(), "workers": await self._admin(self.admin.workers)}
+
+        return await self._api(produce)
+
+    async def api_cron(self, request: Request) -> Response:
+        async def produce() -> dict[str, Any]:
+            entries = await self._admin(self.admin.cron_entries)
+            return {"time": time.time(), "entries": entries}
 
         return await self._api(produce)
 
@@ -515,10 +525,12 @@ def create_app(
             Route("/dead/{name:path}", board.dead_page, name="dead"),
             Route("/tasks", board.task_page, name="tasks"),
             Route("/workers", board.workers_page, name="workers"),
+            Route("/cron", board.cron_page, name="cron"),
             Route("/login", board.login, name="login"),
             Route("/metrics", board.metrics, name="metrics"),
             Route("/api/overview", board.api_overview),
             Route("/api/workers", board.api_workers),
+            Route("/api/cron", board.api_cron),
             Route("/api/tasks", board.api_task),
             Route("/api/requeue/{name:path}", board.requeue, methods=["POST"]),
             Route("/api/purge/{name:path}", board.purge, methods=["POST"]),

@@ -659,6 +659,30 @@
     );
   }
 
+  // -- cron --------------------------------------------------------------------------
+
+  function renderCron(data) {
+    const now = data.time;
+    fillTable(
+      byId("cron"),
+      data.entries.map((entry) =>
+        el(
+          "tr",
+          { "data-entry": entry.name },
+          el("td", { class: "strong" }, entry.name),
+          el("td", {}, entry.tz ? entry.schedule + " (" + entry.tz + ")" : "every " + entry.schedule + " s"),
+          el("td", {}, entry.type),
+          el("td", {}, el("a", { href: queueHref(entry.queue) }, entry.queue)),
+          el("td", { title: fmtTime(entry.next) }, fmtRelative(entry.next, now)),
+          el("td", {}, entry.last_tick === null ? "never" : fmtTime(entry.last_tick)),
+          el("td", { class: "mono" }, entry.task_id || ""),
+          el("td", { class: entry.holder ? "" : "warn" }, entry.holder || "no engine"),
+        ),
+      ),
+      "No cron entries: an engine with cron entries registers them when it starts.",
+    );
+  }
+
   // -- start -----------------------------------------------------------------------
 
   if (page === "overview") poll("/api/overview", renderOverview);
@@ -666,5 +690,6 @@
   else if (page === "dead") setupDead();
   else if (page === "task") setupTask();
   else if (page === "workers") poll("/api/workers", renderWorkers);
+  else if (page === "cron") poll("/api/cron", renderCron);
   else byId("status").hidden = true;
 })();
