@@ -584,3 +584,42 @@ def test_sigterm_to_the_group_lets_async_tasks_of_every_batch_finish(
     assert r.xlen("flumeq:{default}:dead") == 0
     left = client.stats()
     assert left["ready"] + len(runs) == len(infos), (left, len(runs))
+
+
+def test_kept_results_survive_kills_of_the_dispatcher(redis_url: str, r: redis.Redis) -> None:
+    """Outcomes ride in the ack's MULTI: a dispatcher killed with -9 while
+    outcomes are on their way loses none. Every task's result is there once
+    it ended, waited for by one client throughout, and no task is acked
+    without its result (nor the other way round)."""
+    source = """
+        import sys, time, flumeq
+        def square(task):
+            time.sleep(0.002)
+            return task.payload["n"] ** 2
+        flumeq.Engine({"square": square}, sys.argv[1], consumer="keeper",
+                      claim_stale_after=300).run(processes=2)
+    """
+    client = flumeq.Client(redis_url)
+    infos = client.enqueue_many([("square", {"n": n}) for n in range(1500)], result_ttl=600)
+    engine = spawn_script(source, redis_url)
+    try:
+        for _ in range(2):
+            wait_until(lambda: dispatcher_pid(r, "keeper") is not None, timeout=30)
+            time.sleep(0.4)  # outcomes are being written
+            killed = dispatcher_pid(r, "keeper")
+            assert killed is not None
+            os.kill(killed, signal.SIGKILL)
+            wait_until(
+                lambda killed=killed: dispatcher_pid(r, "keeper") not in (None, killed),
+                timeout=20,
+            )
+        values = [info.result(timeout=60) for info in infos]
+        assert values == [n**2 for n in range(1500)]
+        assert engine.poll() is None
+    finally:
+        engine.send_signal(signal.SIGTERM)
+        assert engine.wait(timeout=40) == 0
+    stats = client.stats()
+    assert (stats["ready"], stats["in_flight"], stats["dead"]) == (0, 0, 0)
+    # Each result hash is there exactly for the acked tasks: all of them.
+    assert all(r.exists(f"flumeq:{{default}}:result:{info.id}") for info in infos)
