@@ -167,7 +167,9 @@ def test_after_an_outage_only_the_latest_missed_tick_is_enqueued(
     first.release()
     # Nobody alive from 12:05:01 to 12:31: ticks 12:10 ... 12:30 were missed;
     # the engine that takes the entry then enqueues the latest only.
-    Scheduler(client, [entry], "c").step(start + 30 * 60)
+    taker = Scheduler(client, [entry], "c")
+    taker.step(start + 30 * 60)
+    taker.release()
     fields = [entry_fields for _, entry_fields in r.xrange("flumeq:{default}:stream")]
     assert [f[b"id"] for f in fields] == [
         b"cron:reports:2026-06-01T10:05:00Z",
@@ -181,6 +183,16 @@ def test_after_an_outage_only_the_latest_missed_tick_is_enqueued(
     frozen._enqueue(entry, tick)
     frozen._enqueue(entry, entry.latest(start + 20 * 60))
     assert r.xlen("flumeq:{default}:stream") == 2
+    # A last tick overwritten with garbage counts as none: the next tick
+    # goes in, the scheduler does not fail on it.
+    r.hset("flumeq:{default}:cron", "reports", "garbage")
+    fresh = Scheduler(client, [entry], "d")
+    fresh.step(start + 35 * 60)
+    assert fresh.last == {"reports": entry.latest(start + 35 * 60)}  # its baseline
+    assert r.xlen("flumeq:{default}:stream") == 2
+    fresh.release()
+    frozen._enqueue(entry, entry.latest(start + 40 * 60))
+    assert r.xlen("flumeq:{default}:stream") == 3
 
 
 def test_a_holder_that_was_late_enqueues_each_tick_it_missed(
@@ -277,8 +289,17 @@ def test_app_cron_and_the_cron_listing(redis_url: str, r: redis.Redis) -> None:
     assert "0 3 * * * (UTC)" in nightly_line and "never" in nightly_line
     assert r.xlen("flumeq:{upkeep}:stream") == 1
     scheduler.release()
+    # Garbage in the registry is skipped, not a crash.
+    r.hset(
+        "flumeq:{cron}:entries",
+        mapping={"junk": b"\xff{", "odd": b'{"schedule": "61 * * * *", "type": "t", "queue": "q"}'},
+    )
     out = CliRunner().invoke(main, ["cron", "--url", redis_url])
+    assert out.exit_code == 0, out.output
     assert "no engine" in out.output
+    assert "junk" not in out.output
+    odd = next(line for line in out.output.splitlines() if line.startswith("odd"))
+    assert "never" in odd
 
 
 @pytest.mark.parametrize(

@@ -240,6 +240,14 @@ def checked_entries(entries: Iterable[Any]) -> list[Cron]:
 # -- the scheduler ---------------------------------------------------------------
 
 
+def _tick(stored: Any) -> Optional[int]:
+    """A stored last tick (ms), or ``None`` when absent or not a number."""
+    try:
+        return int(stored) if isinstance(stored, bytes) else None
+    except ValueError:
+        return None
+
+
 class _Stop(Exception):
     """SIGTERM: let the leases go and exit."""
 
@@ -281,7 +289,7 @@ class Scheduler:
                     _core.key_names(self.client.prefix, entry.queue)["cron"],
                     entry.name,
                 )
-                self.last[entry.name] = int(stored) if stored else entry.latest(now)
+                self.last[entry.name] = _tick(stored) or entry.latest(now)
                 log.info("cron entry %r: this engine holds its lease", entry.name)
             due = entry.latest(now)
             last = self.last[entry.name]
@@ -378,8 +386,18 @@ def entries_in_redis(client: Client) -> list[dict[str, Any]]:
     store = client._connection()
     keys = _core.key_names(client.prefix)
     described = reads.one(store, "HGETALL", keys["cron_entries"])
-    rows = [orjson.loads(value) for value in reads.pairs(described).values()]
-    rows.sort(key=lambda row: str(row.get("name")))
+    rows = []
+    for name, value in reads.pairs(described).items():
+        try:
+            row = orjson.loads(value)
+            if not isinstance(row, dict) or not {"schedule", "type", "queue"} <= set(row):
+                raise ValueError("not an entry's description")
+        except ValueError as error:  # garbage written by hand: say so, list the rest
+            log.warning("cron entry %r in redis is unreadable (%s); skipped", name, error)
+            continue
+        row["name"] = name
+        rows.append(row)
+    rows.sort(key=lambda row: str(row["name"]))
     commands: list[list[reads.Arg]] = []
     for row in rows:
         commands.append(["HGET", _core.key_names(client.prefix, row["queue"])["cron"], row["name"]])
@@ -388,16 +406,17 @@ def entries_in_redis(client: Client) -> list[dict[str, Any]]:
     now = time.time()
     for index, row in enumerate(rows):
         last, holder = replies[2 * index], replies[2 * index + 1]
-        entry = Cron(
-            row["schedule"],
-            row["type"],
-            name=row["name"],
-            queue=row["queue"],
-            tz=row.get("tz"),
-        )
-        last_ms = int(last) if isinstance(last, bytes) else None
+        last_ms = _tick(last)
         row["last_tick"] = None if last_ms is None else last_ms / 1000
+        row["holder"] = reads.text(holder) if isinstance(holder, bytes) else None
+        try:
+            entry = Cron(
+                row["schedule"], row["type"], name=row["name"], queue=row["queue"], tz=row.get("tz")
+            )
+        except ConfigError as error:  # written by an engine of another version
+            log.warning("cron entry %r in redis cannot be read here: %s", row["name"], error)
+            row["task_id"] = row["next"] = None
+            continue
         row["task_id"] = None if last_ms is None else entry.task_id(last_ms)
         row["next"] = entry.next_after(entry.latest(now)) / 1000
-        row["holder"] = reads.text(holder) if isinstance(holder, bytes) else None
     return rows

@@ -67,7 +67,8 @@ return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 6))
 /// type, ARGV[4..] the fields. Returns the entry id, or `false` (nothing
 /// written) when the tick was enqueued already.
 pub const CRON_TICK: &str = r"
-local last = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '-1')
+-- A value that is not a number (written by hand) counts as no tick yet.
+local last = tonumber(redis.call('HGET', KEYS[1], ARGV[1])) or -1
 if last >= tonumber(ARGV[2]) then return false end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HINCRBY', KEYS[3], 'enqueued', 1)
