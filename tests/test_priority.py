@@ -77,10 +77,9 @@ def test_weighted_reads_serve_every_queue(redis_url: str, r: redis.Redis) -> Non
         engine.send_signal(signal.SIGTERM)
         engine.wait(timeout=30)
     first = [queue for queue, _ in order(r)[:100]]
-    # Weights 3:1: the low queue is not starved while high has work, and
-    # high gets more. (Each read rounds every share up, so the small reads
-    # of a one-process engine lean toward equal shares.)
-    assert 10 <= first.count("low") < first.count("high"), first.count("low")
+    # Weights 3:1, carried from read to read however small the reads: about
+    # a quarter low (within a read's worth), and the low queue not starved.
+    assert 15 <= first.count("low") <= 35, first.count("low")
 
 
 def test_strict_order_of_a_weighted_mapping_is_by_weight(redis_url: str) -> None:

@@ -104,8 +104,9 @@ impl Fetcher {
         let (replies, results) = mpsc::channel(1);
         let mut reading = self;
         let task = tokio::spawn(async move {
+            let mut shares = reader::Shares::default();
             while let Some(request) = incoming.recv().await {
-                let fetched = reading.fetch(request).await;
+                let fetched = reading.fetch(request, &mut shares).await;
                 if replies.send(fetched).await.is_err() {
                     return;
                 }
@@ -119,7 +120,11 @@ impl Fetcher {
         }
     }
 
-    async fn fetch(&mut self, request: ReadRequest) -> Result<Fetched, ReadError> {
+    async fn fetch(
+        &mut self,
+        request: ReadRequest,
+        shares: &mut reader::Shares,
+    ) -> Result<Fetched, ReadError> {
         let mut fetched = Fetched::default();
         match &request.recover {
             Recover::No => {}
@@ -132,6 +137,7 @@ impl Fetcher {
                 &self.queues,
                 &request.paused,
                 request.strict,
+                shares,
                 &self.group,
                 &self.consumer,
                 request.count,

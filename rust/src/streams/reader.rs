@@ -28,10 +28,46 @@ fn xreadgroup(group: &str, consumer: &str, count: usize, block_ms: Option<u64>) 
     cmd
 }
 
+/// How the reads split their counts over weighted queues: smooth weighted
+/// round robin, carried from read to read. Over successive reads each queue
+/// gets its weight's share of the tasks read, however small the reads, and
+/// the order is deterministic; a queue of any weight gets a turn within
+/// `total weight / its weight` tasks, so none starves.
+#[derive(Debug, Default)]
+pub struct Shares {
+    current: Vec<i64>,
+}
+
+impl Shares {
+    /// `count` tasks split over `weighted` (queue index, weight): how many
+    /// each gets, in the same order.
+    pub fn split(&mut self, weighted: &[(usize, u32)], count: usize) -> Vec<usize> {
+        let most = weighted.iter().map(|(at, _)| at + 1).max().unwrap_or(0);
+        if self.current.len() < most {
+            self.current.resize(most, 0);
+        }
+        let total: i64 = weighted.iter().map(|(_, weight)| i64::from(*weight)).sum();
+        let mut counts = vec![0; weighted.len()];
+        for _ in 0..count {
+            let mut best = 0;
+            for (slot, (at, weight)) in weighted.iter().enumerate() {
+                self.current[*at] += i64::from(*weight);
+                if self.current[*at] > self.current[weighted[best].0] {
+                    best = slot;
+                }
+            }
+            self.current[weighted[best].0] -= total;
+            counts[best] += 1;
+        }
+        counts
+    }
+}
+
 /// Reads up to `count` new entries across `queues`, at most one round trip
 /// when work is there. With several queues, each gets a share of `count` by
-/// weight (one pipelined non-blocking read); only when all are empty does it
-/// block on all of them at once for up to `block_ms` (0 = do not block).
+/// weight (`Shares`; one pipelined non-blocking read); only when all are
+/// empty does it block on all of them at once for up to `block_ms` (0 = do
+/// not block).
 /// Queues marked in `paused` are not read. `strict`: the queues are read
 /// one after another in their order, each for what the ones before it did
 /// not fill (a round trip per queue reached), so a queue's entries are
@@ -42,6 +78,7 @@ pub async fn read_new(
     queues: &[QueueSpec],
     paused: &[bool],
     strict: bool,
+    shares: &mut Shares,
     group: &str,
     consumer: &str,
     count: usize,
@@ -58,12 +95,10 @@ pub async fn read_new(
             })
             .collect()
     };
-    let open: Vec<&QueueSpec> = queues
-        .iter()
-        .enumerate()
-        .filter(|(index, _)| paused.get(*index) != Some(&true))
-        .map(|(_, queue)| queue)
+    let open_at: Vec<usize> = (0..queues.len())
+        .filter(|index| paused.get(*index) != Some(&true))
         .collect();
+    let open: Vec<&QueueSpec> = open_at.iter().map(|at| &queues[*at]).collect();
     if open.is_empty() {
         return Ok(Vec::new());
     }
@@ -83,13 +118,15 @@ pub async fn read_new(
             return Ok(tag(entries));
         }
     } else if open.len() > 1 {
-        let total: u64 = open.iter().map(|queue| u64::from(queue.weight)).sum();
+        let weighted: Vec<(usize, u32)> =
+            open_at.iter().map(|at| (*at, queues[*at].weight)).collect();
+        let counts = shares.split(&weighted, count);
         let commands: Vec<Cmd> = open
             .iter()
-            .map(|queue| {
-                let share =
-                    (count as u64 * u64::from(queue.weight)).div_ceil(total.max(1)) as usize;
-                let mut cmd = xreadgroup(group, consumer, share.max(1), None);
+            .zip(counts)
+            .filter(|(_, share)| *share > 0)
+            .map(|(queue, share)| {
+                let mut cmd = xreadgroup(group, consumer, share, None);
                 cmd.arg(&queue.stream).arg(">");
                 cmd
             })
@@ -245,4 +282,35 @@ pub async fn deliveries(
             count.unwrap_or(1).max(1) as u64
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Shares;
+
+    #[test]
+    fn shares_follow_the_weights_over_small_reads_and_starve_none() {
+        let mut shares = Shares::default();
+        let weighted = [(0, 3), (2, 1)];
+        let mut totals = [0, 0];
+        for _ in 0..100 {
+            let counts = shares.split(&weighted, 1); // one task per read
+            totals[0] += counts[0];
+            totals[1] += counts[1];
+        }
+        assert_eq!(totals, [75, 25]);
+        // Deterministic, and the light queue gets a turn every 4 tasks.
+        let mut again = Shares::default();
+        let turns: Vec<usize> = (0..8)
+            .map(|_| {
+                again
+                    .split(&weighted, 1)
+                    .iter()
+                    .position(|n| *n == 1)
+                    .unwrap_or(9)
+            })
+            .collect();
+        assert_eq!(turns, [0, 0, 1, 0, 0, 0, 1, 0]);
+        assert_eq!(Shares::default().split(&[(1, 5), (3, 1)], 12), [10, 2]);
+    }
 }
