@@ -5,6 +5,7 @@ errors for bad entries."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -214,6 +215,34 @@ def test_a_holder_that_was_late_enqueues_each_tick_it_missed(
     ], ids
     scheduler.step(start + 60)  # a stall past CATCH_UP ticks: the latest only
     assert r.xlen("flumeq:{default}:stream") == 5
+    scheduler.release()
+
+
+def test_each_tick_runs_the_engines_before_enqueue_hooks(redis_url: str, r: redis.Redis) -> None:
+    """A tick is an enqueue like any other: the producer hooks run at its
+    time (not once when the entry was made), and a raising one changes
+    nothing."""
+
+    class Stamp:
+        calls = 0
+
+        def before_enqueue(self, fields: dict[str, Any]) -> None:
+            Stamp.calls += 1
+            fields["labels"]["tick"] = str(Stamp.calls)
+
+    class Broken:
+        def before_enqueue(self, fields: dict[str, Any]) -> None:
+            raise RuntimeError("hook bug")
+
+    entry = Cron(1.0, "beat", {"k": 1}, name="hooked", labels={"team": "ops"})
+    assert Stamp.calls == 0  # not at configuration time
+    scheduler = Scheduler(flumeq.Client(redis_url), [entry], "a", [Stamp(), Broken()])
+    start = 1_800_000_000.5
+    scheduler.step(start)
+    scheduler.step(start + 1)
+    scheduler.step(start + 2)
+    labels = [json.loads(f[b"labels"]) for _, f in r.xrange("flumeq:{default}:stream")]
+    assert labels == [{"team": "ops", "tick": "1"}, {"team": "ops", "tick": "2"}]
     scheduler.release()
 
 

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import orjson
 
 from . import _core, reads
-from .client import Client, safe_url
+from .client import Client, checked_queue, safe_url
 from .cron import entries_in_redis
 from .errors import ConfigError, RedisCommandError
 from .reads import COUNTERS, integer, pairs, text
@@ -64,10 +64,7 @@ class Admin:
         return reads.one(self.client._connection(), *command)
 
     def _queue_keys(self, queue: str) -> dict[str, str]:
-        problem = _core.queue_problem(queue)
-        if problem:
-            raise ConfigError(problem)
-        return _core.key_names(self.prefix, queue)
+        return _core.key_names(self.prefix, checked_queue(queue))
 
     def _known(self, queue: str) -> dict[str, str]:
         """The keys of ``queue``; an unknown queue is a ``ConfigError`` naming the known ones."""

@@ -156,10 +156,11 @@ def _queue(queue: Any) -> str:
     return queue
 
 
-def _named(queue: Any) -> str:
-    """``queue`` if it can name a queue (``ConfigError`` saying why not)."""
+def checked_queue(queue: Any) -> str:
+    """``queue`` if it can name a queue (``ConfigError`` saying why not):
+    what pause, the admin tools, engines and cron entries accept."""
     if not isinstance(queue, str):
-        raise ConfigError(f"queue must be a string, got {queue!r}")
+        raise ConfigError(f"queue names must be strings, got {queue!r}")
     problem = _core.queue_problem(queue)
     if problem:
         raise ConfigError(problem)
@@ -224,11 +225,13 @@ def prepare_one(
     result_ttl: Optional[Seconds],
     unknown: Mapping[str, Any],
     middleware: Sequence[Any] = (),
+    run_hooks: bool = True,
 ) -> tuple[_Call, int]:
-    """Runs the ``before_enqueue`` hooks, then checks one task's options
+    """Runs the ``before_enqueue`` hooks (unless ``run_hooks`` is false: a
+    check at configuration time), then checks one task's options
     (``InvalidTask`` naming the task and the option); returns its call and
     its unique key's lifetime in ms."""
-    if middleware or hooks.GLOBAL:
+    if run_hooks and (middleware or hooks.GLOBAL):
         payload, labels = run_before_enqueue(middleware, type, payload, queue, task_id, labels)
     if unknown:
         raise InvalidTask(
@@ -659,12 +662,12 @@ class Client:
         Enqueues and delayed moves go on. It lasts until ``resume``: a
         record in Redis, which engines started later read too. Returns
         ``False`` when the queue was paused already."""
-        return bool(reads.one(self._connection(), "SADD", self._paused_key, _named(queue)))
+        return bool(reads.one(self._connection(), "SADD", self._paused_key, checked_queue(queue)))
 
     def resume(self, queue: str) -> bool:
         """Lets engines start ``queue``'s tasks again (within about a
         second). Returns ``False`` when it was not paused."""
-        return bool(reads.one(self._connection(), "SREM", self._paused_key, _named(queue)))
+        return bool(reads.one(self._connection(), "SREM", self._paused_key, checked_queue(queue)))
 
     def paused(self) -> list[str]:
         """The paused queues, sorted."""

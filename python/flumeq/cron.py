@@ -50,8 +50,16 @@ from typing import Any, Optional, Union
 
 import orjson
 
-from . import _core, reads
-from .client import DEFAULT_MAX_RETRY, DEFAULT_TIMEOUT, Client, Seconds, prepare_one
+from . import _core, hooks, reads
+from .client import (
+    DEFAULT_MAX_RETRY,
+    DEFAULT_TIMEOUT,
+    Client,
+    Seconds,
+    _Call,
+    checked_queue,
+    prepare_one,
+)
 from .errors import ConfigError, FlumeqError, InvalidTask, RedisUnavailable
 
 __all__ = ["Cron", "entries_in_redis", "scheduler_main"]
@@ -143,28 +151,42 @@ class Cron:
                 f"{where}: schedule must be a cron expression or seconds > 0, got {schedule!r}"
             )
         self.schedule = schedule
+        self._options: dict[str, Any] = {
+            "queue": queue,
+            "max_retry": max_retry,
+            "timeout": timeout,
+            "labels": labels,
+            "result_ttl": result_ttl,
+        }
+        #: The tick's enqueue when no hook runs (made once).
+        self._plain: Optional[_Call] = None
         try:
-            self._call, _ = prepare_one(
-                type,
-                payload,
-                queue=queue,
-                max_retry=max_retry,
-                timeout=timeout,
-                delay=None,
-                at=None,
-                deadline=None,
-                unique_key=None,
-                unique_ttl=3600.0,
-                task_id=None,
-                labels=labels,
-                result_ttl=result_ttl,
-                unknown={},
-            )
-        except InvalidTask as error:
+            checked_queue(queue)
+            # Checked now; the hooks run at each tick, as for any enqueue.
+            self._plain = self.call((), run_hooks=False)
+        except (InvalidTask, ConfigError) as error:
             raise ConfigError(f"{where}: {error}") from None
-        problem = _core.queue_problem(queue)
-        if problem:
-            raise ConfigError(f"{where}: {problem}")
+
+    def call(self, middleware: Sequence[Any], run_hooks: bool = True) -> _Call:
+        """The enqueue of one tick, after the ``before_enqueue`` hooks of
+        ``middleware`` (and the process's global ones)."""
+        if self._plain is not None and not (run_hooks and (middleware or hooks.GLOBAL)):
+            return self._plain
+        call, _ = prepare_one(
+            self.type,
+            self.payload,
+            delay=None,
+            at=None,
+            deadline=None,
+            unique_key=None,
+            unique_ttl=3600.0,
+            task_id=None,
+            unknown={},
+            middleware=middleware,
+            run_hooks=run_hooks,
+            **self._options,
+        )
+        return call
 
     # -- ticks ----------------------------------------------------------------
 
@@ -255,8 +277,16 @@ class _Stop(Exception):
 class Scheduler:
     """Enqueues the ticks of the entries whose leases it holds."""
 
-    def __init__(self, client: Client, entries: Sequence[Cron], holder: str) -> None:
+    def __init__(
+        self,
+        client: Client,
+        entries: Sequence[Cron],
+        holder: str,
+        middleware: Sequence[Any] = (),
+    ) -> None:
         self.client = client
+        #: Whose ``before_enqueue`` hooks run on each tick (the engine's).
+        self.middleware = middleware
         self.entries = list(entries)
         self.holder = holder
         self.keys = _core.key_names(client.prefix)
@@ -313,7 +343,7 @@ class Scheduler:
         return wait
 
     def _enqueue(self, entry: Cron, tick_ms: int) -> None:
-        call = entry._call
+        call = entry.call(self.middleware)
         task_id = entry.task_id(tick_ms)
         type_, body, _, _ = call.items[0]
         appended = self.client._connection().enqueue(
@@ -358,7 +388,9 @@ class Scheduler:
             time.sleep(wait + 0.002)
 
 
-def scheduler_main(url: str, prefix: str, entries: list[Cron], consumer: str) -> None:
+def scheduler_main(
+    url: str, prefix: str, entries: list[Cron], consumer: str, middleware: Sequence[Any] = ()
+) -> None:
     """Entry point of an engine's cron process: SIGINT is the supervisor's
     (a terminal's Ctrl-C reaches the whole group); SIGTERM lets the leases
     go and exits."""
@@ -370,7 +402,8 @@ def scheduler_main(url: str, prefix: str, entries: list[Cron], consumer: str) ->
     signal.signal(signal.SIGTERM, stop)
     _core.die_with_parent()
     client = Client(url, prefix=prefix, buffer_size=0)
-    scheduler = Scheduler(client, entries, f"{consumer}:{socket.gethostname()}:{os.getpid()}")
+    holder = f"{consumer}:{socket.gethostname()}:{os.getpid()}"
+    scheduler = Scheduler(client, entries, holder, middleware)
     with contextlib.suppress(_Stop):
         scheduler.run()
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

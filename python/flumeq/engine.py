@@ -16,7 +16,7 @@ import orjson
 from . import _core, hooks
 from ._version import __version__
 from .app import App
-from .client import resolve_url
+from .client import checked_queue, resolve_url
 from .cron import Cron, checked_entries
 from .errors import ConfigError
 from .extras import require
@@ -45,11 +45,7 @@ def queue_weights(queues: Queues, strict: bool = False) -> list[tuple[str, int]]
     if not pairs:
         raise ConfigError("queues must name at least one queue")
     for name, weight in pairs:
-        if not isinstance(name, str):
-            raise ConfigError(f"queue names must be strings, got {name!r}")
-        problem = _core.queue_problem(name)
-        if problem:
-            raise ConfigError(problem)
+        checked_queue(name)
         if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
             raise ConfigError(f"queue {name!r}: weight must be an integer >= 1, got {weight!r}")
     if strict and isinstance(queues, Mapping):
@@ -64,9 +60,9 @@ class Engine:
     queues), or maps task types to callables taking a ``Task``, plain or
     ``async def`` (async tasks of a batch run concurrently in each actor, at
     most ``concurrency`` at once). ``queues`` is a sequence of names, or a
-    mapping of name to weight: when several queues have work, each read takes
-    from them in proportion to their weights (every queue gets at least one
-    task per read, so none starves). With ``strict=True`` the order is the
+    mapping of name to weight: when several queues have work, the reads take
+    from them in proportion to their weights (a smooth round robin carried
+    from read to read: every queue gets its turn, none starves). With ``strict=True`` the order is the
     priority instead (for a mapping: higher weight first): a queue's tasks
     are taken only while every queue before it has none ready, and each
     actor holds at most one task ahead of those it runs, so a task of a
@@ -144,6 +140,8 @@ class Engine:
         #: Run hooks around every handler (see ``flumeq.hooks``).
         self.middleware = own_middleware
         self.url = resolve_url(url)
+        if not isinstance(strict, bool):
+            raise ConfigError(f"strict must be True or False, got {strict!r}")
         self.queues = queue_weights(queues, strict)
         self.group = group
         self.claim_stale_after = float(claim_stale_after)
@@ -159,8 +157,6 @@ class Engine:
         self.ring_bytes = ring_bytes
         self.dead_max_length = dead_max_length
         self.concurrency = concurrency
-        if not isinstance(strict, bool):
-            raise ConfigError(f"strict must be True or False, got {strict!r}")
         #: Strict priority: a queue's tasks are taken only while every queue
         #: before it has none ready (see ``queues``).
         self.strict = strict

@@ -275,7 +275,7 @@ class Supervisor:
                     self.context,
                     "cron",
                     scheduler_main,
-                    (engine.url, engine.prefix, engine.cron, engine.consumer),
+                    (engine.url, engine.prefix, engine.cron, engine.consumer, engine.middleware),
                     grace=2.0,
                     early=True,
                 )

@@ -52,9 +52,9 @@ impl Control {
         ))
     }
 
-    /// The first read, at start-up, before any task is read: retried until
-    /// Redis answers (the caller races it against a stop request).
-    pub async fn first(&mut self) -> Paused {
+    /// A read retried until Redis answers: at start-up, before any task is
+    /// read (the caller races it against a stop request), and each poll.
+    pub async fn read_retrying(&mut self) -> Paused {
         let mut patience = Patience::capped("reading the paused queues", POLL * 4);
         loop {
             match self.read().await {
@@ -76,25 +76,19 @@ impl Control {
     }
 
     async fn run(mut self, sender: watch::Sender<Paused>) {
-        let mut patience = Patience::capped("reading the paused queues", POLL * 4);
         loop {
-            match self.read().await {
-                Ok(paused) => {
-                    patience.done();
-                    sender.send_if_modified(|current| {
-                        let changed = **current != *paused;
-                        if changed {
-                            *current = paused;
-                        }
-                        changed
-                    });
-                    tokio::time::sleep(POLL).await;
+            let paused = self.read_retrying().await;
+            sender.send_if_modified(|current| {
+                let changed = **current != *paused;
+                if changed {
+                    *current = paused;
                 }
-                Err(error) => patience.wait(&error).await,
-            }
+                changed
+            });
             if sender.is_closed() {
                 return;
             }
+            tokio::time::sleep(POLL).await;
         }
     }
 }

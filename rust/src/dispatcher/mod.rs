@@ -308,7 +308,7 @@ async fn serve(
         queues: Arc::clone(&queues),
     };
     let paused = tokio::select! {
-        paused = control.first() => paused,
+        paused = control.read_retrying() => paused,
         () = stop_requested(region, &control_fd, &mut signals) => {
             info!("stopped before redis answered");
             region.close_all();
