@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -90,3 +91,22 @@ def spawn_script(
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
+
+
+def dispatcher_pid(r: redis.Redis, consumer: str) -> Optional[int]:
+    """The pid of the engine's dispatcher, from its named read connection."""
+    prefix = f"flumeq:{consumer}:reader:"
+    for client in r.client_list():
+        name = str(client.get("name", ""))
+        if name.startswith(prefix):
+            return int(name.rsplit(":", 1)[1])
+    return None
+
+
+def kill_dispatcher(r: redis.Redis, consumer: str) -> None:
+    """Kills the engine's dispatcher with -9 and waits for its replacement
+    to connect."""
+    killed = dispatcher_pid(r, consumer)
+    assert killed is not None, f"no dispatcher of {consumer!r} is connected"
+    os.kill(killed, signal.SIGKILL)
+    wait_until(lambda: dispatcher_pid(r, consumer) not in (None, killed), timeout=20)

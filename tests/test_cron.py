@@ -5,6 +5,7 @@ errors for bad entries."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ from datetime import datetime, timezone
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import psutil
 import pytest
 import redis
 from click.testing import CliRunner
@@ -23,6 +25,7 @@ import flumeq
 from conftest import script_env, spawn_script, wait_until
 from flumeq.cli import main
 from flumeq.cron import Cron, Scheduler
+from flumeq.redis_server import RedisServer
 
 BERLIN = ZoneInfo("Europe/Berlin")
 
@@ -152,6 +155,56 @@ def test_a_graceful_stop_hands_the_entry_over_at_once(redis_url: str, r: redis.R
         second.send_signal(signal.SIGTERM)
         second.wait(timeout=30)
     assert set(int(value) for value in r.hvals("runs")) == {1}
+
+
+def test_sigterm_to_the_holders_process_group_hands_over_at_once(
+    redis_url: str, r: redis.Redis
+) -> None:
+    """systemd sends SIGTERM to every process of the unit: the cron child
+    gets it too, lets its lease go, and the engine still stops cleanly."""
+    first = spawn_script(ENGINE, redis_url, "first")
+    wait_until(lambda: lease_holder(r) == "first", timeout=30)
+    second = spawn_script(ENGINE, redis_url, "second")
+    try:
+        time.sleep(3)
+        os.killpg(first.pid, signal.SIGTERM)
+        stopped = time.time()
+        wait_until(lambda: lease_holder(r) == "second", timeout=10)
+        assert time.time() - stopped < 2.5
+        assert first.wait(timeout=30) == 0
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(timeout=30)
+    assert set(int(value) for value in r.hvals("runs")) == {1}
+
+
+def test_a_stop_with_redis_gone_is_bounded_and_does_not_spin() -> None:
+    """The cron child cannot let its lease go without Redis: the engine
+    still stops within its bound (SIGTERM, then SIGKILL after 2 s)."""
+    server = RedisServer().start()
+    try:
+        conn = redis.Redis.from_url(server.url)
+        engine = spawn_script(ENGINE, server.url, "stranded")
+        wait_until(lambda: conn.exists("flumeq:{cron}:lease:beat") == 1, timeout=30)
+        time.sleep(1.5)
+        processes = [psutil.Process(engine.pid), *psutil.Process(engine.pid).children(True)]
+        server.kill()
+        time.sleep(0.5)
+        before = sum(p.cpu_times().user + p.cpu_times().system for p in processes)
+        started = time.monotonic()
+        os.killpg(engine.pid, signal.SIGTERM)
+        _, err = engine.communicate(timeout=60)
+        took = time.monotonic() - started
+        used = 0.0
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                used += process.cpu_times().user + process.cpu_times().system
+        used -= before
+    finally:
+        server.stop()
+    assert engine.returncode == 0, err.decode()[-3000:]
+    assert took < 15, f"the stop took {took:.1f}s with redis gone"
+    assert used < 0.5 * took, f"the engine spun: {used:.2f} CPU-s in {took:.1f}s"
 
 
 def test_after_an_outage_only_the_latest_missed_tick_is_enqueued(

@@ -22,7 +22,14 @@ import pytest
 import redis
 
 import flumeq
-from conftest import counting_handler, process_redis, spawn_script, wait_until
+from conftest import (
+    counting_handler,
+    dispatcher_pid,
+    kill_dispatcher,
+    process_redis,
+    spawn_script,
+    wait_until,
+)
 from flumeq.redis_server import RedisServer
 
 STREAM = "flumeq:{default}:stream"
@@ -59,16 +66,6 @@ def tree(pid: int) -> list[psutil.Process]:
     return [root, *root.children(recursive=True)]
 
 
-def dispatcher_pid(r: redis.Redis, consumer: str) -> Optional[int]:
-    """The pid of the engine's dispatcher, from its named read connection."""
-    prefix = f"flumeq:{consumer}:reader:"
-    for client in r.client_list():
-        name = str(client.get("name", ""))
-        if name.startswith(prefix):
-            return int(name.rsplit(":", 1)[1])
-    return None
-
-
 def cpu_seconds(processes: list[psutil.Process]) -> float:
     total = 0.0
     for process in processes:
@@ -87,13 +84,7 @@ def test_engine_survives_kill_of_its_dispatcher(redis_url: str, r: redis.Redis) 
     try:
         wait_until(lambda: r.hlen("runs") >= 50)
         for round_ in range(2):  # twice: the second restart backs off, and still comes
-            first = dispatcher_pid(r, "phoenix")
-            assert first is not None
-            os.kill(first, signal.SIGKILL)
-            wait_until(
-                lambda first=first: dispatcher_pid(r, "phoenix") not in (None, first),
-                timeout=20,
-            )
+            kill_dispatcher(r, "phoenix")
             assert engine.poll() is None, f"engine exited after dispatcher kill {round_ + 1}"
         wait_until(lambda: set(counts(r, "runs")) == {info.id for info in infos}, timeout=60)
         assert engine.poll() is None
@@ -606,13 +597,7 @@ def test_kept_results_survive_kills_of_the_dispatcher(redis_url: str, r: redis.R
         for _ in range(2):
             wait_until(lambda: dispatcher_pid(r, "keeper") is not None, timeout=30)
             time.sleep(0.4)  # outcomes are being written
-            killed = dispatcher_pid(r, "keeper")
-            assert killed is not None
-            os.kill(killed, signal.SIGKILL)
-            wait_until(
-                lambda killed=killed: dispatcher_pid(r, "keeper") not in (None, killed),
-                timeout=20,
-            )
+            kill_dispatcher(r, "keeper")
         values = [info.result(timeout=60) for info in infos]
         assert values == [n**2 for n in range(1500)]
         assert engine.poll() is None

@@ -15,7 +15,7 @@ import redis
 from click.testing import CliRunner
 
 import flumeq
-from conftest import script_env, spawn_script, wait_until
+from conftest import kill_dispatcher, script_env, spawn_script, wait_until
 from flumeq.admin import Admin
 from flumeq.cli import main
 from flumeq.metrics import render
@@ -156,3 +156,35 @@ def test_paused_state_in_admin_cli_metrics_and_bad_names(redis_url: str, r: redi
     assert client.paused() == ["typo"]
     out = runner.invoke(main, ["queue", "pause", "x}y", "--url", redis_url])
     assert out.exit_code != 0 and "x}y" in out.output
+
+
+def test_a_dispatcher_killed_while_its_queue_is_paused_starts_none_of_it(
+    redis_url: str, r: redis.Redis
+) -> None:
+    """The marks actors check live in the engine's shared memory and the
+    paused set in Redis: a dispatcher restarted after kill -9 reads the set
+    before its first read, so nothing of the paused queue starts, and a
+    resume then runs every task once."""
+    source = ENGINE.replace('queues=("a", "b"),', 'queues=("a", "b"), consumer="pausing",')
+    assert "consumer=" in source
+    client = flumeq.Client(redis_url)
+    engine = spawn_script(source, redis_url)
+    try:
+        infos = client.enqueue_many([("slow", {"n": n}) for n in range(300)], queue="a")
+        wait_until(lambda: len(starts(r, "a")) >= 10, timeout=30)
+        client.pause("a")
+        time.sleep(1.0)
+        kill_dispatcher(r, "pausing")
+        restarted = time.time()
+        time.sleep(2.0)
+        late = [at for at in starts(r, "a") if at > restarted]
+        assert late == [], f"{len(late)} task(s) of the paused queue started after the restart"
+        assert engine.poll() is None
+        client.resume("a")
+        wait_until(lambda: all(info.id in runs(r) for info in infos), timeout=60)
+    finally:
+        stop([engine])
+    # Nothing of "a" ran when the dispatcher (and its actors) died: the
+    # queue had been paused a second before, so each task ran once.
+    assert all(count == 1 for count in runs(r).values())
+    assert engine.returncode == 0
