@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,3 +113,82 @@ def kill_dispatcher(r: redis.Redis, consumer: str) -> None:
     assert killed is not None, f"no dispatcher of {consumer!r} is connected"
     os.kill(killed, signal.SIGKILL)
     wait_until(lambda: dispatcher_pid(r, consumer) not in (None, killed), timeout=20)
+
+
+class Proxy:
+    """A TCP proxy in front of a local port. Subclasses say whether a new
+    connection is let in and how its two sides are served."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            if not self.admits():
+                client.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            self.serve(client, upstream)
+
+    def admits(self) -> bool:
+        return True
+
+    def serve(self, client: socket.socket, upstream: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.server.close()
+
+
+class CutProxy(Proxy):
+    """A proxy that can be cut (every connection closed, new ones closed at
+    once) and mended: an engine behind it is disconnected from Redis while
+    the test's own clients are not."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.open = True
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        super().__init__(upstream_port)
+
+    def admits(self) -> bool:
+        return self.open
+
+    def serve(self, client: socket.socket, upstream: socket.socket) -> None:
+        with self.lock:
+            self.sockets += [client, upstream]
+        for source, sink in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        for side in (source, sink):
+            with contextlib.suppress(OSError):
+                side.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self.open = False
+        with self.lock:
+            for side in self.sockets:
+                with contextlib.suppress(OSError):
+                    side.shutdown(socket.SHUT_RDWR)
+                side.close()
+            self.sockets.clear()
+
+    def mend(self) -> None:
+        self.open = True
+
+    def close(self) -> None:
+        self.cut()
+        super().close()

@@ -128,6 +128,7 @@ def test_stats_counts_ready_tasks(redis_url: str) -> None:
         "dead": 0,
         "processed": 0,
         "failed": 0,
+        "cancelled": 0,
     }
     client.enqueue_many([("t", n) for n in range(7)])
     assert client.stats()["ready"] == 7

@@ -23,6 +23,7 @@ import redis
 
 import flumeq
 from conftest import (
+    Proxy,
     counting_handler,
     dispatcher_pid,
     kill_dispatcher,
@@ -283,33 +284,20 @@ def test_actor_restarts_back_off(redis_url: str, r: redis.Redis) -> None:
     assert 2 <= crashes <= 15, f"{crashes} crashing runs in about 4 s"
 
 
-class ReplyDropper:
+class ReplyDropper(Proxy):
     """A TCP proxy in front of Redis that, once, forwards a pipeline holding
     ``trigger`` and then cuts the connection before the reply comes back:
     Redis applied the commands, the client never hears so."""
 
     def __init__(self, upstream_port: int, trigger: tuple[bytes, ...]) -> None:
-        self.upstream_port = upstream_port
         self.trigger = trigger
         self.fired = threading.Event()
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(upstream_port)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            cut = threading.Event()
-            threading.Thread(
-                target=self._requests, args=(client, upstream, cut), daemon=True
-            ).start()
-            threading.Thread(
-                target=self._replies, args=(upstream, client, cut), daemon=True
-            ).start()
+    def serve(self, client: socket.socket, upstream: socket.socket) -> None:
+        cut = threading.Event()
+        threading.Thread(target=self._requests, args=(client, upstream, cut), daemon=True).start()
+        threading.Thread(target=self._replies, args=(upstream, client, cut), daemon=True).start()
 
     def _requests(
         self, client: socket.socket, upstream: socket.socket, cut: threading.Event
@@ -334,9 +322,6 @@ class ReplyDropper:
         with contextlib.suppress(OSError):
             while (data := upstream.recv(65536)) and not cut.is_set():
                 client.sendall(data)
-
-    def close(self) -> None:
-        self.server.close()
 
 
 def test_a_replayed_outcome_write_appends_and_counts_nothing_twice(

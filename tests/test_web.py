@@ -269,6 +269,24 @@ def test_pause_and_resume_from_the_queue_page(dashboard: str, page: Page, redis_
     assert status == 403 and client.paused() == []
 
 
+def test_cancel_from_the_task_page(dashboard: str, page: Page, redis_url: str) -> None:
+    client = flumeq.Client(redis_url)
+    info = client.enqueue("report:build", {}, queue="reports", delay=600, result_ttl=60)
+    page.goto(f"{dashboard}/tasks?id={info.id}")
+    hit = page.locator("article.hit")
+    expect(hit).to_contain_text("delayed")
+    hit.locator("button.cancel-task").click()
+    expect(page.locator("#toast")).to_contain_text(f"Cancelled {info.id}")
+    expect(page.locator("#results")).to_contain_text("No task")
+    assert client.stats("reports")["delayed"] == 0
+    with pytest.raises(flumeq.TaskCancelled):
+        info.result(timeout=1)
+    # Like every action, it needs the page's CSRF token.
+    other = client.enqueue("report:build", {}, queue="reports", delay=600)
+    status, _, _ = post_json(f"{dashboard}/api/cancel/reports", {"id": other.id})
+    assert status == 403 and client.stats("reports")["delayed"] == 1
+
+
 def test_cron_page_lists_the_entries(dashboard: str, page: Page, redis_url: str) -> None:
     client = flumeq.Client(redis_url)
     entry = flumeq.Cron("*/5 * * * *", "report:build", name="reports", tz="Europe/Berlin")

@@ -38,7 +38,7 @@ from .errors import (
     TaskCancelled,
     TaskFailed,
 )
-from .task import Reject, Retry, Task, TaskInfo, current_task
+from .task import Cancelled, Reject, Retry, Task, TaskInfo, current_task
 
 # A library logs; the application decides where to. Records of the Rust core
 # arrive as "flumeq.dispatcher", "flumeq.dispatcher.recovery", ...
@@ -58,6 +58,7 @@ __all__ = [
     "TaskInfo",
     "Retry",
     "Reject",
+    "Cancelled",
     "current_task",
     # errors
     "FlumeqError",

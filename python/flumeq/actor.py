@@ -16,6 +16,13 @@ ends (its outcome goes back at once; the dispatcher is woken at most
 Actors ignore SIGINT and SIGTERM: a signal to the whole process group
 (systemd, a terminal's Ctrl-C) is for the supervisor to act on; it stops
 them gracefully.
+
+Cancels (``Client.cancel``) arrive in the slot's cancel box, with a SIGUSR1:
+a task not started yet is skipped (reported ``CANCELLED``), a running sync
+handler gets ``flumeq.Cancelled`` raised in it (from the signal handler,
+only while the handler itself runs), a running async one has its asyncio
+task cancelled. The dispatcher kills the actor should the task still run
+``cancel_grace`` later.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import orjson
 from . import _core
 from ._eventloop import new_event_loop
 from .logs import task_extra
-from .task import Reject, Retry, Task, _current, _sync
+from .task import Cancelled, Reject, Retry, Task, _current, _sync
 
 __all__ = ["actor_main"]
 
@@ -53,6 +60,7 @@ INVALID = int(_Outcome.INVALID)
 NOT_STARTED = int(_Outcome.NOT_STARTED)
 TIMED_OUT = int(_Outcome.TIMED_OUT)
 BAD_RESULT = int(_Outcome.BAD_RESULT)
+CANCELLED = int(_Outcome.CANCELLED)
 MAX_RESULT_BYTES: int = _core.MAX_RESULT_BYTES
 
 #: Outcomes of a long sync batch are reported at least this often (seconds):
@@ -121,6 +129,51 @@ def _failure(index: int, task: Task, error: BaseException) -> Record:
     return (index, FAILED, 0, f"{type(error).__name__}: {error}", trace, b"")
 
 
+def _cancelled(index: int, running: bool) -> Record:
+    message = "cancelled while running" if running else "cancelled before it started"
+    return (index, CANCELLED, 0, message, "", b"")
+
+
+class _Cancels:
+    """The cancels the dispatcher posted to this actor: ``pending`` holds
+    the ``(batch, index)`` of tasks to skip or stop."""
+
+    __slots__ = ("end", "pending", "runner")
+
+    def __init__(self) -> None:
+        self.end: Optional[_core.ActorEnd] = None
+        self.pending: set[tuple[int, int]] = set()
+        self.runner: Optional[_AsyncRunner] = None
+
+    def take(self) -> None:
+        """Takes what is in the box (one load when it is empty)."""
+        if self.end is None:
+            return
+        posted = self.end.take_cancels()
+        if posted:
+            self.pending.update(posted)
+            runner = self.runner
+            if runner is not None:
+                runner.loop.call_soon_threadsafe(runner.cancel_running)
+
+    def on_signal(self, _signum: int, _frame: Any) -> None:
+        """SIGUSR1: the dispatcher posted cancels. Raises ``Cancelled`` in
+        the sync handler running now if it is one of them (``_sync.task`` is
+        set only while ``run_batch`` is inside a handler's ``try``)."""
+        self.take()
+        task = _sync.task
+        if task is not None and self.end is not None:
+            running = self.end.running()
+            if running is not None and running in self.pending:
+                self.pending.discard(running)
+                raise Cancelled(task.id)
+
+
+#: The actor's cancels (bound to its ring end by ``actor_main``; never
+#: any elsewhere, as in tests that call ``run_batch`` directly).
+_cancels = _Cancels()
+
+
 #: ``(index, handler, task, keeps_result)``.
 AsyncItem = tuple[int, Callable[[Task], Awaitable[Any]], Task, bool]
 
@@ -154,6 +207,18 @@ class _AsyncRunner:
         self._active = 0
         self._idle: Optional[asyncio.Future[None]] = None
         self._context = contextvars.copy_context()
+        #: Running async tasks by ``(batch, index)``, and those we cancelled.
+        self._running: dict[tuple[int, int], asyncio.Task[None]] = {}
+        self._cancelled: set[tuple[int, int]] = set()
+
+    def cancel_running(self) -> None:
+        """Loop thread: cancels the running tasks the dispatcher cancelled
+        (the others are skipped when their turn comes)."""
+        pending = _cancels.pending
+        for key in [key for key in pending if key in self._running]:
+            pending.discard(key)
+            self._cancelled.add(key)
+            self._running[key].cancel()
 
     def run(self, batch_id: int, group: list[AsyncItem]) -> None:
         """Runs one batch's async tasks to their end (outside ``serve``)."""
@@ -171,11 +236,12 @@ class _AsyncRunner:
         waiting = self._waiting
         enter = self._context.run
         create = self.loop.create_task
+        running = self._running
         while waiting and self._active < self.concurrency:
             batch, item = waiting.popleft()
             self._active += 1
             # create_task copies the current context: here the actor's own.
-            enter(create, self._one(batch, *item))
+            running[(batch.id, item[0])] = enter(create, self._one(batch, *item))
 
     async def _drained(self) -> None:
         """Returns once every queued and running async task has ended."""
@@ -225,7 +291,12 @@ class _AsyncRunner:
         seconds = 0.0
         record: Optional[Record] = None
         paused = end.paused()
-        if (paused is not None and task.queue in paused) or not end.start_async(
+        key = (batch.id, index)
+        pending = _cancels.pending
+        if pending and key in pending:
+            pending.discard(key)
+            record = _cancelled(index, False)
+        elif (paused is not None and task.queue in paused) or not end.start_async(
             batch.id, index, task.timeout
         ):
             record = (index, NOT_STARTED, 0, "", "", b"")
@@ -246,9 +317,16 @@ class _AsyncRunner:
             except asyncio.TimeoutError:
                 message = f"timeout: the handler ran longer than {task.timeout:g}s"
                 record = (index, TIMED_OUT, 0, message, "", b"")
-            except (Exception, asyncio.CancelledError) as error:
+            except asyncio.CancelledError as error:
+                if key in self._cancelled:
+                    self._cancelled.discard(key)
+                    record = _cancelled(index, True)
+                else:
+                    record = _failure(index, task, error)
+            except Exception as error:
                 record = _failure(index, task, error)
             seconds = perf_counter() - started
+        self._running.pop(key, None)
         batch.left -= 1
         last = batch.left == 0
         _, outcome, delay_ms, message, trace, body = record or (
@@ -298,6 +376,13 @@ def run_batch(
     # Queues paused meanwhile: their tasks go back unrun (checked again at
     # each flush of a long batch).
     paused = end.paused()
+    # Tasks cancelled meanwhile: skipped (the box is looked at per batch;
+    # the signal adds what comes later).
+    _cancels.take()
+    pending = _cancels.pending
+    if pending and runner is None:
+        # A sync actor runs batches in order: older ones are over.
+        pending.difference_update([key for key in pending if key[0] < batch_id])
     for index, (
         task_id,
         type_,
@@ -312,6 +397,10 @@ def run_batch(
     ) in enumerate(tasks):
         if paused is not None and queue in paused:
             records.append((index, NOT_STARTED, 0, "", "", b""))
+            continue
+        if pending and (batch_id, index) in pending:
+            pending.discard((batch_id, index))
+            records.append(_cancelled(index, False))
             continue
         handler = handlers.get(type_)
         if handler is None:
@@ -348,14 +437,21 @@ def run_batch(
             # The engine is stopping: hand this task and the rest back unrun.
             stopped_at = index
             break
-        running.task = task
         try:
+            # Set and cleared inside the try: a cancel's signal raises
+            # only while it is set, so always into this try.
+            running.task = task
             value = handler(task)
+            running.task = None
             if keeps:
                 records.append(_kept(index, task, value))
             elif not ranged:
                 records.append((index, SUCCEEDED, 0, "", "", b""))
+        except Cancelled:
+            running.task = None
+            records.append(_cancelled(index, True))
         except Exception as error:
+            running.task = None
             records.append(_failure(index, task, error))
         now = perf_counter()
         wake = now - last_flush >= FLUSH_EVERY
@@ -419,6 +515,10 @@ def actor_main(
     is_async = {name: inspect.iscoroutinefunction(handler) for name, handler in handlers.items()}
     end = region.actor(slot, list(queues))
     runner = _AsyncRunner(end, concurrency) if any(is_async.values()) else None
+    _cancels.end = end
+    _cancels.runner = runner
+    # Before the slot says it runs: the dispatcher signals only then.
+    signal.signal(signal.SIGUSR1, _cancels.on_signal)
     end.started(runner.concurrency if runner else 1)
     if runner is not None:
         runner.serve(handlers, is_async)

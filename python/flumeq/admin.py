@@ -92,6 +92,10 @@ class Admin:
         """The paused queues, sorted."""
         return self.client.paused()
 
+    def cancel(self, task_id: str, queue: str = "default") -> bool:
+        """``Client.cancel`` (for this admin's consumer group)."""
+        return self.client.cancel(task_id, queue, group=self.group)
+
     def cron_entries(self) -> list[dict[str, Any]]:
         """The cron entries engines carry (see ``flumeq.cron.entries_in_redis``)."""
         return entries_in_redis(self.client)

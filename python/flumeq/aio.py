@@ -290,6 +290,12 @@ class AsyncClient:
         """``Client.purge_dead`` as a coroutine."""
         return await self._run(self._client.purge_dead, queue)
 
+    async def cancel(
+        self, task_id: Union[str, TaskInfo[Any]], queue: str = "default", *, group: str = "flumeq"
+    ) -> bool:
+        """``Client.cancel`` as a coroutine."""
+        return await self._run(lambda: self._client.cancel(task_id, queue, group=group))
+
     async def pause(self, queue: str) -> bool:
         """``Client.pause`` as a coroutine."""
         return await self._run(self._client.pause, queue)

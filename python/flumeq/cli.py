@@ -369,7 +369,7 @@ def enqueue(
 
 # -- stats ------------------------------------------------------------------
 
-STAT_COLUMNS = ("ready", "in_flight", "delayed", "dead", "processed", "failed")
+STAT_COLUMNS = ("ready", "in_flight", "delayed", "dead", "processed", "failed", "cancelled")
 
 
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -410,7 +410,17 @@ def render_stats(admin: Admin, queues: Optional[list[str]], interval: float) -> 
             rate = f"{(row['processed'] - before[row['name']]) / interval:,.0f}/s"
         name = f"{row['name']} (paused)" if row["paused"] else row["name"]
         table_rows.append([name, *(row[column] for column in STAT_COLUMNS), rate])
-    headers = ["queue", "ready", "in flight", "delayed", "dead", "processed", "failed", "rate"]
+    headers = [
+        "queue",
+        "ready",
+        "in flight",
+        "delayed",
+        "dead",
+        "processed",
+        "failed",
+        "cancelled",
+        "rate",
+    ]
     out = [_table(headers, table_rows) if rows else "no queues yet"]
     workers = admin.workers()
     out.append("")
@@ -649,6 +659,35 @@ def queue_list(url: Optional[str], prefix: str) -> None:
         click.echo("no queues yet")
         return
     click.echo(_table(["queue", "state", "ready", "in flight"], table))
+
+
+# -- cancel -----------------------------------------------------------------
+
+
+@main.command()
+@click.argument("task_ids", metavar="TASK_ID...", nargs=-1, required=True)
+@click.option("--queue", "-q", "queue_name", default="default", show_default=True)
+@click.option("--group", default="flumeq", show_default=True, help="Consumer group of the engines.")
+@redis_options
+@friendly_errors
+def cancel(
+    task_ids: tuple[str, ...], queue_name: str, group: str, url: Optional[str], prefix: str
+) -> None:
+    """Cancel tasks of a queue: a delayed or ready one never runs; a running
+    one is stopped within about a second on any engine. Exits 1 when some id
+    was not found (unknown, or ended already)."""
+    admin = _admin(url, prefix, group)
+    missing = 0
+    for task_id in task_ids:
+        if admin.cancel(task_id, queue_name):
+            click.echo(f"cancelled {task_id}")
+        else:
+            missing += 1
+            click.echo(
+                f"{task_id}: not found in queue {queue_name!r} (unknown, or ended)", err=True
+            )
+    if missing:
+        sys.exit(1)
 
 
 # -- cron -------------------------------------------------------------------

@@ -36,7 +36,7 @@ DEFAULT_TIMEOUT_MS = 30_000
 DEFAULT_UNIQUE_TTL = 3600.0
 DEFAULT_UNIQUE_TTL_MS = 3_600_000
 #: What ``Client.stats`` reports (``flumeq.Admin.overview`` has more).
-STATS = ("ready", "in_flight", "delayed", "dead", "processed", "failed")
+STATS = ("ready", "in_flight", "delayed", "dead", "processed", "failed", "cancelled")
 #: Longest task type and task id accepted (bytes), as the core bounds them.
 MAX_TYPE_BYTES: int = _core.MAX_TYPE_BYTES
 MAX_ID_BYTES: int = _core.MAX_ID_BYTES
@@ -650,10 +650,40 @@ class Client:
         return self._connection().purge_dead(_queue(queue))
 
     def stats(self, queue: str = "default", *, group: str = "flumeq") -> dict[str, int]:
-        """Counts for ``queue``: ready, in_flight, delayed, dead, processed, failed."""
+        """Counts for ``queue``: ready, in_flight, delayed, dead, processed, failed, cancelled."""
         store = self._connection()
         (row,) = reads.queue_rows(store, self.prefix, group, [_queue(queue)], oldest=False)
         return {name: row[name] for name in STATS}
+
+    def cancel(
+        self, task_id: Union[str, TaskInfo[Any]], queue: str = "default", *, group: str = "flumeq"
+    ) -> bool:
+        """Cancels task ``task_id`` (or a ``TaskInfo``) of ``queue``. Returns
+        ``True`` when it was found delayed, ready or held by an engine
+        (running, or taken and not started), ``False`` when it is unknown or
+        has ended.
+
+        A delayed or ready task is removed at once and never runs. One an
+        engine holds gets a cancel record that every engine of ``group``
+        reads within about a second (also after a reconnect): if it has not
+        started it never does; if it runs, a sync handler gets
+        ``flumeq.Cancelled`` raised in it and an async one
+        ``asyncio.CancelledError``, and its actor is killed should it still
+        run ``cancel_grace`` later. Cancelled is final: no retry, no dead
+        letter, counted as ``cancelled``; ``result()`` raises
+        ``TaskCancelled``; its unique key is released. The record lasts a
+        day (``CANCEL_TTL``): a task given the same id meanwhile is
+        cancelled too, as Celery's revoke does.
+
+        Finding a ready task reads the queue's stream in pages inside Redis
+        (about half a millisecond per thousand entries).
+        """
+        if isinstance(task_id, TaskInfo):
+            info = task_id
+            task_id, queue = info.id, info.queue
+        check_wait(task_id, queue, None)
+        delayed, ready, held = self._connection().cancel(checked_queue(queue), task_id, group)
+        return delayed + ready + held > 0
 
     def pause(self, queue: str) -> bool:
         """Pauses ``queue`` on every engine: within about a second none

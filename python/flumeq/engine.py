@@ -70,6 +70,11 @@ class Engine:
     those running). ``cron`` entries (``flumeq.Cron``,
     plus an app's ``@app.cron`` ones) are enqueued on their schedules, each
     tick once across every engine carrying them.
+
+    A cancelled task (``Client.cancel``) that still runs ``cancel_grace``
+    seconds after its handler was told (``flumeq.Cancelled`` raised in a sync
+    handler, ``CancelledError`` in an async one) has its actor process
+    killed and replaced, the way a hard ``timeout`` does.
     """
 
     def __init__(
@@ -97,6 +102,7 @@ class Engine:
         middleware: Iterable[Any] = (),
         cron: Iterable[Cron] = (),
         strict: bool = False,
+        cancel_grace: float = _core.DEFAULT_CANCEL_GRACE_MS / 1000,
     ) -> None:
         own_middleware = hooks.checked(middleware)
         entries = list(cron) if not isinstance(cron, Cron) else [cron]
@@ -127,6 +133,7 @@ class Engine:
             ("shutdown_timeout", shutdown_timeout),
             ("processed_ttl", processed_ttl),
             ("block", block),
+            ("cancel_grace", cancel_grace),
         ):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"{name} must be a number of seconds >= 0, got {value!r}")
@@ -148,6 +155,8 @@ class Engine:
         self.retry_base = float(retry_base)
         self.retry_max = float(retry_max)
         self.shutdown_timeout = float(shutdown_timeout)
+        #: Seconds a cancelled task may run on before its actor is killed.
+        self.cancel_grace = float(cancel_grace)
         self.processed_ttl = float(processed_ttl)
         self.prefix = prefix
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
@@ -212,6 +221,7 @@ class Engine:
             "read_count": self.read_count,
             "block_ms": round(self.block * 1000),
             "shutdown_timeout_ms": round(self.shutdown_timeout * 1000),
+            "cancel_grace_ms": round(self.cancel_grace * 1000),
             "dead_max_length": self.dead_max_length,
             "claim_stale_after_ms": max(1, round(self.claim_stale_after * 1000)),
             "retry_base_ms": round(self.retry_base * 1000),
@@ -248,7 +258,7 @@ class Engine:
         """Serves tasks until SIGINT/SIGTERM or ``stop()`` (or, with ``burst``,
         until no task is ready, in flight or delayed), then returns counts:
         processed, failed, retried, dead, skipped, handed_back, left_pending,
-        restarts (of actors) and dispatcher_restarts.
+        restarts (of actors), cancelled and dispatcher_restarts.
 
         Run from a thread other than the main one, the engine installs no
         signal handlers; stop it with ``stop()``.

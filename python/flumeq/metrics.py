@@ -95,7 +95,7 @@ class FlumeqCollector:
             name: CounterMetricFamily(
                 f"flumeq_tasks_{name}", f"Tasks {name}", labels=["queue", "type"]
             )
-            for name in ("enqueued", "processed", "failed", "retried", "dead")
+            for name in ("enqueued", "processed", "failed", "retried", "dead", "cancelled")
         }
         durations = HistogramMetricFamily(
             "flumeq_task_duration_seconds", "Handler run time", labels=["queue", "type"]

@@ -12,7 +12,7 @@ from .errors import FlumeqError
 if TYPE_CHECKING:
     from .client import Client
 
-__all__ = ["Reject", "Retry", "Task", "TaskInfo", "current_task"]
+__all__ = ["Cancelled", "Reject", "Retry", "Task", "TaskInfo", "current_task"]
 
 R = TypeVar("R")
 
@@ -151,6 +151,20 @@ class Retry(FlumeqError):
         super().__init__(reason or "retry requested")
         self.delay = delay
         self.reason = reason
+
+
+class Cancelled(BaseException):
+    """Raised inside a running sync handler when its task is cancelled
+    (``Client.cancel``). A ``BaseException``, like ``KeyboardInterrupt`` and
+    ``asyncio.CancelledError``, so ``except Exception`` in a handler does not
+    swallow it: clean up in ``finally`` and let it go. A handler that has
+    not returned ``cancel_grace`` seconds later (stuck in C code, or
+    ignoring it) has its actor process killed and replaced. Async handlers
+    get ``asyncio.CancelledError`` instead."""
+
+    def __init__(self, task_id: str = "") -> None:
+        super().__init__(f"task {task_id} was cancelled" if task_id else "cancelled")
+        self.task_id = task_id
 
 
 class Reject(FlumeqError):

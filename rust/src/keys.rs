@@ -7,6 +7,11 @@
 //! a script or MULTI with a queue's keys. The cron entries' leases share the
 //! tag `{cron}`, so one script keeps them all.
 
+/// How long a cancel record lasts (ms): a task taken by an engine when it
+/// was cancelled ends as cancelled whenever some engine next holds it
+/// within this time (after a reconnect, or a dead engine's recovery).
+pub const CANCEL_TTL_MS: u64 = 24 * 3600 * 1000;
+
 /// Why a queue name was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid queue name {name:?}: {reason}")]
@@ -109,6 +114,15 @@ impl Keys {
     #[must_use]
     pub fn ended(&self, queue: &str) -> String {
         self.queue_key(queue, "ended")
+    }
+
+    /// The cancel records of tasks that were running or taken by an
+    /// engine when they were cancelled: a ZSET of task ids scored by the
+    /// time of the cancel (ms), read by every engine from its own cursor and
+    /// pruned after `CANCEL_TTL_MS`.
+    #[must_use]
+    pub fn cancels(&self, queue: &str) -> String {
+        self.queue_key(queue, "cancels")
     }
 
     /// The write marker of one engine (consumer) in a queue: the sequence

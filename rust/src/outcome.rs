@@ -57,10 +57,13 @@ pub enum Outcome {
     /// result (not JSON, or larger than `MAX_RESULT_BYTES`). Dead letter,
     /// no retry: the handler's work is done, a rerun would do it again.
     BadResult = 13,
+    /// Someone cancelled it (`Client.cancel`): final, acked without retry
+    /// or dead letter.
+    Cancelled = 14,
 }
 
 /// Every outcome, in wire order.
-pub const ALL: [Outcome; 13] = [
+pub const ALL: [Outcome; 14] = [
     Outcome::Succeeded,
     Outcome::Failed,
     Outcome::Retry,
@@ -74,6 +77,7 @@ pub const ALL: [Outcome; 13] = [
     Outcome::TooLarge,
     Outcome::Poison,
     Outcome::BadResult,
+    Outcome::Cancelled,
 ];
 
 /// What happens to a task after an outcome, before its retry budget is
@@ -88,6 +92,8 @@ pub enum Disposition {
     Dead,
     /// Back to the stream unchanged, no attempt counted.
     HandBack,
+    /// Cancelled: acked and counted as such, never retried.
+    Cancelled,
 }
 
 /// `text` cut to at most `MAX_TEXT_BYTES` at a character boundary, keeping
@@ -136,6 +142,7 @@ impl Outcome {
             Self::TooLarge => "too_large",
             Self::Poison => "poison",
             Self::BadResult => "bad_result",
+            Self::Cancelled => "cancelled",
         }
     }
 
@@ -153,6 +160,7 @@ impl Outcome {
             | Self::Poison
             | Self::BadResult => Disposition::Dead,
             Self::NotStarted => Disposition::HandBack,
+            Self::Cancelled => Disposition::Cancelled,
         }
     }
 

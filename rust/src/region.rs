@@ -26,11 +26,14 @@ pub const SLOT_LOST: u32 = 2;
 pub const SLOT_RECLAIMED: u32 = 3;
 
 /// Number of engine counts kept in the region (`dispatcher::Report::NAMES`).
-pub const COUNTS: usize = 8;
+pub const COUNTS: usize = 9;
 
 /// Queues (by their index in the engine's list) whose pause the actors see
 /// themselves; a pause of a later queue holds its tasks in the dispatcher only.
 pub const PAUSABLE_IN_ACTORS: usize = 256;
+
+/// Cancels of tasks handed to one actor that it has not taken in yet.
+pub const CANCEL_BOX: usize = 16;
 
 /// Engine-wide flags, and the counts of every dispatcher life so far (a
 /// dispatcher adds to them as it goes, so a killed one's work still counts).
@@ -68,6 +71,11 @@ pub struct SlotHeader {
     /// When the running task must be stopped (`monotonic_ms`), 0 = never.
     pub running_deadline_ms: AtomicU64,
     _pad1: [u64; 2],
+    /// The cancel box: tasks `(batch, index)` the dispatcher cancelled
+    /// (`cancel_index` holds index + 1, 0 = a free place), taken in by the
+    /// actor when it is signalled and at each batch.
+    cancel_batch: [AtomicU64; CANCEL_BOX],
+    cancel_index: [AtomicU32; CANCEL_BOX],
 }
 
 /// Milliseconds of `CLOCK_MONOTONIC`: one clock for every process of the
@@ -365,6 +373,7 @@ impl Region {
         header.generation.fetch_add(1, Ordering::SeqCst);
         header.running_index.store(0, Ordering::SeqCst);
         header.running_deadline_ms.store(0, Ordering::SeqCst);
+        self.clear_cancels(slot);
         header.state.store(SLOT_STARTING, Ordering::SeqCst);
     }
 
@@ -376,6 +385,44 @@ impl Region {
         self.slot(slot)
             .state
             .store(SLOT_RECLAIMED, Ordering::SeqCst);
+    }
+
+    /// Dispatcher: asks the actor of `slot` to cancel task `index` of
+    /// `batch` (it looks when signalled, and at each batch). Returns false
+    /// when the box is full (ask again later).
+    #[must_use]
+    pub fn post_cancel(&self, slot: usize, batch: u64, index: u32) -> bool {
+        let header = self.slot(slot);
+        for (batch_at, index_at) in header.cancel_batch.iter().zip(&header.cancel_index) {
+            if index_at.load(Ordering::Acquire) == 0 {
+                batch_at.store(batch, Ordering::Relaxed);
+                index_at.store(index + 1, Ordering::Release);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Actor: takes the cancels posted to `slot`, emptying the box (one
+    /// load when it is empty).
+    #[must_use]
+    pub fn take_cancels(&self, slot: usize) -> Vec<(u64, u32)> {
+        let header = self.slot(slot);
+        let mut taken = Vec::new();
+        for (batch_at, index_at) in header.cancel_batch.iter().zip(&header.cancel_index) {
+            let index = index_at.load(Ordering::Acquire);
+            if index != 0 {
+                taken.push((batch_at.load(Ordering::Relaxed), index - 1));
+                index_at.store(0, Ordering::Release);
+            }
+        }
+        taken
+    }
+
+    fn clear_cancels(&self, slot: usize) {
+        for index in &self.slot(slot).cancel_index {
+            index.store(0, Ordering::SeqCst);
+        }
     }
 
     /// Dispatcher: adds `counts` to the engine's counts.
@@ -405,6 +452,7 @@ impl Region {
             header.running_index.store(0, Ordering::SeqCst);
             header.running_deadline_ms.store(0, Ordering::SeqCst);
             header.pid.store(0, Ordering::SeqCst);
+            self.clear_cancels(slot);
             header.state.store(SLOT_RECLAIMED, Ordering::SeqCst);
         }
         drain_event(self.results_event());
@@ -506,13 +554,33 @@ mod tests {
     #[test]
     fn counts_add_up_across_dispatcher_lives_and_survive_a_reset() {
         let region = Region::new(layout()).expect("region");
-        region.add_counts(&[1, 0, 0, 0, 0, 0, 0, 2]);
+        region.add_counts(&[1, 0, 0, 0, 0, 0, 0, 2, 1]);
         assert!(region.task_ring(0).write_frame(&[b"left over"]));
         region.reset_slots();
-        region.add_counts(&[3, 1, 0, 0, 0, 0, 0, 0]);
-        assert_eq!(region.counts(), [4, 1, 0, 0, 0, 0, 0, 2]);
+        region.add_counts(&[3, 1, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(region.counts(), [4, 1, 0, 0, 0, 0, 0, 2, 1]);
         assert!(!region.task_ring(0).has_frame());
         assert_eq!(region.slot(0).state.load(Ordering::SeqCst), SLOT_RECLAIMED);
+    }
+
+    #[test]
+    fn the_cancel_box_holds_what_was_posted_until_taken_and_refuses_when_full() {
+        let region = Region::new(layout()).expect("region");
+        assert!(region.take_cancels(0).is_empty());
+        assert!(region.post_cancel(0, 7, 0));
+        assert!(region.post_cancel(0, 9, 3));
+        assert!(region.take_cancels(1).is_empty(), "boxes are per slot");
+        assert_eq!(region.take_cancels(0), [(7, 0), (9, 3)]);
+        assert!(region.take_cancels(0).is_empty());
+        for at in 0..CANCEL_BOX {
+            assert!(region.post_cancel(0, 1, at as u32));
+        }
+        assert!(!region.post_cancel(0, 1, 99), "a full box says so");
+        region.mark_starting(0);
+        assert!(
+            region.take_cancels(0).is_empty(),
+            "a new actor starts empty"
+        );
     }
 
     #[test]

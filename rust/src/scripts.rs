@@ -178,3 +178,126 @@ for i = 3, #ARGV do
 end
 return count
 ";
+
+/// The Lua shared by the cancel scripts: `ended_cancelled(fields, id)`
+/// counts a task (given by its stream fields) as cancelled in the stats
+/// hash (`KEYS[2]`), keeps its `cancelled` outcome (`KEYS[3]`, announced on
+/// the `ended` stream `KEYS[4]`, capped at `ARGV[3]`) when it keeps one, and
+/// returns its unique key or `''`; `now_ms()` is Redis's clock.
+macro_rules! ended_cancelled_lua {
+    () => {
+        r"
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function ended_cancelled(fields, id)
+  local kind, ttl, attempt, unique = '?', nil, '0', ''
+  for i = 1, #fields - 1, 2 do
+    local name, value = fields[i], fields[i + 1]
+    if name == 'type' then kind = value
+    elseif name == 'result_ttl' then ttl = tonumber(value)
+    elseif name == 'attempt' then attempt = value
+    elseif name == 'unique_key' then unique = value end
+  end
+  redis.call('HINCRBY', KEYS[2], 'cancelled', 1)
+  redis.call('HINCRBY', KEYS[2], 'cancelled|' .. kind, 1)
+  if ttl and ttl > 0 then
+    redis.call('DEL', KEYS[3])
+    redis.call('HSET', KEYS[3], 'state', 'cancelled', 'attempts', attempt,
+      'finished_at', now_ms(), 'reason', 'cancelled', 'error', 'cancelled', 'traceback', '')
+    redis.call('PEXPIRE', KEYS[3], math.max(1, math.floor(ttl * 1000)))
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[3], '*', 'id', id)
+  end
+  return unique
+end
+"
+    };
+}
+
+/// Cancels a delayed task (scheduled, or waiting for its retry): removes
+/// its member from the delayed set and ends it as cancelled, atomically.
+///
+/// KEYS[1] delayed ZSET, KEYS[2] stats hash, KEYS[3] the task's result
+/// hash, KEYS[4] `ended` stream. ARGV[1] the member, ARGV[2] task id,
+/// ARGV[3] `ended` max length. Returns the task's unique key (`''`: none),
+/// or `false` when the member is not that task's or is gone already.
+pub const CANCEL_DELAYED: &str = concat!(
+    ended_cancelled_lua!(),
+    r"
+local ok, fields = pcall(cjson.decode, ARGV[1])
+if not ok or type(fields) ~= 'table' then return false end
+local id = nil
+for i = 1, #fields - 1, 2 do
+  if fields[i] == 'id' then id = fields[i + 1] end
+end
+if id ~= ARGV[2] then return false end
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return false end
+return ended_cancelled(fields, ARGV[2])
+"
+);
+
+/// Looks for a task in one page of its queue's stream and cancels it: an
+/// entry no consumer was given yet is deleted and ended as cancelled at
+/// once; one an engine holds gets a cancel record (`KEYS[5]`, scored by
+/// Redis's clock, pruned after `ARGV[6]` ms), which every engine reads.
+///
+/// KEYS[1] stream, KEYS[2] stats hash, KEYS[3] the task's result hash,
+/// KEYS[4] `ended` stream, KEYS[5] cancel records. ARGV[1] group, ARGV[2]
+/// task id, ARGV[3] `ended` max length, ARGV[4] exclusive start id (`-`:
+/// the beginning), ARGV[5] page size, ARGV[6] record lifetime (ms).
+/// Returns `{deleted, recorded, next start or '', unique keys}`.
+pub const CANCEL_SCAN: &str = concat!(
+    ended_cancelled_lua!(),
+    r"
+local function after(a, b)
+  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
+  if not bms then return true end
+  ams, aseq, bms, bseq = tonumber(ams), tonumber(aseq), tonumber(bms), tonumber(bseq)
+  return ams > bms or (ams == bms and aseq > bseq)
+end
+-- No group yet: no engine was given any entry.
+local delivered = nil
+local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
+if ok then
+  for _, group in ipairs(groups) do
+    local name, last = nil, nil
+    for i = 1, #group - 1, 2 do
+      if group[i] == 'name' then name = group[i + 1]
+      elseif group[i] == 'last-delivered-id' then last = group[i + 1] end
+    end
+    if name == ARGV[1] then delivered = last end
+  end
+end
+local start = ARGV[4]
+if start ~= '-' then start = '(' .. start end
+local size = tonumber(ARGV[5])
+local entries = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', size)
+local deleted, recorded, uniques, last = 0, 0, {}, ''
+for _, entry in ipairs(entries) do
+  last = entry[1]
+  local fields = entry[2]
+  local id = nil
+  for i = 1, #fields - 1, 2 do
+    if fields[i] == 'id' then id = fields[i + 1] break end
+  end
+  if id == ARGV[2] then
+    if delivered == nil or after(entry[1], delivered) then
+      redis.call('XDEL', KEYS[1], entry[1])
+      uniques[#uniques + 1] = ended_cancelled(fields, ARGV[2])
+      deleted = deleted + 1
+    else
+      recorded = recorded + 1
+    end
+  end
+end
+if recorded > 0 then
+  local now = now_ms()
+  redis.call('ZADD', KEYS[5], now, ARGV[2])
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. (now - tonumber(ARGV[6])))
+end
+if #entries < size then last = '' end
+return {deleted, recorded, last, uniques}
+"
+);

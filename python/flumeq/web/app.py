@@ -404,25 +404,28 @@ class _Dashboard:
 
     # -- actions ----------------------------------------------------------
 
-    async def _action_body(self, request: Request) -> dict[str, Any]:
-        raw = await request.body()
-        if not raw.strip():
-            return {}
-        body = json.loads(raw)
-        if not isinstance(body, dict):
-            raise ValueError("the body must be a JSON object")
-        return body
-
-    async def requeue(self, request: Request) -> Response:
-        """Body ``{"ids": ["<task id>", ...]}`` requeues those; ``{"all": true}`` all."""
+    async def _action_input(self, request: Request) -> tuple[str, dict[str, Any]] | Response:
+        """The queue name and JSON body of an action, or the error to answer."""
         problem = self._action_problem(request)
         if problem:
             return _error(403, problem)
-        name = request.path_params["name"]
-        try:
-            body = await self._action_body(request)
-        except ValueError as error:
-            return _error(400, f"bad JSON body: {error}")
+        raw = await request.body()
+        body: Any = {}
+        if raw.strip():
+            try:
+                body = json.loads(raw)
+            except ValueError as error:
+                return _error(400, f"bad JSON body: {error}")
+        if not isinstance(body, dict):
+            return _error(400, "bad JSON body: the body must be a JSON object")
+        return request.path_params["name"], body
+
+    async def requeue(self, request: Request) -> Response:
+        """Body ``{"ids": ["<task id>", ...]}`` requeues those; ``{"all": true}`` all."""
+        given = await self._action_input(request)
+        if isinstance(given, Response):
+            return given
+        name, body = given
         ids = body.get("ids")
         if body.get("all") is True and ids is None:
             pass  # every dead letter of the queue
@@ -468,6 +471,22 @@ class _Dashboard:
             call = self.admin.pause if paused else self.admin.resume
             changed = await self._admin(call, name)
             return {"queue": name, "paused": paused, "changed": changed}
+
+        return await self._api(produce)
+
+    async def cancel(self, request: Request) -> Response:
+        """Body ``{"id": "<task id>"}`` cancels that task of the queue."""
+        given = await self._action_input(request)
+        if isinstance(given, Response):
+            return given
+        name, body = given
+        task_id = body.get("id")
+        if not isinstance(task_id, str) or not task_id:
+            return _error(400, 'give "id": the task id to cancel')
+
+        async def produce() -> dict[str, Any]:
+            found = await self._admin(self.admin.cancel, task_id, name)
+            return {"queue": name, "id": task_id, "cancelled": found}
 
         return await self._api(produce)
 
@@ -536,6 +555,7 @@ def create_app(
             Route("/api/purge/{name:path}", board.purge, methods=["POST"]),
             Route("/api/pause/{name:path}", board.pause, methods=["POST"]),
             Route("/api/resume/{name:path}", board.resume, methods=["POST"]),
+            Route("/api/cancel/{name:path}", board.cancel, methods=["POST"]),
             Route("/api/dead/{name:path}", board.api_dead),
             Route("/api/queues/{name:path}", board.api_queue),
             Route("/api/{rest:path}", board.api_not_found, methods=["GET", "POST"]),

@@ -2,6 +2,7 @@
 //! the engine's counts. Each task's outcome goes through the retry policy
 //! here; nothing here waits or talks to Redis (the writer ships `take()`).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -34,11 +35,13 @@ pub struct Report {
     pub left_pending: u64,
     /// Actors that died and were replaced.
     pub restarts: u64,
+    /// Tasks cancelled (`Client.cancel`), run or not.
+    pub cancelled: u64,
 }
 
 impl Report {
     /// The names of the counts, in `to_array` order.
-    pub const NAMES: [&'static str; 8] = [
+    pub const NAMES: [&'static str; 9] = [
         "processed",
         "failed",
         "retried",
@@ -47,11 +50,12 @@ impl Report {
         "handed_back",
         "left_pending",
         "restarts",
+        "cancelled",
     ];
 
     /// The counts in `NAMES` order.
     #[must_use]
-    pub fn to_array(&self) -> [u64; 8] {
+    pub fn to_array(&self) -> [u64; 9] {
         [
             self.processed,
             self.failed,
@@ -61,13 +65,14 @@ impl Report {
             self.handed_back,
             self.left_pending,
             self.restarts,
+            self.cancelled,
         ]
     }
 
     /// A report from counts in `NAMES` order.
     #[must_use]
-    pub fn from_array(counts: [u64; 8]) -> Self {
-        let [processed, failed, retried, dead, skipped, handed_back, left_pending, restarts] =
+    pub fn from_array(counts: [u64; 9]) -> Self {
+        let [processed, failed, retried, dead, skipped, handed_back, left_pending, restarts, cancelled] =
             counts;
         Self {
             processed,
@@ -78,6 +83,7 @@ impl Report {
             handed_back,
             left_pending,
             restarts,
+            cancelled,
         }
     }
 }
@@ -122,6 +128,10 @@ pub struct Book {
     pub totals: Report,
     /// Counts not yet published to the shared region.
     fresh: Report,
+    /// Task ids cancelled (`Client.cancel`) per queue index, with when the
+    /// record expires (ms since the epoch): their tasks end as cancelled
+    /// whatever else comes of them, except a success.
+    cancelled: HashMap<(u16, Bytes), u64>,
 }
 
 impl Book {
@@ -136,7 +146,86 @@ impl Book {
             outcomes: vec![QueueOutcomes::default(); count],
             totals: Report::default(),
             fresh: Report::default(),
+            cancelled: HashMap::new(),
         }
+    }
+
+    /// Records that task `id` of queue `queue` is cancelled until
+    /// `expires_ms`. Returns false when it was known already.
+    pub fn add_cancelled(&mut self, queue: u16, id: Bytes, expires_ms: u64) -> bool {
+        self.cancelled.insert((queue, id), expires_ms).is_none()
+    }
+
+    /// Forgets cancel records past their lifetime.
+    pub fn prune_cancelled(&mut self, now_ms: u64) {
+        self.cancelled.retain(|_, expires| *expires > now_ms);
+    }
+
+    /// Whether `taken`'s task id was cancelled (free while none is).
+    #[must_use]
+    pub fn is_cancelled(&self, taken: &Taken) -> bool {
+        if self.cancelled.is_empty() {
+            return false;
+        }
+        taken.entry.get(envelope::field::ID).is_some_and(|id| {
+            self.cancelled
+                .contains_key(&(taken.queue, Bytes::copy_from_slice(id)))
+        })
+    }
+
+    /// Ends a task as cancelled: acked, counted, its unique key released and
+    /// its kept outcome (when it keeps one) says so. No retry, no dead letter.
+    pub fn cancel(&mut self, taken: Taken, ran: bool) {
+        self.end_final(
+            &taken,
+            ran,
+            "cancelled",
+            Outcome::Cancelled.name(),
+            b"cancelled",
+            b"",
+        );
+        let outcome = &mut self.outcomes[usize::from(taken.queue)];
+        outcome.type_counts(taken.kind()).cancelled += 1;
+        outcome.finished.push(taken.entry.entry_id);
+        outcome.cancelled += 1;
+        self.count(|report| report.cancelled += 1);
+    }
+
+    /// What every final end (dead or cancelled) does first: releases the
+    /// unique key and keeps the outcome when the task asks for one. Returns
+    /// the attempts the task made.
+    fn end_final(
+        &mut self,
+        taken: &Taken,
+        ran: bool,
+        state: &'static str,
+        reason: &'static str,
+        error: &[u8],
+        traceback: &[u8],
+    ) -> u32 {
+        self.release_unique(taken);
+        let task = envelope::parse(&taken.entry).ok();
+        let attempts = task
+            .as_ref()
+            .map_or(0, |task| task.attempt + u32::from(ran));
+        let result_ttl_ms = task.map_or(0, |task| task.result_ttl_ms);
+        if result_ttl_ms > 0 {
+            self.keep_outcome(
+                taken,
+                result_ttl_ms,
+                Ended {
+                    id: Bytes::new(),
+                    ttl_ms: 0,
+                    state,
+                    value: Vec::new(),
+                    reason,
+                    error: error.to_vec(),
+                    traceback: traceback.to_vec(),
+                    attempts,
+                },
+            );
+        }
+        attempts
     }
 
     fn count(&mut self, change: impl Fn(&mut Report)) {
@@ -170,6 +259,12 @@ impl Book {
             self.succeed(taken, failure.value);
             return;
         }
+        if failure.outcome != Outcome::Cancelled && self.is_cancelled(&taken) {
+            // A cancelled task that failed, crashed, timed out or was not
+            // started ends as cancelled, never retried.
+            self.cancel(taken, failure.outcome.ran());
+            return;
+        }
         let (attempt, max_retry) = taken.attempts();
         let decision = self.policy.decide(
             failure.outcome,
@@ -181,6 +276,7 @@ impl Book {
         match decision {
             Decision::Done => self.done(taken),
             Decision::HandBack => self.hand_back(taken),
+            Decision::Cancelled => self.cancel(taken, true),
             Decision::Dead => self.dead(taken, failure),
             Decision::Retry { delay_ms } => self.retry(taken, attempt, delay_ms, failure.message),
         }
@@ -244,29 +340,15 @@ impl Book {
 
     /// Moves a task to the dead letters with the failure's reason and texts.
     pub fn dead(&mut self, taken: Taken, failure: &Failure<'_>) {
-        self.release_unique(&taken);
         let ran = failure.outcome.ran();
-        let task = envelope::parse(&taken.entry).ok();
-        let attempts = task
-            .as_ref()
-            .map_or(0, |task| task.attempt + u32::from(ran));
-        let result_ttl_ms = task.map_or(0, |task| task.result_ttl_ms);
-        if result_ttl_ms > 0 {
-            self.keep_outcome(
-                &taken,
-                result_ttl_ms,
-                Ended {
-                    id: Bytes::new(),
-                    ttl_ms: 0,
-                    state: "dead",
-                    value: Vec::new(),
-                    reason: failure.outcome.name(),
-                    error: failure.message.to_vec(),
-                    traceback: failure.traceback.to_vec(),
-                    attempts,
-                },
-            );
-        }
+        let attempts = self.end_final(
+            &taken,
+            ran,
+            "dead",
+            failure.outcome.name(),
+            failure.message,
+            failure.traceback,
+        );
         let outcome = &mut self.outcomes[usize::from(taken.queue)];
         outcome.finished.push(taken.entry.entry_id.clone());
         let counts = outcome.type_counts(taken.kind());
@@ -322,6 +404,10 @@ impl Book {
     pub fn hand_back(&mut self, taken: Taken) {
         if taken.entry.fields.is_empty() {
             self.drop_deleted(taken);
+            return;
+        }
+        if self.is_cancelled(&taken) {
+            self.cancel(taken, false);
             return;
         }
         let outcome = self.queue_of(&taken);

@@ -65,7 +65,7 @@ use tokio::task::JoinHandle;
 
 pub use self::book::Report;
 use self::book::{Book, Failure};
-use self::control::{Control, Paused};
+use self::control::{Cancel, Control, Paused, Snapshot};
 use self::fetcher::{Fetched, Fetcher, FetcherHandle, ReadRequest, Recover};
 use self::janitor::Janitor;
 use self::patience::Patience;
@@ -194,6 +194,17 @@ async fn changed<T: Clone>(receiver: Option<&mut watch::Receiver<T>>) -> Option<
     }
 }
 
+/// The next cancels of a channel (`None`: its sender is gone; never
+/// resolves without a channel).
+async fn next_cancels(
+    receiver: Option<&mut mpsc::UnboundedReceiver<Vec<Cancel>>>,
+) -> Option<Vec<Cancel>> {
+    match receiver {
+        Some(receiver) => receiver.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Waits for the first of `futures` to finish: its output and position.
 async fn first_of<F: Future + Unpin>(futures: impl Iterator<Item = F>) -> (F::Output, usize) {
     let mut futures: Vec<F> = futures.collect();
@@ -302,13 +313,9 @@ async fn serve(
             return Ok(Report::default());
         }
     };
-    let mut control = Control {
-        connection: connection.clone(),
-        keys: keys.clone(),
-        queues: Arc::clone(&queues),
-    };
-    let paused = tokio::select! {
-        paused = control.read_retrying() => paused,
+    let mut control = Control::new(connection.clone(), keys.clone(), Arc::clone(&queues));
+    let Snapshot { paused, cancels } = tokio::select! {
+        snapshot = control.read_retrying() => snapshot,
         () = stop_requested(region, &control_fd, &mut signals) => {
             info!("stopped before redis answered");
             region.close_all();
@@ -388,16 +395,26 @@ async fn serve(
     };
     let refresh_every =
         Duration::from_millis(settings.claim_stale_after_ms / 3).max(Duration::from_millis(50));
-    let (control_poll, paused_changes) = control.start(Arc::clone(&paused));
+    let (control_poll, paused_changes, cancel_records) = control.start(Arc::clone(&paused));
     let mut pool = Pool::new(region, settings.prefetch, refresh_every);
     pool.strict = settings.strict;
+    pool.cancel_grace = Duration::from_millis(settings.cancel_grace_ms);
     pool.set_paused(&paused);
+    let mut book = Book::new(keys.clone(), Arc::clone(&queues), policy);
+    for Cancel {
+        queue,
+        id,
+        expires_ms,
+    } in cancels
+    {
+        book.add_cancelled(queue, id, expires_ms);
+    }
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut dispatcher = Dispatcher {
         region,
         pool,
-        book: Book::new(keys.clone(), Arc::clone(&queues), policy),
+        book,
         keys,
         queues,
         settings,
@@ -414,6 +431,8 @@ async fn serve(
         tick,
         paused,
         paused_changes: Some(paused_changes),
+        cancel_records: Some(cancel_records),
+        pruned_at: Instant::now(),
         stopping_since: None,
         recover: true,
         finished_since_recover: None,
@@ -513,6 +532,10 @@ struct Dispatcher<'r> {
     paused: Paused,
     /// Changes of `paused` (`None` once the poll ended).
     paused_changes: Option<watch::Receiver<Paused>>,
+    /// New cancel records (`None` once the poll ended).
+    cancel_records: Option<mpsc::UnboundedReceiver<Vec<Cancel>>>,
+    /// When expired cancel records were last forgotten.
+    pruned_at: Instant,
 }
 
 impl Dispatcher<'_> {
@@ -575,7 +598,12 @@ impl Dispatcher<'_> {
                     // Async actors write STARTED frames without waking us.
                     self.pool.collect_all(&mut self.book);
                     self.pool.enforce_timeouts();
+                    self.pool.enforce_cancels();
                     self.pool.reclaim_lost(&mut self.book);
+                    if self.pruned_at.elapsed() >= Duration::from_secs(60) {
+                        self.pruned_at = Instant::now();
+                        self.book.prune_cancelled(now_ms());
+                    }
                     self.pool.refresh_held(&mut self.book);
                     self.pool.pump(&mut self.book);
                     // The engine's counts over every dispatcher life.
@@ -589,6 +617,10 @@ impl Dispatcher<'_> {
                 changed = changed(self.paused_changes.as_mut()) => match changed {
                     Some(paused) => self.on_paused(paused),
                     None => self.paused_changes = None,
+                },
+                cancels = next_cancels(self.cancel_records.as_mut()) => match cancels {
+                    Some(cancels) => self.on_cancels(cancels),
+                    None => self.cancel_records = None,
                 },
             }
             self.flush();
@@ -616,6 +648,29 @@ impl Dispatcher<'_> {
         self.region.set_paused(&paused);
         self.pool.set_paused(&paused);
         self.paused = paused;
+        self.pool.pump(&mut self.book);
+    }
+
+    /// Tasks were cancelled: those we hold end as cancelled (at once when
+    /// no actor has them, else once their actor skipped or stopped them);
+    /// the others are remembered for when we take them.
+    fn on_cancels(&mut self, cancels: Vec<Cancel>) {
+        for Cancel {
+            queue,
+            id,
+            expires_ms,
+        } in cancels
+        {
+            if self.book.add_cancelled(queue, id.clone(), expires_ms)
+                && self.pool.cancel(&mut self.book, queue, &id)
+            {
+                info!(
+                    "task {} of queue {} cancelled",
+                    String::from_utf8_lossy(&id),
+                    self.queues[usize::from(queue)].name
+                );
+            }
+        }
         self.pool.pump(&mut self.book);
     }
 

@@ -35,6 +35,9 @@ const FIRST_PREFETCH: usize = 16;
 const STRICT_AHEAD: usize = 1;
 /// Weight of the newest sample in the run-time average.
 const PACE_WEIGHT: f64 = 0.25;
+/// A cancelled task that still runs is signalled again this often, until
+/// `cancel_grace` passes (a signal can land just before it started).
+const RESIGNAL: Duration = Duration::from_millis(500);
 
 /// One item of an actor's run-times report: queue index, type, seconds in
 /// all, `(bucket, runs)` pairs.
@@ -86,6 +89,21 @@ enum Kill {
     /// Its event loop did not end async tasks past their timeouts: those
     /// `(batch, index)` with their messages.
     Async(Vec<(u64, u32, String)>),
+    /// Cancelled tasks `(batch, index)` still ran `cancel_grace` after the
+    /// cancel.
+    Cancel(Vec<(u64, u32)>),
+}
+
+/// A cancelled task handed to an actor, until it ends.
+#[derive(Debug)]
+struct Cancelling {
+    slot: usize,
+    batch: u64,
+    index: u32,
+    since: Instant,
+    /// When it was last posted to the actor's cancel box and signalled
+    /// (`None`: the box was full, or the actor not running yet).
+    signalled: Option<Instant>,
 }
 
 /// What the dispatcher tracks of one actor slot.
@@ -130,6 +148,10 @@ pub struct Pool<'r> {
     /// Strict priority: the backlog is handed out in queue order, and an
     /// actor holds one task ahead of what it runs at most.
     pub strict: bool,
+    /// Cancelled tasks actors hold.
+    cancelling: Vec<Cancelling>,
+    /// How long a cancelled task may run on before its actor is killed.
+    pub cancel_grace: Duration,
 }
 
 impl<'r> Pool<'r> {
@@ -151,6 +173,147 @@ impl<'r> Pool<'r> {
             paused: Vec::new(),
             any_paused: false,
             strict: false,
+            cancelling: Vec::new(),
+            cancel_grace: Duration::from_millis(defaults::CANCEL_GRACE_MS),
+        }
+    }
+
+    /// Task `id` of queue `queue` was cancelled: if it waits in the backlog
+    /// it ends as cancelled now; if an actor holds it, the actor is told
+    /// (it skips the task, or stops it if it runs) and is killed should it
+    /// still run after `cancel_grace`. Returns whether we held it.
+    pub fn cancel(&mut self, book: &mut Book, queue: u16, id: &[u8]) -> bool {
+        let matches = |taken: &Taken| {
+            taken.queue == queue && taken.entry.get(envelope::field::ID) == Some(id)
+        };
+        let mut found = false;
+        if self.backlog.iter().any(matches) {
+            let (cancelled, kept): (VecDeque<Taken>, VecDeque<Taken>) =
+                std::mem::take(&mut self.backlog)
+                    .into_iter()
+                    .partition(matches);
+            self.backlog = kept;
+            for taken in cancelled {
+                book.cancel(taken, false);
+            }
+            found = true;
+        }
+        let now = Instant::now();
+        for (batch_id, batch) in &self.batches {
+            for (index, task) in batch.tasks.iter().enumerate() {
+                if task.as_ref().is_some_and(matches) {
+                    let index = index as u32;
+                    if !self
+                        .cancelling
+                        .iter()
+                        .any(|c| (c.batch, c.index) == (*batch_id, index))
+                    {
+                        self.cancelling.push(Cancelling {
+                            slot: batch.slot,
+                            batch: *batch_id,
+                            index,
+                            since: now,
+                            signalled: None,
+                        });
+                    }
+                    found = true;
+                }
+            }
+        }
+        self.signal_cancels(false);
+        found
+    }
+
+    /// Posts the cancels not yet told (`again`: also those running still,
+    /// last told `RESIGNAL` ago) to their actors' boxes, and signals them.
+    fn signal_cancels(&mut self, again: bool) {
+        let now = Instant::now();
+        for at in 0..self.cancelling.len() {
+            let cancel = &self.cancelling[at];
+            let due = match cancel.signalled {
+                None => true,
+                Some(when) => again && now >= when + RESIGNAL && self.is_running(cancel),
+            };
+            if !due {
+                continue;
+            }
+            let header = self.region.slot(cancel.slot);
+            let pid = header.pid.load(Ordering::SeqCst);
+            if header.state.load(Ordering::SeqCst) != SLOT_RUNNING || pid == 0 {
+                continue;
+            }
+            if self
+                .region
+                .post_cancel(cancel.slot, cancel.batch, cancel.index)
+            {
+                // SAFETY: kill(2) on the actor's pid, which handles SIGUSR1
+                // (installed before it said it runs); the supervisor reaps
+                // it only after it saw it exit, so the pid is not reused.
+                unsafe {
+                    libc::kill(pid as libc::pid_t, libc::SIGUSR1);
+                }
+                self.cancelling[at].signalled = Some(now);
+            }
+        }
+    }
+
+    /// Whether the cancelled task runs now (a sync task in its actor's
+    /// header, or an async one the actor said it started).
+    fn is_running(&self, cancel: &Cancelling) -> bool {
+        let header = self.region.slot(cancel.slot);
+        let sync = header.running_index.load(Ordering::SeqCst) == cancel.index + 1
+            && header.running_batch.load(Ordering::SeqCst) == cancel.batch;
+        sync || self.batches.get(&cancel.batch).is_some_and(|batch| {
+            batch
+                .started
+                .iter()
+                .any(|(index, _)| *index == cancel.index)
+        })
+    }
+
+    /// Forgets the cancels of tasks that ended, tells actors again about
+    /// those still running, and kills the actors of those still running
+    /// `cancel_grace` after their cancel.
+    pub fn enforce_cancels(&mut self) {
+        if self.cancelling.is_empty() {
+            return;
+        }
+        let batches = &self.batches;
+        self.cancelling.retain(|cancel| {
+            batches.get(&cancel.batch).is_some_and(|batch| {
+                batch
+                    .tasks
+                    .get(cancel.index as usize)
+                    .is_some_and(Option::is_some)
+            })
+        });
+        self.signal_cancels(true);
+        let mut overdue: HashMap<usize, Vec<(u64, u32)>> = HashMap::new();
+        for cancel in &self.cancelling {
+            if cancel.since.elapsed() >= self.cancel_grace
+                && self.slots[cancel.slot].kill.is_none()
+                && self.is_running(cancel)
+            {
+                overdue
+                    .entry(cancel.slot)
+                    .or_default()
+                    .push((cancel.batch, cancel.index));
+            }
+        }
+        for (slot, tasks) in overdue {
+            let pid = self.region.slot(slot).pid.load(Ordering::SeqCst);
+            warn!(
+                "actor {slot} (pid {pid}): {} cancelled task(s) still ran {}s after the cancel; killing it",
+                tasks.len(),
+                self.cancel_grace.as_secs_f64()
+            );
+            self.slots[slot].kill = Some(Kill::Cancel(tasks));
+            if pid > 0 {
+                // SAFETY: as in `enforce_timeouts`.
+                unsafe {
+                    libc::kill(pid as libc::pid_t, libc::SIGKILL);
+                }
+            }
         }
     }
 
@@ -322,6 +485,12 @@ impl<'r> Pool<'r> {
                 // Deleted while pending (seen when re-reading our history):
                 // nothing to run, just drop it from the group.
                 book.drop_deleted(taken);
+                continue;
+            }
+            if book.is_cancelled(&taken) {
+                // Cancelled while pending (taken back, claimed, or read
+                // before the engine heard of the cancel): it never starts.
+                book.cancel(taken, false);
                 continue;
             }
             let verdict = match envelope::parse_indexed(&taken.entry) {
@@ -610,6 +779,7 @@ impl<'r> Pool<'r> {
                     "actor {slot} (pid {pid}): {} async task(s) ran past their timeout and its event loop did not cancel them (blocked?); killing it",
                     overdue.len()
                 ),
+                Kill::Cancel(_) => {}
             }
             self.slots[slot].kill = Some(kill);
             if pid > 0 {
@@ -723,6 +893,18 @@ fn blame(
                 overdue
                     .into_iter()
                     .map(|(id, index, message)| (id, index, Outcome::TimedOut, message))
+                    .collect(),
+            );
+        }
+        Some(Kill::Cancel(cancelled)) => {
+            return Blame::Tasks(
+                cancelled
+                    .into_iter()
+                    .filter(|(id, index)| unfinished(*id, *index))
+                    .map(|(id, index)| {
+                        let message = "cancelled; the handler did not stop within cancel_grace, so its actor was killed";
+                        (id, index, Outcome::Cancelled, message.to_owned())
+                    })
                     .collect(),
             );
         }

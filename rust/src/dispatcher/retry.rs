@@ -19,6 +19,8 @@ pub enum Decision {
     Dead,
     /// Put it back in the stream unchanged, no attempt counted.
     HandBack,
+    /// Ack it as cancelled.
+    Cancelled,
 }
 
 /// The engine's retry policy.
@@ -46,6 +48,7 @@ impl RetryPolicy {
             Disposition::Done => Decision::Done,
             Disposition::Dead => Decision::Dead,
             Disposition::HandBack => Decision::HandBack,
+            Disposition::Cancelled => Decision::Cancelled,
             Disposition::Retryable if attempt >= max_retry => Decision::Dead,
             Disposition::Retryable => Decision::Retry {
                 delay_ms: match (outcome, requested_ms) {

@@ -29,6 +29,9 @@ pub mod defaults {
     /// Extra time an async task gets past its timeout before the dispatcher
     /// concludes its event loop is blocked and kills the actor, ms.
     pub const ASYNC_GRACE_MS: u64 = 1_000;
+    /// How long a cancelled task may run on before its actor is killed, ms
+    /// (`Engine(cancel_grace=...)`).
+    pub const CANCEL_GRACE_MS: u64 = 5_000;
 }
 
 /// How a dispatcher runs.
@@ -60,6 +63,8 @@ pub struct Settings {
     pub block_ms: u64,
     /// How long a graceful stop waits for running tasks.
     pub shutdown_timeout_ms: u64,
+    /// How long a cancelled task may run on before its actor is killed.
+    pub cancel_grace_ms: u64,
     /// Approximate bound of each dead-letter stream.
     pub dead_max_length: usize,
     /// Idle time after which another engine's entry is claimed.
@@ -95,6 +100,7 @@ impl Settings {
             read_count: defaults::READ_COUNT,
             block_ms: defaults::BLOCK_MS,
             shutdown_timeout_ms: 30_000,
+            cancel_grace_ms: defaults::CANCEL_GRACE_MS,
             dead_max_length: defaults::DEAD_MAX_LENGTH,
             claim_stale_after_ms: 300_000,
             retry_base_ms: 1_000,

@@ -261,6 +261,22 @@ impl ActorEnd {
         PyFrozenSet::new(py, names).map(Some)
     }
 
+    /// The tasks `(batch_id, index)` the dispatcher cancelled since the
+    /// last call (it signals SIGUSR1 after posting them): skip them, or stop
+    /// the one running. One load when there are none.
+    fn take_cancels(&self) -> Vec<(u64, u32)> {
+        self.region.take_cancels(self.slot)
+    }
+
+    /// The sync task that runs now, `(batch_id, index)`, or `None`.
+    fn running(&self) -> Option<(u64, u32)> {
+        let header = self.region.slot(self.slot);
+        match header.running_index.load(Ordering::SeqCst) {
+            0 => None,
+            index => Some((header.running_batch.load(Ordering::SeqCst), index - 1)),
+        }
+    }
+
     /// Records that sync task `index` of `batch_id` starts now, with its
     /// timeout. Returns `False` when the engine is stopping: the task must
     /// not start. Its run time counts from now to the next `begin` or

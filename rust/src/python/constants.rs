@@ -45,6 +45,8 @@ pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
         ("DEFAULT_BLOCK_MS", defaults::BLOCK_MS),
         ("WRITE_GRACE_MS", defaults::WRITE_GRACE_MS),
         ("ASYNC_GRACE_MS", defaults::ASYNC_GRACE_MS),
+        ("DEFAULT_CANCEL_GRACE_MS", defaults::CANCEL_GRACE_MS),
+        ("CANCEL_TTL_MS", crate::keys::CANCEL_TTL_MS),
     ] {
         module.add(name, value)?;
     }

@@ -223,6 +223,19 @@ impl Store {
         self.with(py, |store| store.requeue_dead(queue, &ids))
     }
 
+    /// Cancels task `task_id` of `queue` (see `SyncStore::cancel`); returns
+    /// how many of its entries were `(delayed, ready, held by an engine)`.
+    fn cancel(
+        &self,
+        py: Python<'_>,
+        queue: &str,
+        task_id: &str,
+        group: &str,
+    ) -> PyResult<(u64, u64, u64)> {
+        let found = self.with(py, |store| store.cancel(queue, task_id, group))?;
+        Ok((found.delayed, found.ready, found.held))
+    }
+
     /// Deletes all dead letters of `queue`; returns how many there were.
     fn purge_dead(&self, py: Python<'_>, queue: &str) -> PyResult<u64> {
         self.with(py, |store| store.purge_dead(queue))
@@ -321,6 +334,7 @@ fn key_names(prefix: &str, queue: Option<&str>) -> std::collections::HashMap<&'s
         names.insert("result", keys.result(queue, ""));
         names.insert("ended", keys.ended(queue));
         names.insert("cron", keys.cron_ticks(queue));
+        names.insert("cancels", keys.cancels(queue));
     }
     names
 }

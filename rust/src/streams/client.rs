@@ -9,8 +9,9 @@ use redis::{ErrorKind, Pipeline, RedisResult, Script, ServerErrorKind, Value};
 
 use crate::connection::Endpoint;
 use crate::envelope::{delayed_member, TaskRef};
-use crate::keys::Keys;
+use crate::keys::{Keys, CANCEL_TTL_MS};
 use crate::scripts;
+use crate::streams::writer::ENDED_MAX_LENGTH;
 
 /// Entries per pipeline when enqueueing many tasks: large enough to amortise
 /// the round trip, small enough to keep Redis' query buffer modest.
@@ -68,6 +69,9 @@ struct ClientScripts {
     cron_leases: Script,
     requeue_dead: Script,
     purge_dead: Script,
+    cancel_delayed: Script,
+    cancel_scan: Script,
+    release_unique: Script,
 }
 
 impl Default for ClientScripts {
@@ -78,6 +82,9 @@ impl Default for ClientScripts {
             cron_leases: Script::new(scripts::CRON_LEASES),
             requeue_dead: Script::new(scripts::REQUEUE_DEAD),
             purge_dead: Script::new(scripts::PURGE_DEAD),
+            cancel_delayed: Script::new(scripts::CANCEL_DELAYED),
+            cancel_scan: Script::new(scripts::CANCEL_SCAN),
+            release_unique: Script::new(scripts::RELEASE_UNIQUE),
         }
     }
 }
@@ -106,6 +113,85 @@ fn registered_script(
         other => other?,
     };
     Ok(reply)
+}
+
+/// Entries of a stream (or members of a delayed set) one cancel script
+/// looks at: about half a millisecond of Redis time.
+const CANCEL_PAGE: usize = 1000;
+
+/// Where a cancel found its task (counts of entries: a task id given
+/// twice can be in several places).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Cancelled {
+    /// Removed from the delayed set, ended as cancelled.
+    pub delayed: u64,
+    /// Removed from the stream before any engine took it, ended as cancelled.
+    pub ready: u64,
+    /// Held by an engine (running or taken): a cancel record was written.
+    pub held: u64,
+}
+
+/// Glob-escapes `text` for `MATCH`.
+fn glob_escape(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
+}
+
+/// Cancels the delayed members of task `task_id` (found with `ZSCAN
+/// MATCH` on its id field), adding their unique keys to `uniques`.
+fn cancel_delayed(
+    connection: &mut redis::Connection,
+    keys: &Keys,
+    scripts: &ClientScripts,
+    queue: &str,
+    task_id: &str,
+    uniques: &mut Vec<String>,
+) -> RedisResult<u64> {
+    let delayed = keys.delayed(queue);
+    // Members are JSON arrays of the fields: the id field is `"id","<id>"`.
+    let id_json = serde_json::to_string(task_id).unwrap_or_default();
+    let pattern = format!("*\"id\",{}*", glob_escape(&id_json));
+    let mut cursor = 0u64;
+    let mut members = Vec::new();
+    loop {
+        let (next, page): (u64, Vec<(Vec<u8>, String)>) = redis::cmd("ZSCAN")
+            .arg(&delayed)
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(CANCEL_PAGE)
+            .query(connection)?;
+        members.extend(page.into_iter().map(|(member, _)| member));
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    let mut cancelled = 0;
+    for member in members {
+        let unique: Option<String> = scripts
+            .cancel_delayed
+            .key(&delayed)
+            .key(keys.stats(queue))
+            .key(keys.result(queue, task_id))
+            .key(keys.ended(queue))
+            .arg(member)
+            .arg(task_id)
+            .arg(ENDED_MAX_LENGTH)
+            .invoke(connection)?;
+        if let Some(unique) = unique {
+            uniques.push(unique);
+            cancelled += 1;
+        }
+    }
+    Ok(cancelled)
 }
 
 /// The synchronous store the client uses.
@@ -391,6 +477,61 @@ impl SyncStore {
                 .query(connection);
             connection.set_read_timeout(Some(timeout))?;
             Ok(ended_ids(reply?, cursor))
+        })
+    }
+
+    /// Cancels task `task_id` of `queue` wherever it is: a delayed one is
+    /// removed from the delayed set and a ready one (no engine was given
+    /// it) from the stream, both ended as cancelled at once; one an engine
+    /// of `group` holds (running, or taken) gets a cancel record the
+    /// engines act on. The delayed set is looked at before and after the
+    /// stream, so a task that moves between them meanwhile is still found.
+    /// Walks both in pages (Redis is never blocked long). Returns how many
+    /// of its entries were delayed, ready and held.
+    pub fn cancel(&mut self, queue: &str, task_id: &str, group: &str) -> RedisResult<Cancelled> {
+        self.run(|connection, keys, scripts| {
+            let mut found = Cancelled::default();
+            let mut uniques = Vec::new();
+            found.delayed +=
+                cancel_delayed(connection, keys, scripts, queue, task_id, &mut uniques)?;
+            let mut start = "-".to_owned();
+            loop {
+                let (deleted, recorded, next, keys_held): (u64, u64, String, Vec<String>) = scripts
+                    .cancel_scan
+                    .key(keys.stream(queue))
+                    .key(keys.stats(queue))
+                    .key(keys.result(queue, task_id))
+                    .key(keys.ended(queue))
+                    .key(keys.cancels(queue))
+                    .arg(group)
+                    .arg(task_id)
+                    .arg(ENDED_MAX_LENGTH)
+                    .arg(&start)
+                    .arg(CANCEL_PAGE)
+                    .arg(CANCEL_TTL_MS)
+                    .invoke(connection)?;
+                found.ready += deleted;
+                found.held += recorded;
+                uniques.extend(keys_held);
+                if next.is_empty() {
+                    break;
+                }
+                start = next;
+            }
+            if found.ready + found.held == 0 {
+                // A retry may have moved it from the stream to the delayed
+                // set while the stream was read.
+                found.delayed +=
+                    cancel_delayed(connection, keys, scripts, queue, task_id, &mut uniques)?;
+            }
+            for key in uniques.iter().filter(|key| !key.is_empty()) {
+                scripts
+                    .release_unique
+                    .key(keys.unique(queue, key))
+                    .arg(task_id)
+                    .invoke::<i64>(connection)?;
+            }
+            Ok(found)
         })
     }
 

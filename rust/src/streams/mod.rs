@@ -50,7 +50,7 @@ pub struct Ended {
     pub id: bytes::Bytes,
     /// How long the record lives, ms.
     pub ttl_ms: u64,
-    /// `succeeded` or `dead`.
+    /// `succeeded`, `dead` or `cancelled`.
     pub state: &'static str,
     /// The return value as JSON (`succeeded`).
     pub value: Vec<u8>,
@@ -96,6 +96,8 @@ pub struct QueueOutcomes {
     pub skipped: u64,
     /// Tasks moved to the dead letters.
     pub dead_count: u64,
+    /// Tasks cancelled.
+    pub cancelled: u64,
     /// The same counters per task type.
     pub by_type: Vec<(bytes::Bytes, TypeCounts)>,
     /// Handler run times reported by actors, per task type.
@@ -113,6 +115,8 @@ pub struct TypeCounts {
     pub retried: u64,
     /// Tasks dead-lettered.
     pub dead: u64,
+    /// Tasks cancelled.
+    pub cancelled: u64,
 }
 
 /// A histogram of handler run times of one task type, as an actor sent it.
@@ -147,6 +151,7 @@ impl QueueOutcomes {
             && self.failed == 0
             && self.skipped == 0
             && self.dead_count == 0
+            && self.cancelled == 0
             && self.durations.is_empty())
     }
 
@@ -185,12 +190,14 @@ impl QueueOutcomes {
         self.retried += other.retried;
         self.skipped += other.skipped;
         self.dead_count += other.dead_count;
+        self.cancelled += other.cancelled;
         for (kind, counts) in other.by_type {
             let into = self.type_counts(&kind);
             into.processed += counts.processed;
             into.failed += counts.failed;
             into.retried += counts.retried;
             into.dead += counts.dead;
+            into.cancelled += counts.cancelled;
         }
         for durations in other.durations {
             self.add_durations(durations);

@@ -246,6 +246,7 @@ fn add_block(
         ("retried", outcome.retried),
         ("skipped", outcome.skipped),
         ("dead", outcome.dead_count),
+        ("cancelled", outcome.cancelled),
     ] {
         if count > 0 {
             pipe.cmd("HINCRBY").arg(&stats).arg(name).arg(count);
@@ -257,6 +258,7 @@ fn add_block(
             ("failed", counts.failed),
             ("retried", counts.retried),
             ("dead", counts.dead),
+            ("cancelled", counts.cancelled),
         ] {
             if count > 0 {
                 let mut field = Vec::with_capacity(name.len() + 1 + kind.len());

@@ -404,6 +404,7 @@
           num(fmtInt(counters.failed)),
           num(fmtInt(counters.retried)),
           num(fmtInt(counters.dead), counters.dead ? "bad" : ""),
+          num(fmtInt(counters.cancelled)),
         ),
       ),
       "No counters per type yet.",
@@ -571,7 +572,10 @@
     ["error", "Error"],
   ];
 
-  function renderHit(hit) {
+  // A task in one of these states can still be cancelled.
+  const CANCELLABLE = new Set(["ready", "in_flight", "delayed"]);
+
+  function renderHit(hit, onChange) {
     const rows = [];
     const known = new Set(["queue", "state", "payload", "traceback"]);
     for (const [key, label, format] of TASK_FIELDS) {
@@ -585,10 +589,25 @@
     }
     const links = [el("a", { href: queueHref(hit.queue) }, hit.queue)];
     if (hit.state === "dead") links.push(" · ", el("a", { href: deadHref(hit.queue) }, "dead letters"));
+    let cancel = null;
+    if (CANCELLABLE.has(hit.state) && hit.task_id) {
+      cancel = el("button", { class: "cancel-task", type: "button" }, "Cancel");
+      cancel.addEventListener("click", async () => {
+        cancel.disabled = true;
+        try {
+          const reply = await postJson("/api/cancel/" + encodeURIComponent(hit.queue), { id: hit.task_id });
+          toast(reply.cancelled ? "Cancelled " + hit.task_id + "." : "Task " + hit.task_id + " had ended already.");
+        } catch (error) {
+          toast("Cancel failed: " + error.message, true);
+          cancel.disabled = false;
+        }
+        if (onChange) onChange();
+      });
+    }
     return el(
       "article",
       { class: "hit" },
-      el("header", {}, stateBadge(hit.state), el("span", {}, "in queue "), ...links),
+      el("header", {}, stateBadge(hit.state), el("span", {}, "in queue "), ...links, cancel ? " " : null, cancel),
       el("table", { class: "fields" }, el("tbody", {}, ...rows)),
       hit.payload !== undefined ? el("div", { class: "label" }, "Payload") : null,
       hit.payload !== undefined ? el("pre", { class: "payload" }, prettyJson(hit.payload)) : null,
@@ -605,7 +624,8 @@
       return;
     }
     let last = null;
-    poll(
+    let refresh = null;
+    refresh = poll(
       "/api/tasks?id=" + encodeURIComponent(taskId),
       (data) => {
         const key = JSON.stringify(data && data.found);
@@ -617,7 +637,7 @@
           );
           return;
         }
-        results.replaceChildren(...data.found.map(renderHit));
+        results.replaceChildren(...data.found.map((hit) => renderHit(hit, () => refresh())));
       },
       // A lookup scans streams: refresh it rarely.
       15000,
