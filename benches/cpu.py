@@ -5,7 +5,7 @@ per task moves far less, so this is the bench for "did this change make the
 hot path dearer?". Run it from two virtualenvs (one per build) and compare:
 
     python benches/cpu.py [--tasks 200000] [--processes 2] [--rounds 5]
-                          [--variants plain,app,middleware]
+                          [--variants plain,app,middleware,limits,limited]
 
 It starts its own redis-server, enqueues no-op tasks, drains them with a
 burst engine in this process, and reads the engine's CPU from
@@ -14,7 +14,11 @@ and Redis's from INFO cpu. Prints the median over the rounds.
 
 Variants (run interleaved, round by round): `plain` a `{type: handler}`
 mapping; `app` the same no-op as an `@app.task`; `middleware` the mapping
-with one middleware whose five hooks do nothing.
+with one middleware whose five hooks do nothing; `limits` the mapping with a
+rate and a concurrency limit on two other task types (the drain's own type
+is not limited, so this measures what looking at the batches costs);
+`limited` a rate limit on the drain's own type, far above the drain's pace
+(every batch pays the limits script, and none is held back).
 """
 
 from __future__ import annotations
@@ -61,8 +65,14 @@ def engine_for(variant: str, url: str) -> tuple[str, flumeq.Engine]:
 
         return noop.name, flumeq.Engine(app, queues=("cpu",))
     middleware = [NoOp()] if variant == "middleware" else []
-    handlers = {"noop": lambda task: None}
-    return "noop", flumeq.Engine(handlers, url, queues=("cpu",), middleware=middleware)
+    handlers = {"noop": lambda task: None, "mail": lambda task: None, "report": lambda task: None}
+    limits: dict[str, Any] = {}
+    if variant == "limits":
+        limits = {"rate_limits": {"mail": "100/s"}, "concurrency_limits": {"report": 2}}
+    if variant == "limited":
+        limits = {"rate_limits": {"noop": "10000000/s"}}
+    engine = flumeq.Engine(handlers, url, queues=("cpu",), middleware=middleware, **limits)
+    return "noop", engine
 
 
 def one_round(
@@ -96,7 +106,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=200_000)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--variants", default="plain,app,middleware")
+    parser.add_argument("--variants", default="plain,app,middleware,limits,limited")
     args = parser.parse_args()
     variants = args.variants.split(",")
     server = RedisServer().start()
@@ -114,6 +124,8 @@ def main() -> None:
         "plain": "mapping",
         "app": "@app.task",
         "middleware": "mapping + 1 no-op middleware",
+        "limits": "mapping, limits on 2 other types",
+        "limited": "mapping, a rate limit on its type",
     }
     for variant in variants:
         rate, engine, red = (statistics.median(column) for column in zip(*results[variant]))

@@ -44,6 +44,7 @@ def test_each_task_runs_exactly_once_and_streams_end_empty(redis_url: str, r: re
         "restarts": 0,
         "dispatcher_restarts": 0,
         "cancelled": 0,
+        "throttled": 0,
     }
     assert r.xlen(STREAM) == 0
     assert r.xpending(STREAM, "flumeq")["pending"] == 0

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from click._termui_impl import ProgressBar
 import orjson
 
-from . import logs
+from . import limits, logs
 from .admin import Admin
 from .app import App
 from .client import Client, resolve_url, safe_url
@@ -166,6 +166,20 @@ def load_app(path: str) -> Any:
     help="Strict priority: a queue's tasks run only while the queues before it (with "
     "weights: the heavier ones) have none ready.",
 )
+@click.option(
+    "--rate-limit",
+    "rate_limits",
+    multiple=True,
+    metavar="TYPE=N/s",
+    help="A global rate limit of a task type across every engine: N/s, N/m or N/h (repeatable).",
+)
+@click.option(
+    "--concurrency-limit",
+    "concurrency_limits",
+    multiple=True,
+    metavar="TYPE=N",
+    help="At most N tasks of the type running at once across every engine (repeatable).",
+)
 @click.option("--group", default=None, help="Consumer group [default: the engine's, 'flumeq'].")
 @click.option(
     "--consumer",
@@ -204,6 +218,8 @@ def worker(
     queues: Optional[str],
     burst: bool,
     strict: bool,
+    rate_limits: tuple[str, ...],
+    concurrency_limits: tuple[str, ...],
     group: Optional[str],
     consumer: Optional[str],
     log_level: str,
@@ -231,6 +247,7 @@ def worker(
             consumer,
             strict,
         )
+        _add_limits(engine, rate_limits, concurrency_limits)
     except ConfigError as error:
         raise click.BadParameter(str(error)) from None
     log = logging.getLogger("flumeq.cli")
@@ -246,6 +263,36 @@ def worker(
         raise click.ClickException(str(error)) from None
     if report:
         log.info("stopped: %s", ", ".join(f"{name}={value}" for name, value in report.items()))
+
+
+def _pairs(given: tuple[str, ...], option: str) -> dict[str, str]:
+    pairs = {}
+    for item in given:
+        kind, equals, value = item.partition("=")
+        if not equals or not kind:
+            raise ConfigError(f"{option} expects TYPE=VALUE, got {item!r}")
+        pairs[kind] = value
+    return pairs
+
+
+def _add_limits(engine: Engine, rates: tuple[str, ...], concurrency: tuple[str, ...]) -> None:
+    """Adds the command line's limits to the engine's (they win for a type
+    both name)."""
+    if not rates and not concurrency:
+        return
+    added_rates = limits.checked_rates(_pairs(rates, "--rate-limit"))
+    counts = {}
+    for kind, value in _pairs(concurrency, "--concurrency-limit").items():
+        counts[kind] = int(value) if value.isdigit() else value
+    added_counts = limits.checked_concurrency(counts)
+    named = {kind for kind, _, _ in added_rates}
+    engine.rate_limits = [*(r for r in engine.rate_limits if r[0] not in named), *added_rates]
+    named = {kind for kind, _ in added_counts}
+    engine.concurrency_limits = [
+        *(c for c in engine.concurrency_limits if c[0] not in named),
+        *added_counts,
+    ]
+    limits.warn_unserved(named | {kind for kind, _, _ in added_rates}, engine.handlers)
 
 
 def _engine_for(

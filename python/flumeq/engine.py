@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional, Union
 
 import orjson
 
-from . import _core, hooks
+from . import _core, hooks, limits
 from ._version import __version__
 from .app import App
 from .client import checked_queue, resolve_url
@@ -75,6 +75,12 @@ class Engine:
     seconds after its handler was told (``flumeq.Cancelled`` raised in a sync
     handler, ``CancelledError`` in an async one) has its actor process
     killed and replaced, the way a hard ``timeout`` does.
+
+    ``rate_limits`` (task type to ``"N/s"``, ``"N/m"`` or ``"N/h"``) and
+    ``concurrency_limits`` (task type to most running at once) hold across
+    every engine on the same Redis, checked once per read batch. A task over
+    a limit waits in its queue's delayed set, its attempt unchanged, counted
+    as ``throttled`` (see ``flumeq.limits`` for the burst and lease times).
     """
 
     def __init__(
@@ -103,6 +109,8 @@ class Engine:
         cron: Iterable[Cron] = (),
         strict: bool = False,
         cancel_grace: float = _core.DEFAULT_CANCEL_GRACE_MS / 1000,
+        rate_limits: Optional[Mapping[str, str]] = None,
+        concurrency_limits: Optional[Mapping[str, int]] = None,
     ) -> None:
         own_middleware = hooks.checked(middleware)
         entries = list(cron) if not isinstance(cron, Cron) else [cron]
@@ -192,6 +200,11 @@ class Engine:
                     entry.type,
                     entry.queue,
                 )
+        #: Global limits: ``(type, tasks, period ms)`` and ``(type, most running)``.
+        self.rate_limits = limits.checked_rates(rate_limits)
+        self.concurrency_limits = limits.checked_concurrency(concurrency_limits)
+        limited = {kind for kind, _, _ in self.rate_limits}
+        limits.warn_unserved(limited | {kind for kind, _ in self.concurrency_limits}, self.handlers)
         self._region: Optional[_core.Region] = None
 
     def _settings(self, burst: bool, processes: int) -> dict[str, Any]:
@@ -227,6 +240,8 @@ class Engine:
             "retry_base_ms": round(self.retry_base * 1000),
             "retry_max_ms": round(self.retry_max * 1000),
             "processed_ttl_ms": max(1, round(self.processed_ttl * 1000)),
+            "rate_limits": self.rate_limits,
+            "concurrency_limits": self.concurrency_limits,
         }
 
     def _check_metrics(self) -> None:
@@ -258,7 +273,7 @@ class Engine:
         """Serves tasks until SIGINT/SIGTERM or ``stop()`` (or, with ``burst``,
         until no task is ready, in flight or delayed), then returns counts:
         processed, failed, retried, dead, skipped, handed_back, left_pending,
-        restarts (of actors), cancelled and dispatcher_restarts.
+        restarts (of actors), cancelled, throttled (held back by a limit) and dispatcher_restarts.
 
         Run from a thread other than the main one, the engine installs no
         signal handlers; stop it with ``stop()``.

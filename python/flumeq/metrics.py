@@ -33,7 +33,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import MetricsHandler
 
-from . import _core
+from . import _core, reads
 
 if TYPE_CHECKING:
     from .admin import Admin
@@ -95,7 +95,7 @@ class FlumeqCollector:
             name: CounterMetricFamily(
                 f"flumeq_tasks_{name}", f"Tasks {name}", labels=["queue", "type"]
             )
-            for name in ("enqueued", "processed", "failed", "retried", "dead", "cancelled")
+            for name in reads.COUNTERS
         }
         durations = HistogramMetricFamily(
             "flumeq_task_duration_seconds", "Handler run time", labels=["queue", "type"]

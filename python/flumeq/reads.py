@@ -33,7 +33,7 @@ __all__ = [
 
 #: Counters kept per queue and per task type in the stats hash
 #: (``<counter>`` and ``<counter>|<type>``; counter names never hold ``|``).
-COUNTERS = ("enqueued", "processed", "failed", "retried", "dead", "cancelled")
+COUNTERS = ("enqueued", "processed", "failed", "retried", "dead", "cancelled", "throttled")
 
 Arg = Union[str, bytes, int, float]
 
@@ -142,7 +142,8 @@ def queue_rows(
 ) -> list[dict[str, Any]]:
     """Counts of each queue as consumer group ``group`` sees it: ready,
     in_flight, delayed, dead (held now), consumers, paused, processed, failed,
-    retried, enqueued, dead_total (ever), skipped, cancelled, ``types`` (the counters per
+    retried, enqueued, dead_total (ever), skipped, cancelled, throttled (held
+    back by a global limit), ``types`` (the counters per
     task type) and, with ``oldest``, oldest_ready_age (seconds, or None).
     One round trip, two with ``oldest``."""
     keys = [_core.key_names(prefix, name) for name in names]

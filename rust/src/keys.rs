@@ -5,7 +5,8 @@
 //! legal there. Only the registries (known queues, live engines) and the set
 //! of paused queues are global; each is read or written on its own, never in
 //! a script or MULTI with a queue's keys. The cron entries' leases share the
-//! tag `{cron}`, so one script keeps them all.
+//! tag `{cron}`, so one script keeps them all; the global limits share the
+//! tag `{limits}`, so one script checks every limit a batch meets.
 
 /// How long a cancel record lasts (ms): a task taken by an engine when it
 /// was cancelled ends as cancelled whenever some engine next holds it
@@ -177,6 +178,20 @@ impl Keys {
         format!("{}:{{cron}}:lease:{name}", self.prefix)
     }
 
+    /// The rate limit of task type `kind`: its GCRA theoretical arrival time
+    /// (ms, a decimal string), expiring once it is past.
+    #[must_use]
+    pub fn rate(&self, kind: &str) -> String {
+        format!("{}:{{limits}}:rate:{kind}", self.prefix)
+    }
+
+    /// The concurrency leases of task type `kind`: a ZSET of running tasks
+    /// (`<entry id>|<queue>`) scored by when their lease lapses (ms).
+    #[must_use]
+    pub fn running(&self, kind: &str) -> String {
+        format!("{}:{{limits}}:running:{kind}", self.prefix)
+    }
+
     /// The set of paused queues: no engine starts their tasks.
     #[must_use]
     pub fn paused(&self) -> String {
@@ -200,6 +215,8 @@ mod tests {
         assert_eq!(keys.unique("mail", "u:1"), "flumeq:{mail}:unique:u:1");
         assert_eq!(keys.done("mail", "order-7"), "flumeq:{mail}:done:order-7");
         assert_eq!(keys.written("mail", "pod-1"), "flumeq:{mail}:written:pod-1");
+        assert_eq!(keys.rate("email:send"), "flumeq:{limits}:rate:email:send");
+        assert_eq!(keys.running("r"), "flumeq:{limits}:running:r");
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub const SLOT_LOST: u32 = 2;
 pub const SLOT_RECLAIMED: u32 = 3;
 
 /// Number of engine counts kept in the region (`dispatcher::Report::NAMES`).
-pub const COUNTS: usize = 9;
+pub const COUNTS: usize = 10;
 
 /// Queues (by their index in the engine's list) whose pause the actors see
 /// themselves; a pause of a later queue holds its tasks in the dispatcher only.
@@ -554,11 +554,11 @@ mod tests {
     #[test]
     fn counts_add_up_across_dispatcher_lives_and_survive_a_reset() {
         let region = Region::new(layout()).expect("region");
-        region.add_counts(&[1, 0, 0, 0, 0, 0, 0, 2, 1]);
+        region.add_counts(&[1, 0, 0, 0, 0, 0, 0, 2, 1, 0]);
         assert!(region.task_ring(0).write_frame(&[b"left over"]));
         region.reset_slots();
-        region.add_counts(&[3, 1, 0, 0, 0, 0, 0, 0, 0]);
-        assert_eq!(region.counts(), [4, 1, 0, 0, 0, 0, 0, 2, 1]);
+        region.add_counts(&[3, 1, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(region.counts(), [4, 1, 0, 0, 0, 0, 0, 2, 1, 0]);
         assert!(!region.task_ring(0).has_frame());
         assert_eq!(region.slot(0).state.load(Ordering::SeqCst), SLOT_RECLAIMED);
     }

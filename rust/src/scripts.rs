@@ -1,7 +1,7 @@
 //! Every Lua script flumeq runs, always by SHA (`EVALSHA`, through
 //! `redis::Script`), loading it when Redis answers `NOSCRIPT`. Each takes only keys it declares (all of one
 //! queue, so with the `{queue}` hash tag they stay legal in Redis Cluster;
-//! the cron leases all carry the tag `{cron}`).
+//! the cron leases all carry the tag `{cron}`, the global limits `{limits}`).
 //!
 //! A delayed task (scheduled or waiting for its retry) is stored in the
 //! queue's delayed ZSET as a JSON array of its stream fields,
@@ -301,3 +301,87 @@ if #entries < size then last = '' end
 return {deleted, recorded, last, uniques}
 "
 );
+
+/// Checks one batch against the global limits of the task types it holds,
+/// on Redis's clock (so the engines' clocks need not agree), and takes what
+/// the limits allow. All keys carry the tag `{limits}`.
+///
+/// Rate limits are GCRA: with emission interval `T` (period / limit) and
+/// tolerance `τ = T·burst`, a type whose theoretical arrival time is `TAT`
+/// admits `floor((now + τ − max(TAT, now)) / T)` tasks, and each admitted one
+/// moves `TAT` on by `T`. Concurrency limits are leases: expired ones go
+/// first, then a free place is taken by adding the task to the lease set
+/// until `now + ttl`. A type with both gets the smaller of the two.
+///
+/// KEYS per type, in pairs: its rate key, its lease set. ARGV[1] lease TTL
+/// (ms); then per type: tasks asking `n`, `T` (ms, `0` = no rate limit),
+/// `τ` (ms), concurrency limit (`0` = none), then, only with a concurrency
+/// limit, the `n` lease members in batch order. Returns `{now, then per
+/// type: admitted, TAT after (or ''), free places before (or -1)}`, times
+/// in ms as decimal strings.
+pub const LIMITS_ADMIT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local ttl = tonumber(ARGV[1])
+local at = 2
+local out = {string.format('%.3f', now)}
+for i = 1, #KEYS, 2 do
+  local n, interval = tonumber(ARGV[at]), tonumber(ARGV[at + 1])
+  local tau, limit = tonumber(ARGV[at + 2]), tonumber(ARGV[at + 3])
+  at = at + 4
+  local admitted, free, tat = n, -1, ''
+  -- A key of another type (written by hand) is replaced, not failed on.
+  local kind = redis.call('TYPE', KEYS[i + 1]).ok
+  if kind ~= 'zset' and kind ~= 'none' then redis.call('DEL', KEYS[i + 1]) end
+  kind = redis.call('TYPE', KEYS[i]).ok
+  if kind ~= 'string' and kind ~= 'none' then redis.call('DEL', KEYS[i]) end
+  if limit > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[i + 1], '-inf', now)
+    free = math.max(limit - redis.call('ZCARD', KEYS[i + 1]), 0)
+    admitted = math.min(admitted, free)
+  end
+  if interval > 0 then
+    -- A value that is not a number (written by hand) counts as none.
+    local arrival = tonumber(redis.call('GET', KEYS[i])) or now
+    if arrival < now then arrival = now end
+    local room = math.floor((now + tau - arrival) / interval)
+    admitted = math.max(math.min(admitted, room), 0)
+    arrival = arrival + admitted * interval
+    if admitted > 0 then
+      redis.call('SET', KEYS[i], string.format('%.3f', arrival),
+        'PX', math.ceil(arrival - now) + 1)
+    end
+    tat = string.format('%.3f', arrival)
+  end
+  if limit > 0 then
+    for j = 0, admitted - 1 do
+      redis.call('ZADD', KEYS[i + 1], now + ttl, ARGV[at + j])
+    end
+    at = at + n
+  end
+  out[#out + 1] = admitted
+  out[#out + 1] = tat
+  out[#out + 1] = free
+end
+return out
+";
+
+/// Renews an engine's concurrency leases on Redis's clock (adding back one
+/// that lapsed meanwhile: its task still runs, so it still counts).
+///
+/// KEYS the lease sets. ARGV[1] lease TTL (ms); then per key: how many
+/// members, then the members. Returns the count renewed.
+pub const LEASES_RENEW: &str = r"
+local t = redis.call('TIME')
+local until_ms = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000 + tonumber(ARGV[1])
+local at, renewed = 2, 0
+for i = 1, #KEYS do
+  local n = tonumber(ARGV[at])
+  for j = 1, n do
+    redis.call('ZADD', KEYS[i], until_ms, ARGV[at + j])
+  end
+  at = at + n + 1
+  renewed = renewed + n
+end
+return renewed
+";

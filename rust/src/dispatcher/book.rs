@@ -37,11 +37,14 @@ pub struct Report {
     pub restarts: u64,
     /// Tasks cancelled (`Client.cancel`), run or not.
     pub cancelled: u64,
+    /// Tasks held back by a global limit (back to the delayed set, their
+    /// attempt unchanged).
+    pub throttled: u64,
 }
 
 impl Report {
     /// The names of the counts, in `to_array` order.
-    pub const NAMES: [&'static str; 9] = [
+    pub const NAMES: [&'static str; 10] = [
         "processed",
         "failed",
         "retried",
@@ -51,11 +54,12 @@ impl Report {
         "left_pending",
         "restarts",
         "cancelled",
+        "throttled",
     ];
 
     /// The counts in `NAMES` order.
     #[must_use]
-    pub fn to_array(&self) -> [u64; 9] {
+    pub fn to_array(&self) -> [u64; 10] {
         [
             self.processed,
             self.failed,
@@ -66,13 +70,14 @@ impl Report {
             self.left_pending,
             self.restarts,
             self.cancelled,
+            self.throttled,
         ]
     }
 
     /// A report from counts in `NAMES` order.
     #[must_use]
-    pub fn from_array(counts: [u64; 9]) -> Self {
-        let [processed, failed, retried, dead, skipped, handed_back, left_pending, restarts, cancelled] =
+    pub fn from_array(counts: [u64; 10]) -> Self {
+        let [processed, failed, retried, dead, skipped, handed_back, left_pending, restarts, cancelled, throttled] =
             counts;
         Self {
             processed,
@@ -84,6 +89,7 @@ impl Report {
             left_pending,
             restarts,
             cancelled,
+            throttled,
         }
     }
 }
@@ -397,23 +403,55 @@ impl Book {
         });
     }
 
+    /// A task that did not run and goes back to wait, if it should: an entry
+    /// deleted while pending is dropped and a cancelled task ends as
+    /// cancelled instead (`None` then).
+    fn still_to_run(&mut self, taken: Taken) -> Option<Taken> {
+        if taken.entry.fields.is_empty() {
+            self.drop_deleted(taken);
+            return None;
+        }
+        if self.is_cancelled(&taken) {
+            self.cancel(taken, false);
+            return None;
+        }
+        Some(taken)
+    }
+
     /// Hands a taken task back to the stream unchanged (graceful stop).
     /// An entry deleted while pending (no fields) is only dropped: there is
     /// nothing to append (an `XADD` without fields would abort the queue's
     /// whole transaction).
     pub fn hand_back(&mut self, taken: Taken) {
-        if taken.entry.fields.is_empty() {
-            self.drop_deleted(taken);
+        let Some(taken) = self.still_to_run(taken) else {
             return;
-        }
-        if self.is_cancelled(&taken) {
-            self.cancel(taken, false);
-            return;
-        }
+        };
         let outcome = self.queue_of(&taken);
         outcome.append.push(taken.entry.fields);
         outcome.finished.push(taken.entry.entry_id);
         self.count(|report| report.handed_back += 1);
+    }
+
+    /// Holds a task back for a global limit: acked and put in its queue's
+    /// delayed set, due at `due_ms`, with its fields (and attempt)
+    /// unchanged; its unique key stays held. Not a failure.
+    pub fn throttle(&mut self, taken: Taken, due_ms: u64) {
+        let Some(taken) = self.still_to_run(taken) else {
+            return;
+        };
+        let member = envelope::delayed_member(
+            taken
+                .entry
+                .fields
+                .iter()
+                .map(|(name, value)| (name.as_ref(), value.as_ref())),
+        );
+        let outcome = &mut self.outcomes[usize::from(taken.queue)];
+        outcome.delayed.push((due_ms, member));
+        outcome.type_counts(taken.kind()).throttled += 1;
+        outcome.finished.push(taken.entry.entry_id);
+        outcome.throttled += 1;
+        self.count(|report| report.throttled += 1);
     }
 
     /// Keeps the outcome of a task enqueued with a `result_ttl` (`ended`

@@ -6,7 +6,8 @@
 //! and after a reply was lost: a read that ran without its reply reaching us
 //! made entries ours that we never saw), with their delivery counts, then
 //! takes new entries (`XREADGROUP >`), and sets aside those whose task id is
-//! already done.
+//! already done. When the engine has global limits, the batch is then
+//! checked against them (`limits`) in one more round trip.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use super::limits::{Admission, Limiter};
 use crate::envelope::RawEntry;
 use crate::keys::Keys;
 use crate::streams::reader::{self, ReadError, Reader};
@@ -71,6 +73,8 @@ pub struct Fetched {
     pub new: Vec<(u16, RawEntry)>,
     /// New entries whose task id is already done.
     pub done: Vec<(u16, RawEntry)>,
+    /// What the global limits said of `own` and `new`.
+    pub admission: Admission,
 }
 
 /// The read loop's parameters.
@@ -85,6 +89,8 @@ pub struct Fetcher {
     pub group: String,
     /// This engine's consumer name.
     pub consumer: String,
+    /// The global limits, when there are any.
+    pub limiter: Option<Arc<Limiter>>,
 }
 
 /// A running read loop.
@@ -148,6 +154,16 @@ impl Fetcher {
                 reader::split_done(&mut self.reader, &self.keys, &self.queues, entries).await?;
             fetched.new = new;
             fetched.done = done;
+        }
+        if let Some(limiter) = &self.limiter {
+            let own = fetched.own.iter().map(|(queue, entry, _)| (*queue, entry));
+            let new = fetched.new.iter().map(|(queue, entry)| (*queue, entry));
+            // The batch is ours in Redis now: a failed check must have it
+            // taken back (like a read whose reply was lost), not left.
+            fetched.admission = limiter
+                .admit(&mut self.reader, &self.queues, own.chain(new))
+                .await
+                .map_err(|error| ReadError::Protocol(format!("checking the limits: {error}")))?;
         }
         Ok(fetched)
     }

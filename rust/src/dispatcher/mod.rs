@@ -17,6 +17,8 @@
 //! | janitor | `janitor` | removal of dead consumers |
 //! | registry | `registry` | this engine's heartbeat entry |
 //! | control poll | `control` | paused queues, read from Redis every 250 ms |
+//! | limits | `limits` | global rate and concurrency limits, checked per batch by the read loop |
+//! | leases | `leases` | the concurrency leases held: renewed while their tasks run, freed at their end |
 //!
 //! Start order (`serve`; stop order is the reverse, in `Dispatcher::stop`):
 //!
@@ -37,6 +39,8 @@ mod book;
 mod control;
 mod fetcher;
 mod janitor;
+mod leases;
+mod limits;
 mod patience;
 mod pool;
 mod recovery;
@@ -68,9 +72,11 @@ use self::book::{Book, Failure};
 use self::control::{Cancel, Control, Paused, Snapshot};
 use self::fetcher::{Fetched, Fetcher, FetcherHandle, ReadRequest, Recover};
 use self::janitor::Janitor;
+use self::leases::Leases;
+use self::limits::{Admission, Limiter};
 use self::patience::Patience;
 use self::pool::Pool;
-use self::recovery::{Claimed, Recovery};
+use self::recovery::{ClaimedPage, Recovery};
 use self::registry::Registry;
 use self::retry::RetryPolicy;
 use self::scheduler::{DelayedState, Scheduler};
@@ -351,7 +357,9 @@ async fn serve(
         state: Arc::clone(&delayed),
     }
     .start();
-    let (claim_sender, claims) = mpsc::channel::<Vec<Claimed>>(1);
+    let limiter =
+        Limiter::new(&keys, &settings.rate_limits, &settings.concurrency_limits).map(Arc::new);
+    let (claim_sender, claims) = mpsc::channel::<ClaimedPage>(1);
     let lost_reply = Arc::new(AtomicBool::new(false));
     let recovery = Recovery {
         reader: raw("recovery"),
@@ -361,6 +369,7 @@ async fn serve(
         consumer: settings.consumer.clone(),
         stale_ms: settings.claim_stale_after_ms,
         sender: claim_sender,
+        limiter: limiter.clone(),
         lost_reply: Arc::clone(&lost_reply),
     }
     .start();
@@ -378,8 +387,11 @@ async fn serve(
         queues: Arc::clone(&queues),
         group: settings.group.clone(),
         consumer: settings.consumer.clone(),
+        limiter: limiter.clone(),
     }
     .start();
+    let leases =
+        limiter.map(|limiter| Leases::start(limiter, Arc::clone(&queues), connection.clone()));
     let registry = Registry::new(
         connection.clone(),
         &keys,
@@ -420,6 +432,7 @@ async fn serve(
         settings,
         fetcher,
         writer,
+        leases,
         claims,
         lost_reply,
         delayed,
@@ -503,7 +516,9 @@ struct Dispatcher<'r> {
     book: Book,
     fetcher: FetcherHandle,
     writer: WriterHandle,
-    claims: mpsc::Receiver<Vec<Claimed>>,
+    /// The concurrency leases held (`None`: no global limits).
+    leases: Option<Leases>,
+    claims: mpsc::Receiver<ClaimedPage>,
     /// Raised by recovery when a claim's reply may have been lost.
     lost_reply: Arc<AtomicBool>,
     delayed: Arc<DelayedState>,
@@ -679,6 +694,9 @@ impl Dispatcher<'_> {
         let fresh = self.book.take_fresh();
         self.region.add_counts(&fresh.to_array());
         if let Some(outcomes) = self.book.take() {
+            if let Some(leases) = &mut self.leases {
+                leases.free_finished(&outcomes);
+            }
             if let Some(finished) = &mut self.finished_since_recover {
                 for queue in &outcomes {
                     finished.extend(queue.finished.iter().cloned());
@@ -779,7 +797,12 @@ impl Dispatcher<'_> {
         let finished_meanwhile = self.finished_since_recover.take();
         let recovered = self.read_recovers.take();
         match fetched {
-            Ok(Fetched { own, new, done }) => {
+            Ok(Fetched {
+                own,
+                new,
+                done,
+                mut admission,
+            }) => {
                 self.reads.succeeded(new.is_empty() && done.is_empty());
                 if !own.is_empty() {
                     let finished = finished_meanwhile.unwrap_or_default();
@@ -787,7 +810,7 @@ impl Dispatcher<'_> {
                         .into_iter()
                         .filter(|(_, entry, _)| !finished.contains(&entry.entry_id))
                         .collect();
-                    let taken = self.take_back(own);
+                    let taken = self.take_back(own, &mut admission);
                     if taken > 0 {
                         info!("took back {taken} task(s) this consumer left pending");
                         self.reads.last_empty = false;
@@ -797,10 +820,16 @@ impl Dispatcher<'_> {
                 for (queue, entry) in done {
                     self.book.skip_done(Taken::new(queue, entry, now));
                 }
-                self.pool.backlog.extend(
-                    new.into_iter()
-                        .map(|(queue, entry)| Taken::new(queue, entry, now)),
-                );
+                if admission.is_empty() {
+                    self.pool.backlog.extend(
+                        new.into_iter()
+                            .map(|(queue, entry)| Taken::new(queue, entry, now)),
+                    );
+                } else {
+                    for (queue, entry) in new {
+                        self.admit(Taken::new(queue, entry, now), &mut admission);
+                    }
+                }
                 self.pool.pump(&mut self.book);
             }
             Err(error) => {
@@ -835,19 +864,19 @@ impl Dispatcher<'_> {
     /// Takes back our own pending entries that we do not hold (an earlier
     /// life's, or delivered while a reply was lost); the poison ones go to
     /// the dead letters. Returns how many were taken.
-    fn take_back(&mut self, own: Vec<(u16, RawEntry, u64)>) -> usize {
+    fn take_back(&mut self, own: Vec<(u16, RawEntry, u64)>, admission: &mut Admission) -> usize {
         let unheld = self.pool.unheld(own);
         let now = Instant::now();
         let mut taken = 0;
         for (queue, entry, deliveries) in unheld {
-            self.take_or_bury(Taken::new(queue, entry, now), deliveries);
+            self.take_or_bury(Taken::new(queue, entry, now), deliveries, admission);
             taken += 1;
         }
         taken
     }
 
     /// Queues a task delivered `deliveries` times, or buries it as poison.
-    fn take_or_bury(&mut self, taken: Taken, deliveries: u64) {
+    fn take_or_bury(&mut self, taken: Taken, deliveries: u64, admission: &mut Admission) {
         if is_poison(&taken.entry, deliveries) {
             let message = format!(
                 "delivered {deliveries} times without finishing (its runs keep killing engines)"
@@ -855,16 +884,34 @@ impl Dispatcher<'_> {
             self.book
                 .dead(taken, &Failure::new(Outcome::Poison, message.as_bytes()));
         } else {
-            self.pool.backlog.push_back(taken);
+            self.admit(taken, admission);
         }
     }
 
-    fn on_claims(&mut self, page: Vec<Claimed>) {
+    /// Queues a task the global limits let run (keeping the lease it took),
+    /// or holds it back as they said. Entries the limits judged but that
+    /// are dropped before this (held or finished already) leave a lease
+    /// that lapses on its own.
+    fn admit(&mut self, taken: Taken, admission: &mut Admission) {
+        if !admission.is_empty() {
+            let key = (taken.queue, taken.entry.entry_id.clone());
+            if let Some(due_ms) = admission.held.remove(&key) {
+                self.book.throttle(taken, due_ms);
+                return;
+            }
+            if let (Some(at), Some(leases)) = (admission.leased.remove(&key), &mut self.leases) {
+                leases.take([(key, at)]);
+            }
+        }
+        self.pool.backlog.push_back(taken);
+    }
+
+    fn on_claims(&mut self, (page, mut admission): ClaimedPage) {
         let now = Instant::now();
         // A take-back of our own entries may have got some of these first
         // (they were ours in Redis while the page waited).
         for (queue, entry, deliveries) in self.pool.unheld(page) {
-            self.take_or_bury(Taken::new(queue, entry, now), deliveries);
+            self.take_or_bury(Taken::new(queue, entry, now), deliveries, &mut admission);
         }
         self.pool.pump(&mut self.book);
     }
@@ -882,6 +929,7 @@ impl Dispatcher<'_> {
             mut book,
             fetcher,
             mut writer,
+            mut leases,
             mut claims,
             mut registry,
             ..
@@ -892,7 +940,10 @@ impl Dispatcher<'_> {
         // Claimed pages nobody took yet are ours in Redis: hand them back.
         claims.close();
         let now = Instant::now();
-        while let Ok(page) = claims.try_recv() {
+        while let Ok((page, admission)) = claims.try_recv() {
+            if let Some(leases) = &mut leases {
+                leases.take(admission.leased);
+            }
             for (queue, entry, _) in page {
                 book.hand_back(Taken::new(queue, entry, now));
             }
@@ -905,7 +956,14 @@ impl Dispatcher<'_> {
             writer.send(outcomes);
         }
         let grace = Duration::from_millis(defaults::WRITE_GRACE_MS);
-        let left = writer.shutdown(Instant::now() + grace).await;
+        // Whatever this engine still leases runs no more: freed beside the
+        // last writes (or lapsing soon when Redis is away).
+        let free_leases = async {
+            if let Some(leases) = leases {
+                leases.stop(Duration::from_secs(2)).await;
+            }
+        };
+        let (left, ()) = tokio::join!(writer.shutdown(Instant::now() + grace), free_leases);
         if left > 0 {
             warn!(
                 "{left} finished task outcome(s) could not be written (redis unreachable for {}s); \

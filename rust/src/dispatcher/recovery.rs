@@ -21,6 +21,7 @@ use log::{info, warn};
 use redis_protocol::resp2::types::BytesFrame;
 use tokio::sync::mpsc;
 
+use super::limits::{Admission, Limiter};
 use super::Background;
 
 use crate::envelope::RawEntry;
@@ -35,6 +36,9 @@ const MAX_PAGES: usize = 1000;
 
 /// A claimed entry: queue index, the entry, and how often it was delivered.
 pub type Claimed = (u16, RawEntry, u64);
+
+/// A page of claimed entries, with what the global limits said of them.
+pub type ClaimedPage = (Vec<Claimed>, Admission);
 
 /// The recovery loop's parameters.
 pub struct Recovery {
@@ -51,7 +55,9 @@ pub struct Recovery {
     /// Idle time after which an entry is taken from its consumer, ms.
     pub stale_ms: u64,
     /// Where claimed pages go.
-    pub sender: mpsc::Sender<Vec<Claimed>>,
+    pub sender: mpsc::Sender<ClaimedPage>,
+    /// The global limits, when there are any.
+    pub limiter: Option<Arc<Limiter>>,
     /// Raised when a claim's reply may have been lost (it may have made
     /// entries ours that we never saw); the dispatcher then re-reads its own
     /// pending entries.
@@ -110,7 +116,21 @@ impl Recovery {
                             claimed.len(),
                             String::from_utf8_lossy(&owner)
                         );
-                        if self.sender.send(claimed).await.is_err() {
+                        let admission = match &self.limiter {
+                            Some(limiter) => {
+                                let batch = claimed.iter().map(|(queue, entry, _)| (*queue, entry));
+                                // The page is ours in Redis now: a failed
+                                // check must have it taken back.
+                                limiter
+                                    .admit(&mut self.reader, &self.queues, batch)
+                                    .await
+                                    .map_err(|error| {
+                                        ReadError::Protocol(format!("checking the limits: {error}"))
+                                    })?
+                            }
+                            None => Admission::default(),
+                        };
+                        if self.sender.send((claimed, admission)).await.is_err() {
                             return Ok(false);
                         }
                     }

@@ -79,6 +79,10 @@ pub struct Settings {
     pub registry: Vec<(String, String)>,
     /// Heartbeat interval of the registry entry (0 = not registered).
     pub heartbeat_ms: u64,
+    /// Global rate limits: `(task type, tasks, per period ms)`.
+    pub rate_limits: Vec<(String, u64, u64)>,
+    /// Global concurrency limits: `(task type, most running at once)`.
+    pub concurrency_limits: Vec<(String, u32)>,
 }
 
 impl Settings {
@@ -108,6 +112,8 @@ impl Settings {
             processed_ttl_ms: 86_400_000,
             registry: Vec::new(),
             heartbeat_ms: 0,
+            rate_limits: Vec::new(),
+            concurrency_limits: Vec::new(),
         }
     }
 

@@ -98,6 +98,8 @@ pub struct QueueOutcomes {
     pub dead_count: u64,
     /// Tasks cancelled.
     pub cancelled: u64,
+    /// Tasks held back by a global limit.
+    pub throttled: u64,
     /// The same counters per task type.
     pub by_type: Vec<(bytes::Bytes, TypeCounts)>,
     /// Handler run times reported by actors, per task type.
@@ -117,6 +119,8 @@ pub struct TypeCounts {
     pub dead: u64,
     /// Tasks cancelled.
     pub cancelled: u64,
+    /// Tasks held back by a global limit.
+    pub throttled: u64,
 }
 
 /// A histogram of handler run times of one task type, as an actor sent it.
@@ -152,6 +156,7 @@ impl QueueOutcomes {
             && self.skipped == 0
             && self.dead_count == 0
             && self.cancelled == 0
+            && self.throttled == 0
             && self.durations.is_empty())
     }
 
@@ -191,6 +196,7 @@ impl QueueOutcomes {
         self.skipped += other.skipped;
         self.dead_count += other.dead_count;
         self.cancelled += other.cancelled;
+        self.throttled += other.throttled;
         for (kind, counts) in other.by_type {
             let into = self.type_counts(&kind);
             into.processed += counts.processed;
@@ -198,6 +204,7 @@ impl QueueOutcomes {
             into.retried += counts.retried;
             into.dead += counts.dead;
             into.cancelled += counts.cancelled;
+            into.throttled += counts.throttled;
         }
         for durations in other.durations {
             self.add_durations(durations);

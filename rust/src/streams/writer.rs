@@ -247,6 +247,7 @@ fn add_block(
         ("skipped", outcome.skipped),
         ("dead", outcome.dead_count),
         ("cancelled", outcome.cancelled),
+        ("throttled", outcome.throttled),
     ] {
         if count > 0 {
             pipe.cmd("HINCRBY").arg(&stats).arg(name).arg(count);
@@ -259,6 +260,7 @@ fn add_block(
             ("retried", counts.retried),
             ("dead", counts.dead),
             ("cancelled", counts.cancelled),
+            ("throttled", counts.throttled),
         ] {
             if count > 0 {
                 let mut field = Vec::with_capacity(name.len() + 1 + kind.len());
