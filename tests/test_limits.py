@@ -19,8 +19,10 @@ import pytest
 import redis
 
 import flumeq
-from conftest import spawn_script, wait_until
+from conftest import kill_dispatcher, spawn_script, wait_until
 from flumeq import limits
+from flumeq.cli import _add_limits
+from flumeq.redis_server import RedisServer
 
 ENGINE = """
 import json, sys, time, flumeq
@@ -149,6 +151,74 @@ def test_a_lease_of_an_engine_killed_with_minus_9_frees_within_seconds(
                 engine.communicate(timeout=40)
 
 
+LIMITED = """
+import sys, time, flumeq
+from conftest import process_redis
+
+url = sys.argv[1]
+
+def report(task):
+    r = process_redis(url)
+    r.hincrby("started", task.id, 1)
+    time.sleep(task.payload)
+    r.hincrby("runs", task.id, 1)
+
+flumeq.Engine(
+    {"report": report}, url, consumer="limited", concurrency_limits={"report": 2},
+    shutdown_timeout=2, claim_stale_after=60,
+).run(processes=2)
+"""
+
+
+def test_limits_survive_a_killed_dispatcher_and_a_redis_restart() -> None:
+    server = RedisServer(appendonly=True).start()
+    try:
+        url = server.url
+        r = redis.Redis.from_url(url)
+        infos = flumeq.Client(url).enqueue_many([("report", 0.2) for _ in range(30)])
+        engine = spawn_script(LIMITED, url)
+        try:
+            wait_until(lambda: r.hlen("runs") >= 3, timeout=30)
+            kill_dispatcher(r, "limited")
+            wait_until(lambda: r.hlen("runs") >= 10, timeout=60)
+            server.kill()
+            time.sleep(1.0)
+            server.start()
+            r = redis.Redis.from_url(url)
+            wait_until(lambda: r.hlen("runs") == len(infos), timeout=90)
+            assert engine.poll() is None
+        finally:
+            engine.send_signal(signal.SIGTERM)
+            _, err = engine.communicate(timeout=40)
+        assert engine.returncode == 0, err.decode()[-3000:]
+        assert r.zcard("flumeq:{limits}:running:report") == 0, "a lease outlived the stop"
+        stats = r.hgetall("flumeq:{default}:stats")
+        assert int(stats.get(b"dead", 0)) == 0
+    finally:
+        server.stop()
+
+
+def test_a_stop_with_redis_gone_while_leases_are_held_is_bounded() -> None:
+    server = RedisServer().start()
+    try:
+        url = server.url
+        r = redis.Redis.from_url(url)
+        flumeq.Client(url).enqueue_many([("report", 0.5) for _ in range(20)])
+        engine = spawn_script(LIMITED, url)
+        wait_until(lambda: r.hlen("started") >= 2, timeout=30)
+        server.kill()
+        time.sleep(0.5)
+        started = time.monotonic()
+        os.killpg(engine.pid, signal.SIGTERM)
+        _, err = engine.communicate(timeout=60)
+        took = time.monotonic() - started
+    finally:
+        server.stop()
+    assert engine.returncode == 0, err.decode()[-3000:]
+    # shutdown_timeout (2 s) plus the bounded grace for the last writes.
+    assert took < 15, f"shutdown took {took:.1f}s with redis gone"
+
+
 def handler(task: Any) -> None:
     pass
 
@@ -206,8 +276,6 @@ def test_garbage_in_the_limit_keys_is_replaced_not_failed_on(
 
 
 def test_the_worker_command_line_adds_limits() -> None:
-    from flumeq.cli import _add_limits
-
     engine = flumeq.Engine(
         {"mail": handler, "report": handler},
         "redis://127.0.0.1:1/0",
