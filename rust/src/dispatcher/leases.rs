@@ -35,8 +35,10 @@ enum Change {
 pub struct Leases {
     limiter: Arc<Limiter>,
     queues: Arc<Vec<QueueSpec>>,
-    /// `(queue, entry id)` → (limit, when taken).
-    held: HashMap<(u16, Bytes), (u16, Instant)>,
+    /// Per queue index: entry id → (limit, when taken).
+    held: Vec<HashMap<Bytes, (u16, Instant)>>,
+    /// Leases taken since the last `flush`, for the keeper.
+    taken: Vec<(u16, Vec<u8>)>,
     /// Running average run time per limit, ms.
     run_ms: Vec<Option<f64>>,
     changes: mpsc::UnboundedSender<Change>,
@@ -61,41 +63,48 @@ impl Leases {
         Self {
             run_ms: vec![None; limiter.limits.len()],
             limiter,
+            held: vec![HashMap::new(); queues.len()],
             queues,
-            held: HashMap::new(),
+            taken: Vec::new(),
             changes,
             keeper,
         }
     }
 
-    /// Records the leases a read's batch took (`(queue, entry id)` → limit).
+    /// Records leases a batch took (`(queue, entry id)` → limit); the
+    /// keeper hears of them, all in one message, at the next `flush`.
     pub fn take(&mut self, leased: impl IntoIterator<Item = ((u16, Bytes), u16)>) {
         let now = Instant::now();
-        let mut taken = Vec::new();
         for ((queue, entry_id), at) in leased {
-            taken.push((
+            self.taken.push((
                 at,
                 limits::member(&self.queues[usize::from(queue)].name, &entry_id),
             ));
-            self.held.insert((queue, entry_id), (at, now));
-        }
-        if !taken.is_empty() {
-            let _ = self.changes.send(Change::Take(taken));
+            self.held[usize::from(queue)].insert(entry_id, (at, now));
         }
     }
 
-    /// Frees the leases of the tasks whose outcomes are in `outcomes` (free
-    /// while none is held).
-    pub fn free_finished(&mut self, outcomes: &[QueueOutcomes]) {
-        if self.held.is_empty() {
-            return;
+    /// Tells the keeper of the leases taken since the last call, then frees
+    /// those of the tasks whose outcomes are in `outcomes` (a queue holding
+    /// no lease costs nothing per task).
+    pub fn flush(&mut self, outcomes: Option<&[QueueOutcomes]>) {
+        if !self.taken.is_empty() {
+            let _ = self
+                .changes
+                .send(Change::Take(std::mem::take(&mut self.taken)));
         }
+        let Some(outcomes) = outcomes else {
+            return;
+        };
         let now = Instant::now();
         let mut freed = Vec::new();
         for (queue, outcome) in outcomes.iter().enumerate() {
+            let held = &mut self.held[queue];
+            if held.is_empty() {
+                continue;
+            }
             for entry_id in &outcome.finished {
-                let key = (queue as u16, entry_id.clone());
-                let Some((at, since)) = self.held.remove(&key) else {
+                let Some((at, since)) = held.remove(entry_id) else {
                     continue;
                 };
                 let ran = now.duration_since(since).as_secs_f64() * 1000.0;
@@ -116,8 +125,12 @@ impl Leases {
         let Self {
             changes,
             mut keeper,
+            taken,
             ..
         } = self;
+        if !taken.is_empty() {
+            let _ = changes.send(Change::Take(taken));
+        }
         drop(changes);
         if tokio::time::timeout(grace, &mut keeper).await.is_err() {
             keeper.abort();

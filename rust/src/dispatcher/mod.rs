@@ -693,10 +693,11 @@ impl Dispatcher<'_> {
     fn flush(&mut self) {
         let fresh = self.book.take_fresh();
         self.region.add_counts(&fresh.to_array());
-        if let Some(outcomes) = self.book.take() {
-            if let Some(leases) = &mut self.leases {
-                leases.free_finished(&outcomes);
-            }
+        let outcomes = self.book.take();
+        if let Some(leases) = &mut self.leases {
+            leases.flush(outcomes.as_deref());
+        }
+        if let Some(outcomes) = outcomes {
             if let Some(finished) = &mut self.finished_since_recover {
                 for queue in &outcomes {
                     finished.extend(queue.finished.iter().cloned());
