@@ -15,7 +15,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, NamedTuple, Optional, Union
-from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
@@ -67,15 +66,18 @@ class _Call(NamedTuple):
 
 
 def safe_url(url: str) -> str:
-    """``url`` with its password hidden, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """``url`` with its password hidden, for messages and logs (also for the
+    multi-host ``redis+sentinel://`` and ``redis+cluster://`` forms)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
         return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit(parts._replace(netloc=user + host))
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    authority, tail = rest[:end], rest[end:]
+    user, at, hosts = authority.rpartition("@")
+    if not at or ":" not in user:
+        return url
+    name = user.split(":", 1)[0]
+    return f"{scheme}://{name}:***@{hosts}{tail}"
 
 
 def resolve_url(url: Optional[str]) -> str:

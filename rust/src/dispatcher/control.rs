@@ -18,8 +18,8 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::connection::Link;
 use bytes::Bytes;
-use redis::aio::ConnectionManager;
 use redis::{RedisResult, Value};
 use tokio::sync::{mpsc, watch};
 
@@ -58,7 +58,7 @@ pub struct Snapshot {
 /// The poll's parameters.
 pub struct Control {
     /// Its own handle on the write connection.
-    pub connection: ConnectionManager,
+    pub connection: Link,
     /// Key names.
     pub keys: Keys,
     /// Queues served.
@@ -94,7 +94,7 @@ fn scored(reply: &Value) -> Vec<(Bytes, u64)> {
 impl Control {
     /// The poll for `queues`, reading every cancel record at its first read.
     #[must_use]
-    pub fn new(connection: ConnectionManager, keys: Keys, queues: Arc<Vec<QueueSpec>>) -> Self {
+    pub fn new(connection: Link, keys: Keys, queues: Arc<Vec<QueueSpec>>) -> Self {
         let cursors = vec![None; queues.len()];
         Self {
             connection,

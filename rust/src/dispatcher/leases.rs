@@ -9,9 +9,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::connection::Link;
 use bytes::Bytes;
 use log::warn;
-use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -48,11 +48,7 @@ pub struct Leases {
 impl Leases {
     /// Starts the keeper on `connection`.
     #[must_use]
-    pub fn start(
-        limiter: Arc<Limiter>,
-        queues: Arc<Vec<QueueSpec>>,
-        connection: ConnectionManager,
-    ) -> Self {
+    pub fn start(limiter: Arc<Limiter>, queues: Arc<Vec<QueueSpec>>, connection: Link) -> Self {
         let (changes, incoming) = mpsc::unbounded_channel();
         let keys: Vec<String> = limiter
             .limits
@@ -143,7 +139,7 @@ impl Leases {
 /// dispatcher lets go of the channel.
 async fn keep(
     keys: Vec<String>,
-    mut connection: ConnectionManager,
+    mut connection: Link,
     mut changes: mpsc::UnboundedReceiver<Change>,
 ) {
     let renew = redis::Script::new(scripts::LEASES_RENEW);
@@ -211,7 +207,7 @@ async fn keep(
 }
 
 /// Sends `pipe` (when it holds anything) within `CALL_TIMEOUT`.
-async fn call(connection: &mut ConnectionManager, pipe: &redis::Pipeline, failing: &mut bool) {
+async fn call(connection: &mut Link, pipe: &redis::Pipeline, failing: &mut bool) {
     if pipe.cmd_iter().next().is_none() {
         return;
     }

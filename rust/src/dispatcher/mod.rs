@@ -58,9 +58,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::connection::Link;
 use bytes::Bytes;
 use log::{info, warn};
-use redis::aio::ConnectionManager;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -252,7 +252,7 @@ async fn prepare(
     keys: &Keys,
     queues: &[QueueSpec],
     group: &str,
-) -> ConnectionManager {
+) -> Link {
     let mut patience = Patience::new("connecting to redis");
     let mut connection = loop {
         match endpoint.connect_managed(timeout).await {
@@ -319,6 +319,8 @@ async fn serve(
             return Ok(Report::default());
         }
     };
+    // With Sentinel, every connection follows the master the sentinels name.
+    let master_watch = Background::spawn(endpoint.clone().watch_master());
     let mut control = Control::new(connection.clone(), keys.clone(), Arc::clone(&queues));
     let Snapshot { paused, cancels } = tokio::select! {
         snapshot = control.read_retrying() => snapshot,
@@ -435,6 +437,8 @@ async fn serve(
         leases,
         claims,
         lost_reply,
+        master_generation: endpoint.generation(),
+        endpoint: endpoint.clone(),
         delayed,
         registry,
         connection,
@@ -454,8 +458,10 @@ async fn serve(
         reads: ReadPace::default(),
         pending_checked: None,
     };
-    dispatcher.run().await?;
+    let ran = dispatcher.run().await;
     control_poll.shutdown();
+    master_watch.shutdown();
+    ran?;
     Ok(dispatcher.stop(recovery, janitor, scheduler).await)
 }
 
@@ -521,10 +527,17 @@ struct Dispatcher<'r> {
     claims: mpsc::Receiver<ClaimedPage>,
     /// Raised by recovery when a claim's reply may have been lost.
     lost_reply: Arc<AtomicBool>,
+    /// Where connections go; with Sentinel, the master it names.
+    endpoint: Endpoint,
+    /// The endpoint's generation the last read saw. When the sentinels
+    /// name another master, acks the old one took after the new one was
+    /// promoted are gone: those tasks are pending again, ours, and not
+    /// held, so they are taken back as after a lost reply.
+    master_generation: u64,
     delayed: Arc<DelayedState>,
     registry: Registry,
     /// For the burst check and recreating groups.
-    connection: ConnectionManager,
+    connection: Link,
     control: AsyncFd<OwnedFd>,
     results: AsyncFd<OwnedFd>,
     signals: Signals,
@@ -754,6 +767,11 @@ impl Dispatcher<'_> {
         // outcome is written (else a finished task whose ack is still queued
         // would look like one to run again).
         let written = self.delayed.written.load(Ordering::SeqCst) == self.writer.sent;
+        let generation = self.endpoint.generation();
+        if generation != self.master_generation {
+            self.master_generation = generation;
+            self.lost_reply.store(true, Ordering::SeqCst);
+        }
         let recover = if self.recover {
             Recover::All
         } else if written && self.lost_reply.swap(false, Ordering::SeqCst) {

@@ -16,15 +16,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::connection::Link;
 use log::debug;
-use redis::aio::ConnectionManager;
 
 use super::{now_ms, Report};
 use crate::keys::Keys;
 
 /// One engine's entry in the registry.
 pub struct Registry {
-    connection: ConnectionManager,
+    connection: Link,
     workers: String,
     worker: String,
     consumer: String,
@@ -40,7 +40,7 @@ impl Registry {
     /// queues...). `interval` 0 turns the registry off.
     #[must_use]
     pub fn new(
-        connection: ConnectionManager,
+        connection: Link,
         keys: &Keys,
         consumer: &str,
         fields: Vec<(String, String)>,

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::connection::Link;
 use redis::RedisResult;
 
 use super::patience::Patience;
@@ -36,7 +36,7 @@ pub struct DelayedState {
 /// The mover's parameters.
 pub struct Scheduler {
     /// Its own handle on the write connection.
-    pub connection: ConnectionManager,
+    pub connection: Link,
     /// Key names.
     pub keys: Keys,
     /// Queues served.

@@ -12,8 +12,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::connection::Link;
 use log::{debug, error, warn};
-use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -27,7 +27,7 @@ use crate::streams::{QueueOutcomes, QueueSpec};
 /// The writer's parameters.
 pub struct Writer {
     /// Its own handle on the write connection.
-    pub connection: ConnectionManager,
+    pub connection: Link,
     /// Key names.
     pub keys: Keys,
     /// Queues served.

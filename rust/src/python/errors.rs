@@ -25,7 +25,8 @@ pub fn redis_error(py: Python<'_>, failure: &redis::RedisError) -> PyErr {
         || failure.is_connection_refusal()
         || failure.is_connection_dropped()
         || failure.is_timeout()
-        || failure.is_unrecoverable_error();
+        || failure.is_unrecoverable_error()
+        || crate::connection::is_demoted(failure);
     let name = if unavailable {
         "RedisUnavailable"
     } else {

@@ -3,7 +3,7 @@
 //! Synchronous on purpose: a `Client` starts no thread, so a process that
 //! enqueues may still fork (the engine forks its actors).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::{ErrorKind, Pipeline, RedisResult, Script, ServerErrorKind, Value};
 
@@ -201,6 +201,10 @@ pub struct SyncStore {
     keys: Keys,
     scripts: ClientScripts,
     timeout: Duration,
+    /// With Sentinel: the endpoint's generation when the connection was
+    /// made, and when the sentinels were last asked where the master is.
+    generation: u64,
+    checked: Instant,
 }
 
 impl SyncStore {
@@ -216,12 +220,28 @@ impl SyncStore {
             keys: Keys::new(prefix),
             scripts: ClientScripts::default(),
             timeout,
+            generation: 0,
+            checked: Instant::now(),
         })
     }
 
     fn connection(&mut self) -> RedisResult<&mut redis::Connection> {
+        if self.connection.is_some()
+            && self.endpoint.follows_failover()
+            && self.checked.elapsed() >= crate::connection::MASTER_CHECK
+        {
+            // An old master still up takes writes until Sentinel demotes
+            // it, and then drops them: follow the sentinels first.
+            self.endpoint.check_master_sync();
+            self.checked = Instant::now();
+            if self.endpoint.generation() != self.generation {
+                self.connection = None;
+            }
+        }
         if self.connection.is_none() {
             self.connection = Some(self.endpoint.connect_sync(self.timeout)?);
+            self.generation = self.endpoint.generation();
+            self.checked = Instant::now();
         }
         match self.connection.as_mut() {
             Some(connection) => Ok(connection),
@@ -255,12 +275,16 @@ impl SyncStore {
         let Err(error) = &result else {
             return result;
         };
-        if !(error.is_io_error() || error.is_timeout() || error.is_connection_dropped()) {
+        let demoted = crate::connection::is_demoted(error);
+        if !(error.is_io_error() || error.is_timeout() || error.is_connection_dropped() || demoted)
+        {
             return result;
         }
-        // A broken or timed-out connection may hold half a reply: drop it.
+        // A broken or timed-out connection may hold half a reply, and a
+        // demoted master (after a failover) takes no writes: drop it. A
+        // demoted node refused the command, so it is safe to send again.
         self.connection = None;
-        if reused && !error.is_timeout() {
+        if (reused || demoted) && !error.is_timeout() {
             return call(self.connection()?, keys, scripts);
         }
         result

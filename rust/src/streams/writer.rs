@@ -1,7 +1,7 @@
 //! The dispatcher's write commands: consumer groups, and the outcomes of
 //! finished tasks (acks, dead letters, retries, counters) in one pipeline.
 
-use redis::aio::ConnectionManager;
+use crate::connection::Link;
 use redis::{Cmd, RedisError, RedisResult, Value};
 
 use super::{QueueOutcomes, QueueSpec};
@@ -21,7 +21,7 @@ pub const ENDED_MAX_LENGTH: usize = 10_000;
 /// Creates the consumer group of every queue (at id 0, so tasks enqueued
 /// before the first engine started are served) and registers the queues.
 pub async fn ensure_groups(
-    connection: &mut ConnectionManager,
+    connection: &mut Link,
     keys: &Keys,
     queues: &[QueueSpec],
     group: &str,
@@ -54,7 +54,7 @@ pub async fn ensure_groups(
 /// are deleted, so `XLEN` counts the first kind and `XPENDING` the second
 /// (including pending entries deleted meanwhile).
 pub async fn tasks_in_streams(
-    connection: &mut ConnectionManager,
+    connection: &mut Link,
     queues: &[QueueSpec],
     group: &str,
 ) -> RedisResult<u64> {
@@ -120,7 +120,7 @@ impl Default for WriteScripts {
 impl WriteScripts {
     /// Loads both scripts (after Redis said `NOSCRIPT`: it restarted, or its
     /// script cache was flushed).
-    pub async fn load(&self, connection: &mut ConnectionManager) -> RedisResult<()> {
+    pub async fn load(&self, connection: &mut Link) -> RedisResult<()> {
         let mut pipe = redis::pipe();
         pipe.load_script(&self.refresh).ignore();
         pipe.load_script(&self.release).ignore();
@@ -349,7 +349,7 @@ fn add_block(
 /// appends a task or counts it twice. Unique-key releases and refreshes of
 /// held entries follow the blocks as scripts; they are safe to repeat.
 pub async fn write_outcomes(
-    connection: &mut ConnectionManager,
+    connection: &mut Link,
     keys: &Keys,
     queues: &[QueueSpec],
     settings: &WriteSettings,

@@ -1,8 +1,3 @@
-//! Every connection to Redis is built here, from its URL: the client's
-//! synchronous connection, the dispatcher's reconnecting async connection
-//! (redis-rs `ConnectionManager`) and its zero-copy read connections.
-//! TLS, Sentinel and Cluster connections belong here too.
-//!
 //! The zero-copy [`RawConnection`]: profiling showed redis-rs's reply parser
 //! and the allocations of its `Value` tree (about 16 per task entry) costing
 //! the dispatcher more than all the rest of its work together. This
@@ -10,92 +5,21 @@
 //! packing) and decodes replies with `redis-protocol`, whose `BytesFrame`s
 //! are views into one read buffer: no copy per field. It is strictly
 //! request/response (one batch of commands at a time). Any error drops the
-//! socket; the next call reconnects.
+//! socket; the next call reconnects (asking the sentinels again, if any).
 
 use std::io;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Cmd, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, RedisResult};
+use redis::{Cmd, ConnectionAddr};
 use redis_protocol::resp2::decode::decode_bytes_mut;
 use redis_protocol::resp2::types::BytesFrame;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
 
-/// How long making a TCP connection may take.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Why a URL cannot be used.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("bad redis URL: {0}")]
-pub struct UrlError(pub String);
-
-/// A parsed Redis URL, from which every connection is made.
-#[derive(Debug, Clone)]
-pub struct Endpoint {
-    info: ConnectionInfo,
-}
-
-impl Endpoint {
-    /// Parses `url` (`redis://`, `unix://`).
-    pub fn parse(url: &str) -> Result<Self, UrlError> {
-        let info = url
-            .into_connection_info()
-            .map_err(|error| UrlError(error.to_string()))?;
-        if !matches!(
-            info.addr(),
-            ConnectionAddr::Tcp(..) | ConnectionAddr::Unix(_)
-        ) {
-            return Err(UrlError(
-                "TLS connections (rediss://) are not supported by this build yet".to_owned(),
-            ));
-        }
-        Ok(Self { info })
-    }
-
-    /// A redis-rs client (for synchronous connections).
-    pub fn client(&self) -> RedisResult<redis::Client> {
-        redis::Client::open(self.info.clone())
-    }
-
-    /// A synchronous connection whose every call times out after `timeout`.
-    pub fn connect_sync(&self, timeout: Duration) -> RedisResult<redis::Connection> {
-        let connection = self.client()?.get_connection_with_timeout(timeout)?;
-        connection.set_read_timeout(Some(timeout))?;
-        connection.set_write_timeout(Some(timeout))?;
-        Ok(connection)
-    }
-
-    /// The dispatcher's async connection, reconnecting by itself; a reply
-    /// not in within `response_timeout` fails the call.
-    pub async fn connect_managed(
-        &self,
-        response_timeout: Duration,
-    ) -> RedisResult<ConnectionManager> {
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(response_timeout))
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(2));
-        ConnectionManager::new_with_config(self.client()?, config).await
-    }
-
-    /// A zero-copy read connection named `name` (`CLIENT SETNAME`, shown by
-    /// `CLIENT LIST`); connects on first use. A reply not in within
-    /// `timeout` fails the call.
-    #[must_use]
-    pub fn raw(&self, name: &str, timeout: Duration) -> RawConnection {
-        RawConnection {
-            info: self.info.clone(),
-            name: name.replace(' ', "_"),
-            socket: None,
-            buffer: BytesMut::with_capacity(256 * 1024),
-            packed: Vec::with_capacity(4096),
-            timeout,
-        }
-    }
-}
+use super::{tls, Endpoint, CONNECT_TIMEOUT};
 
 /// Why a call on a [`RawConnection`] failed.
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +45,14 @@ impl RawError {
         matches!(self, Self::Server(message) if message.starts_with("NOGROUP"))
     }
 
+    /// Whether the node is no longer the master (after a failover): the
+    /// connection is dropped, so the next call finds the master again.
+    #[must_use]
+    pub fn is_demoted(&self) -> bool {
+        matches!(self, Self::Server(message)
+            if ["READONLY", "UNBLOCKED", "MASTERDOWN"].iter().any(|code| message.starts_with(code)))
+    }
+
     /// Whether the command may have run without its reply reaching us (the
     /// connection broke or timed out): a read may have delivered entries
     /// that we never saw.
@@ -133,6 +65,7 @@ impl RawError {
 enum Socket {
     Tcp(TcpStream),
     Unix(UnixStream),
+    Tls(Box<TlsStream<TcpStream>>),
 }
 
 impl Socket {
@@ -140,6 +73,10 @@ impl Socket {
         match self {
             Self::Tcp(stream) => stream.write_all(bytes).await,
             Self::Unix(stream) => stream.write_all(bytes).await,
+            Self::Tls(stream) => {
+                stream.write_all(bytes).await?;
+                stream.flush().await
+            }
         }
     }
 
@@ -147,41 +84,78 @@ impl Socket {
         match self {
             Self::Tcp(stream) => stream.read_buf(buffer).await,
             Self::Unix(stream) => stream.read_buf(buffer).await,
+            Self::Tls(stream) => stream.read_buf(buffer).await,
         }
     }
 }
 
+async fn tcp(host: &str, port: u16) -> Result<TcpStream, RawError> {
+    let connect = TcpStream::connect((host, port));
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        .await
+        .map_err(|_| RawError::Timeout(CONNECT_TIMEOUT))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
 /// One request/response connection with zero-copy reply decoding.
 pub struct RawConnection {
-    info: ConnectionInfo,
+    endpoint: Endpoint,
     name: String,
     socket: Option<Socket>,
     buffer: BytesMut,
     packed: Vec<u8>,
     timeout: Duration,
+    /// The endpoint's generation when the socket was made.
+    generation: u64,
 }
 
 impl RawConnection {
+    pub(super) fn new(endpoint: Endpoint, name: &str, timeout: Duration) -> Self {
+        Self {
+            endpoint,
+            name: name.replace(' ', "_"),
+            socket: None,
+            buffer: BytesMut::with_capacity(256 * 1024),
+            packed: Vec::with_capacity(4096),
+            timeout,
+            generation: 0,
+        }
+    }
+
     async fn connect(&mut self) -> Result<(), RawError> {
-        let mut socket = match self.info.addr() {
-            ConnectionAddr::Tcp(host, port) => {
-                let connect = TcpStream::connect((host.as_str(), *port));
-                let stream = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        let info = self
+            .endpoint
+            .master()
+            .await
+            .map_err(|error| RawError::Io(io::Error::other(error.to_string())))?;
+        self.generation = self.endpoint.generation();
+        let mut socket = match info.addr() {
+            ConnectionAddr::Tcp(host, port) => Socket::Tcp(tcp(host, *port).await?),
+            ConnectionAddr::TcpTls { host, port, .. } => {
+                let Some(config) = self.endpoint.tls.clone() else {
+                    return Err(RawError::Io(io::Error::other("TLS without its settings")));
+                };
+                let name = tls::server_name(host).map_err(io::Error::other)?;
+                let stream = tcp(host, *port).await?;
+                let handshake = TlsConnector::from(config).connect(name, stream);
+                let stream = tokio::time::timeout(CONNECT_TIMEOUT, handshake)
                     .await
-                    .map_err(|_| RawError::Timeout(CONNECT_TIMEOUT))??;
-                stream.set_nodelay(true)?;
-                Socket::Tcp(stream)
+                    .map_err(|_| RawError::Timeout(CONNECT_TIMEOUT))?
+                    .map_err(|error| {
+                        RawError::Io(io::Error::other(format!("TLS handshake: {error}")))
+                    })?;
+                Socket::Tls(Box::new(stream))
             }
             ConnectionAddr::Unix(path) => Socket::Unix(UnixStream::connect(path).await?),
-            _ => {
-                return Err(RawError::Io(io::Error::new(
-                    io::ErrorKind::Unsupported,
-                    "TLS is not supported by this build yet",
-                )))
+            other => {
+                return Err(RawError::Io(io::Error::other(format!(
+                    "unsupported address {other}"
+                ))))
             }
         };
         self.buffer.clear();
-        let settings = self.info.redis_settings();
+        let settings = info.redis_settings();
         let mut handshake = Vec::new();
         if let Some(password) = settings.password() {
             let mut auth = redis::cmd("AUTH");
@@ -213,11 +187,15 @@ impl RawConnection {
     /// Sends `commands` in one write and returns their replies in order.
     /// A reply that is an error becomes `RawError::Server`.
     pub async fn query(&mut self, commands: &[Cmd]) -> Result<Vec<BytesFrame>, RawError> {
+        if self.socket.is_some() && self.generation != self.endpoint.generation() {
+            // The sentinels name another master: move to it.
+            self.socket = None;
+        }
         let timeout = self.timeout;
         match tokio::time::timeout(timeout, self.query_inner(commands)).await {
             Ok(Ok(frames)) => Ok(frames),
             Ok(Err(error)) => {
-                if !matches!(error, RawError::Server(_)) {
+                if !matches!(error, RawError::Server(_)) || error.is_demoted() {
                     self.socket = None;
                 }
                 Err(error)
@@ -280,17 +258,5 @@ async fn read_frame(socket: &mut Socket, buffer: &mut BytesMut) -> Result<BytesF
                 "redis closed the connection",
             )));
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls_are_checked_when_parsed() {
-        assert!(Endpoint::parse("redis://127.0.0.1:6379/0").is_ok());
-        assert!(Endpoint::parse("unix:///tmp/redis.sock").is_ok());
-        assert!(Endpoint::parse("nonsense://x").is_err());
     }
 }

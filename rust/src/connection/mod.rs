@@ -1,0 +1,365 @@
+//! Every connection to Redis is built here, from its URL: the client's
+//! synchronous connection, the dispatcher's reconnecting async connection
+//! ([`Link`]) and its zero-copy read connections ([`RawConnection`]).
+//!
+//! - [`url`]: the URL forms, parsed; passwords masked;
+//! - [`tls`]: rustls settings for the read connections;
+//! - [`raw`]: the zero-copy request/response connection;
+//! - [`link`]: the shared write connection, which follows a Sentinel
+//!   failover.
+//!
+//! With Sentinel, every new connection asks the sentinels where the master
+//! is (redis-rs's `Sentinel`, which also checks that the node it names says
+//! it is a master), so a reconnect after a failover reaches the new master.
+//! A `READONLY` reply (the old master came back as a replica) drops the
+//! connection, so the next call reconnects the same way. And because an old
+//! master that is still up keeps taking writes until Sentinel turns it into
+//! a replica (up to ten seconds later, and those writes are then thrown
+//! away), the sentinels are also asked once a second where the master is
+//! ([`Endpoint::watch_master`] in the engine, a check before a call at most
+//! once a second in the client): when they name another one, every
+//! connection made before moves to it.
+
+pub mod link;
+pub mod raw;
+pub mod tls;
+pub mod url;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use log::info;
+use redis::aio::MultiplexedConnection;
+use redis::sentinel::{Sentinel, SentinelNodeConnectionInfo};
+use redis::{ConnectionAddr, ConnectionInfo, ErrorKind, RedisError, RedisResult};
+
+pub use link::Link;
+pub use raw::{RawConnection, RawError};
+use url::{Parsed, Target};
+
+/// How long making a TCP connection (and its TLS handshake) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why a URL cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bad redis URL: {0}")]
+pub struct UrlError(pub String);
+
+/// How often the sentinels are asked where the master is.
+pub const MASTER_CHECK: Duration = Duration::from_secs(1);
+
+/// The sentinels of a `redis+sentinel://` URL, asked for the master.
+struct Sentinels {
+    master: String,
+    node: SentinelNodeConnectionInfo,
+    addresses: Vec<ConnectionInfo>,
+    /// Full lookups (with the master's `ROLE` checked), for new connections.
+    sync: Mutex<Sentinel>,
+    aio: tokio::sync::Mutex<Sentinel>,
+    /// Connections kept to one sentinel for the once-a-second question.
+    probe_sync: Mutex<Option<redis::Connection>>,
+    probe: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    /// The master last named, and how many times that changed.
+    named: Mutex<Option<(String, u16)>>,
+    generation: AtomicU64,
+}
+
+fn address(info: &ConnectionInfo) -> Option<(String, u16)> {
+    match info.addr() {
+        ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => {
+            Some((host.clone(), *port))
+        }
+        _ => None,
+    }
+}
+
+impl Sentinels {
+    /// Records that the sentinels name `named`; a change bumps the
+    /// generation, which every connection made before follows.
+    fn note(&self, named: (String, u16), url: &str) {
+        let mut last = self.named.lock().unwrap_or_else(PoisonError::into_inner);
+        if last.as_ref().is_some_and(|last| *last != named) {
+            self.generation.fetch_add(1, Ordering::Release);
+            info!(
+                "redis at {url}: the sentinels name a new master, {}:{}; moving to it",
+                named.0, named.1
+            );
+        }
+        *last = Some(named);
+    }
+
+    fn parse_reply(reply: Option<(String, String)>) -> Option<(String, u16)> {
+        let (host, port) = reply?;
+        Some((host, port.parse().ok()?))
+    }
+
+    fn ask_sync(&self) -> Option<(String, u16)> {
+        let mut probe = self
+            .probe_sync
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut question = redis::cmd("SENTINEL");
+        question.arg("get-master-addr-by-name").arg(&self.master);
+        if let Some(connection) = probe.as_mut() {
+            if let Ok(reply) = question.query(connection) {
+                return Self::parse_reply(reply);
+            }
+            *probe = None;
+        }
+        for info in &self.addresses {
+            let Ok(client) = redis::Client::open(info.clone()) else {
+                continue;
+            };
+            let Ok(mut connection) = client.get_connection_with_timeout(MASTER_CHECK) else {
+                continue;
+            };
+            let _ = connection.set_read_timeout(Some(MASTER_CHECK));
+            if let Ok(reply) = question.query(&mut connection) {
+                *probe = Some(connection);
+                return Self::parse_reply(reply);
+            }
+        }
+        None
+    }
+
+    async fn ask(&self) -> Option<(String, u16)> {
+        let mut probe = self.probe.lock().await;
+        let mut question = redis::cmd("SENTINEL");
+        question.arg("get-master-addr-by-name").arg(&self.master);
+        if let Some(connection) = probe.as_mut() {
+            if let Ok(reply) = question.query_async(connection).await {
+                return Self::parse_reply(reply);
+            }
+            *probe = None;
+        }
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(MASTER_CHECK))
+            .set_response_timeout(Some(MASTER_CHECK));
+        for info in &self.addresses {
+            let Ok(client) = redis::Client::open(info.clone()) else {
+                continue;
+            };
+            let Ok(mut connection) = client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+            else {
+                continue;
+            };
+            if let Ok(reply) = question.query_async(&mut connection).await {
+                *probe = Some(connection);
+                return Self::parse_reply(reply);
+            }
+        }
+        None
+    }
+}
+
+/// A parsed Redis URL, from which every connection is made. Clones share
+/// their sentinel connections.
+#[derive(Clone)]
+pub struct Endpoint {
+    target: Target,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    sentinels: Option<Arc<Sentinels>>,
+    masked: String,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(&self.masked)
+    }
+}
+
+/// Whether `error` says the node is no longer the master (after a failover).
+#[must_use]
+pub fn is_demoted(error: &RedisError) -> bool {
+    matches!(error.code(), Some("READONLY" | "UNBLOCKED" | "MASTERDOWN"))
+}
+
+fn unavailable(what: &str, error: impl std::fmt::Display) -> RedisError {
+    RedisError::from((
+        ErrorKind::Io,
+        "redis unavailable",
+        format!("{what}: {error}"),
+    ))
+}
+
+impl Endpoint {
+    /// Parses `url`; see [`url`] for the forms.
+    pub fn parse(url: &str) -> Result<Self, UrlError> {
+        let Parsed {
+            target,
+            tls,
+            masked,
+        } = url::parse(url)?;
+        let tls = tls
+            .map(|files| tls::client_config(&files))
+            .transpose()
+            .map_err(|why| UrlError(format!("{masked}: {why}")))?;
+        let sentinels = match &target {
+            Target::Direct(_) => None,
+            Target::Sentinel(sentinel) => {
+                let build = || {
+                    Sentinel::build(sentinel.sentinels.clone())
+                        .map_err(|error| UrlError(format!("{masked}: {error}")))
+                };
+                Some(Arc::new(Sentinels {
+                    master: sentinel.master.clone(),
+                    node: SentinelNodeConnectionInfo::default()
+                        .set_redis_connection_info(sentinel.redis.clone()),
+                    addresses: sentinel.sentinels.clone(),
+                    sync: Mutex::new(build()?),
+                    aio: tokio::sync::Mutex::new(build()?),
+                    probe_sync: Mutex::new(None),
+                    probe: tokio::sync::Mutex::new(None),
+                    named: Mutex::new(None),
+                    generation: AtomicU64::new(0),
+                }))
+            }
+            Target::Cluster(_) => {
+                return Err(UrlError(format!(
+                    "{masked}: Redis Cluster (redis+cluster://) is not served by this build yet"
+                )))
+            }
+        };
+        Ok(Self {
+            target,
+            tls,
+            sentinels,
+            masked,
+        })
+    }
+
+    /// The URL with its password masked.
+    #[must_use]
+    pub fn masked(&self) -> &str {
+        &self.masked
+    }
+
+    /// Whether the server behind this endpoint can change (Sentinel).
+    #[must_use]
+    pub fn follows_failover(&self) -> bool {
+        self.sentinels.is_some()
+    }
+
+    /// How many times the sentinels were seen naming another master (0
+    /// without Sentinel). A connection made at an older generation moves.
+    #[must_use]
+    pub fn generation(&self) -> u64 {
+        self.sentinels
+            .as_ref()
+            .map_or(0, |sentinels| sentinels.generation.load(Ordering::Acquire))
+    }
+
+    /// Asks the sentinels where the master is (without Sentinel, nothing).
+    pub fn check_master_sync(&self) {
+        if let Some(sentinels) = &self.sentinels {
+            if let Some(named) = sentinels.ask_sync() {
+                sentinels.note(named, &self.masked);
+            }
+        }
+    }
+
+    /// Asks the sentinels once a second where the master is, for as long as
+    /// it runs (the engine runs it beside its other loops).
+    pub async fn watch_master(self) {
+        let Some(sentinels) = self.sentinels.clone() else {
+            return std::future::pending().await;
+        };
+        let mut every = tokio::time::interval(MASTER_CHECK);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            if let Some(named) = sentinels.ask().await {
+                sentinels.note(named, &self.masked);
+            }
+        }
+    }
+
+    /// Where the master is now, asked synchronously.
+    fn master_sync(&self) -> RedisResult<ConnectionInfo> {
+        match (&self.target, &self.sentinels) {
+            (Target::Direct(info), _) => Ok(info.clone()),
+            (_, Some(sentinels)) => {
+                let mut sentinel = sentinels
+                    .sync
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let client = sentinel
+                    .master_for(&sentinels.master, Some(&sentinels.node))
+                    .map_err(|error| {
+                        unavailable(&format!("sentinels of {}", self.masked), error)
+                    })?;
+                let info = client.get_connection_info().clone();
+                if let Some(named) = address(&info) {
+                    sentinels.note(named, &self.masked);
+                }
+                Ok(info)
+            }
+            _ => Err(unavailable(&self.masked, "no server to connect to")),
+        }
+    }
+
+    /// Where the master is now.
+    async fn master(&self) -> RedisResult<ConnectionInfo> {
+        match (&self.target, &self.sentinels) {
+            (Target::Direct(info), _) => Ok(info.clone()),
+            (_, Some(sentinels)) => {
+                let mut sentinel = sentinels.aio.lock().await;
+                let lookup = sentinel.async_master_for(&sentinels.master, Some(&sentinels.node));
+                let what = || format!("sentinels of {}", self.masked);
+                match tokio::time::timeout(2 * CONNECT_TIMEOUT, lookup).await {
+                    Ok(Ok(client)) => {
+                        let info = client.get_connection_info().clone();
+                        if let Some(named) = address(&info) {
+                            sentinels.note(named, &self.masked);
+                        }
+                        Ok(info)
+                    }
+                    Ok(Err(error)) => Err(unavailable(&what(), error)),
+                    Err(_) => Err(unavailable(&what(), "no answer in time")),
+                }
+            }
+            _ => Err(unavailable(&self.masked, "no server to connect to")),
+        }
+    }
+
+    /// A synchronous connection whose every call times out after `timeout`.
+    pub fn connect_sync(&self, timeout: Duration) -> RedisResult<redis::Connection> {
+        let client = redis::Client::open(self.master_sync()?)?;
+        let connection = client.get_connection_with_timeout(timeout.min(CONNECT_TIMEOUT))?;
+        connection.set_read_timeout(Some(timeout))?;
+        connection.set_write_timeout(Some(timeout))?;
+        Ok(connection)
+    }
+
+    /// The dispatcher's async connection, reconnecting by itself (to the new
+    /// master after a failover); a reply not in within `response_timeout`
+    /// fails the call.
+    pub async fn connect_managed(&self, response_timeout: Duration) -> RedisResult<Link> {
+        Link::connect(self.clone(), response_timeout).await
+    }
+
+    /// A zero-copy read connection named `name` (`CLIENT SETNAME`, shown by
+    /// `CLIENT LIST`); connects on first use. A reply not in within
+    /// `timeout` fails the call.
+    #[must_use]
+    pub fn raw(&self, name: &str, timeout: Duration) -> RawConnection {
+        RawConnection::new(self.clone(), name, timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_checked_when_parsed() {
+        assert!(Endpoint::parse("redis://127.0.0.1:6379/0").is_ok());
+        assert!(Endpoint::parse("unix:///tmp/redis.sock").is_ok());
+        assert!(Endpoint::parse("rediss://127.0.0.1:6380/0?ssl_cert_reqs=none").is_ok());
+        assert!(Endpoint::parse("redis+sentinel://127.0.0.1:26379/main").is_ok());
+        assert!(Endpoint::parse("nonsense://x").is_err());
+    }
+}
