@@ -45,10 +45,22 @@ def handlers(counter: str) -> dict[str, Any]:
         process_redis(counter).hincrby("runs", task.id, 1)
         return int(task.payload["a"]) + int(task.payload["b"])
 
+    def sleepy(task: flumeq.Task) -> None:
+        process_redis(counter).hincrby("started", task.id, 1)
+        time.sleep(30.0)
+        process_redis(counter).hincrby("runs", task.id, 1)
+
     def tick(task: flumeq.Task) -> None:
         process_redis(counter).hincrby("ticks", task.id, 1)
 
-    return {"count": count, "flaky": flaky, "doomed": doomed, "add": add, "tick": tick}
+    return {
+        "count": count,
+        "flaky": flaky,
+        "doomed": doomed,
+        "add": add,
+        "tick": tick,
+        "sleepy": sleepy,
+    }
 
 
 ENGINE = """
@@ -140,6 +152,11 @@ def run_features(
 
     process, metrics_port = start_engine(engine_url or url, counter, env)
     try:
+        running = client.enqueue("sleepy", queue="other", result_ttl=60)
+        wait_until(lambda: running.id in runs(counter, "started"), timeout=30)
+        assert client.cancel(running) is True
+        with pytest_raises(flumeq.TaskCancelled):
+            client.result(running, timeout=10)
         assert [client.result(info, timeout=30) for info in sums] == [1, 2, 3, 4]
         with_runs = [*plain, *other, delayed, flaky, first, same_a]
         wait_until(lambda: all(runs(counter).get(info.id) for info in with_runs), timeout=30)
@@ -154,7 +171,7 @@ def run_features(
         assert all(seen[info.id] == 1 for info in [*plain, *other, delayed, first])
         assert seen[flaky.id] == 2 and seen[doomed.id] == 1
         assert same_b.id == same_a.id and seen[same_a.id] == 1
-        assert cancelled.id not in seen
+        assert cancelled.id not in seen and running.id not in seen
         with pytest_raises(flumeq.TaskCancelled):
             client.result(cancelled, timeout=5)
         (dead,) = reader.dead_letters()

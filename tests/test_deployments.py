@@ -5,7 +5,9 @@ module, on loopback ports, by the fixtures below."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -13,11 +15,11 @@ from typing import Any
 
 import pytest
 import redis
-from deployments import SentinelGroup, TlsServer
+from deployments import ClusterNode, SentinelGroup, TlsServer
 from scenario import run_features, runs, start_engine, stop_engine
 
 import flumeq
-from conftest import ROOT, counting_handler, wait_until
+from conftest import ROOT, counting_handler, spawn_script, wait_until
 from flumeq.redis_server import RedisServer
 
 pytestmark = pytest.mark.timeout(240)
@@ -207,3 +209,62 @@ def test_failover_mid_drain_loses_nothing(sentinel: SentinelGroup, counter: str)
     )
     assert len(during) > 100 and len(lost) <= len(during) // 2
     assert "Traceback" not in err, err[-3000:]
+
+
+# --- Cluster's rules on one node ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster_node() -> Iterator[ClusterNode]:
+    node = ClusterNode()
+    yield node
+    node.close()
+
+
+def test_every_feature_keeps_cluster_key_rules(cluster_node: ClusterNode, counter: str) -> None:
+    """On a cluster-enabled node, every command, MULTI and script flumeq
+    sends keeps its keys on one slot and scripts touch only the keys they
+    declare: a breach fails there with CROSSSLOT, as on a real Cluster."""
+    redis.Redis.from_url(cluster_node.url).flushall()
+    run_features(cluster_node.url, counter)
+
+
+SLOW_ENGINE = """
+import sys, time
+import flumeq
+from conftest import process_redis
+
+def slow(task):
+    time.sleep(0.02)
+    process_redis(sys.argv[2]).hincrby("runs", task.id, 1)
+
+flumeq.Engine({"count": slow}, sys.argv[1], queues=("default", "other"),
+              claim_stale_after=2.0).run(processes=2)
+"""
+
+
+def test_killed_engine_is_recovered_under_cluster_key_rules(
+    cluster_node: ClusterNode, counter: str
+) -> None:
+    """kill -9 of an engine's whole process group mid-run on a
+    cluster-enabled node: another engine claims its tasks (XPENDING and
+    XCLAIM per queue) and every task runs."""
+    redis.Redis.from_url(cluster_node.url).flushall()
+    client = flumeq.Client(cluster_node.url)
+    infos = [
+        *client.enqueue_many([("count", {"n": n}) for n in range(300)]),
+        *client.enqueue_many([("count", {"n": n}) for n in range(300)], queue="other"),
+    ]
+    first = spawn_script(SLOW_ENGINE, cluster_node.url, counter)
+    try:
+        wait_until(lambda: len(runs(counter)) > 50, timeout=30)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    second = spawn_script(SLOW_ENGINE, cluster_node.url, counter)
+    try:
+        ids = {info.id for info in infos}
+        wait_until(lambda: ids <= set(runs(counter)), timeout=60)
+    finally:
+        err = stop_engine(second)
+    assert "CROSSSLOT" not in err and "Traceback" not in err, err[-3000:]

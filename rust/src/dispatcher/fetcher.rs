@@ -13,6 +13,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use log::info;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -91,6 +92,9 @@ pub struct Fetcher {
     pub consumer: String,
     /// The global limits, when there are any.
     pub limiter: Option<Arc<Limiter>>,
+    /// Reads keep to Redis Cluster's rule of one slot per command; set when
+    /// Redis first answers a read across queues with `CROSSSLOT`.
+    pub one_slot: bool,
 }
 
 /// A running read loop.
@@ -138,18 +142,33 @@ impl Fetcher {
             Recover::Unheld(held) => fetched.own = self.own_unheld(held).await?,
         }
         if request.count > 0 {
-            let entries = reader::read_new(
-                &mut self.reader,
-                &self.queues,
-                &request.paused,
-                request.strict,
-                shares,
-                &self.group,
-                &self.consumer,
-                request.count,
-                request.block_ms,
-            )
-            .await?;
+            let entries = loop {
+                let read = reader::read_new(
+                    &mut self.reader,
+                    &self.queues,
+                    &request.paused,
+                    request.strict,
+                    shares,
+                    &self.group,
+                    &self.consumer,
+                    request.count,
+                    request.block_ms,
+                    self.one_slot,
+                )
+                .await;
+                match read {
+                    Err(ReadError::Server(message))
+                        if !self.one_slot && message.starts_with("CROSSSLOT") =>
+                    {
+                        info!(
+                            "redis keeps cluster rules (queues on several slots): \
+                             reading one queue per command"
+                        );
+                        self.one_slot = true;
+                    }
+                    read => break read?,
+                }
+            };
             let (new, done) =
                 reader::split_done(&mut self.reader, &self.keys, &self.queues, entries).await?;
             fetched.new = new;

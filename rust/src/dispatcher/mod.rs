@@ -390,6 +390,7 @@ async fn serve(
         group: settings.group.clone(),
         consumer: settings.consumer.clone(),
         limiter: limiter.clone(),
+        one_slot: false,
     }
     .start();
     let leases =

@@ -36,6 +36,8 @@ fn xreadgroup(group: &str, consumer: &str, count: usize, block_ms: Option<u64>) 
 #[derive(Debug, Default)]
 pub struct Shares {
     current: Vec<i64>,
+    /// Which open queue the next one-slot blocking read waits on.
+    turn: usize,
 }
 
 impl Shares {
@@ -72,6 +74,9 @@ impl Shares {
 /// one after another in their order, each for what the ones before it did
 /// not fill (a round trip per queue reached), so a queue's entries are
 /// taken only while those before it have too few ready.
+/// `one_slot` (Redis Cluster's rules: one command's keys on one slot): the
+/// blocking read waits on one queue at a time, in turn, for a share of
+/// `block_ms` (at least 50 ms), after the non-blocking read of them all.
 #[expect(clippy::too_many_arguments, reason = "one read, field by field")]
 pub async fn read_new(
     reader: &mut Reader,
@@ -83,6 +88,7 @@ pub async fn read_new(
     consumer: &str,
     count: usize,
     block_ms: u64,
+    one_slot: bool,
 ) -> Result<Vec<(u16, RawEntry)>, ReadError> {
     let tag = |entries: Vec<(bytes::Bytes, RawEntry)>| -> Vec<(u16, RawEntry)> {
         entries
@@ -137,6 +143,13 @@ pub async fn read_new(
             return Ok(tag(entries));
         }
     }
+    let (open, block_ms) = if one_slot && open.len() > 1 {
+        shares.turn = (shares.turn + 1) % open.len();
+        let share = (block_ms / open.len() as u64).max(50).min(block_ms);
+        (vec![open[shares.turn]], share)
+    } else {
+        (open, block_ms)
+    };
     let mut cmd = xreadgroup(group, consumer, count, (block_ms > 0).then_some(block_ms));
     for queue in &open {
         cmd.arg(&queue.stream);
@@ -162,16 +175,20 @@ pub async fn read_own_pending(
     count: usize,
     after: &mut [bytes::Bytes],
 ) -> Result<Vec<(u16, RawEntry)>, ReadError> {
-    let mut cmd = xreadgroup(group, consumer, count, None);
-    for queue in queues {
-        cmd.arg(&queue.stream);
-    }
-    for id in after.iter() {
-        cmd.arg(id.as_ref());
-    }
-    let mut replies = reader.query(std::slice::from_ref(&cmd)).await?;
+    // One command per queue (COUNT is per stream either way), so each
+    // command's keys stay on one slot; one round trip for all.
+    let commands: Vec<Cmd> = queues
+        .iter()
+        .zip(after.iter())
+        .map(|(queue, id)| {
+            let mut cmd = xreadgroup(group, consumer, count, None);
+            cmd.arg(&queue.stream).arg(id.as_ref());
+            cmd
+        })
+        .collect();
+    let replies = reader.query(&commands).await?;
     let mut out = Vec::new();
-    for (key, entry) in replies.pop().map(reply::read_reply).unwrap_or_default() {
+    for (key, entry) in replies.into_iter().flat_map(reply::read_reply) {
         if let Some(index) = queues
             .iter()
             .position(|queue| queue.stream.as_bytes() == key.as_ref())
