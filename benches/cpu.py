@@ -5,7 +5,7 @@ per task moves far less, so this is the bench for "did this change make the
 hot path dearer?". Run it from two virtualenvs (one per build) and compare:
 
     python benches/cpu.py [--tasks 200000] [--processes 2] [--rounds 5]
-                          [--variants plain,app,middleware,limits,limited]
+                          [--variants plain,app,middleware,limits,limited,tls,cluster]
 
 It starts its own redis-server, enqueues no-op tasks, drains them with a
 burst engine in this process, and reads the engine's CPU from
@@ -18,15 +18,21 @@ with one middleware whose five hooks do nothing; `limits` the mapping with a
 rate and a concurrency limit on two other task types (the drain's own type
 is not limited, so this measures what looking at the batches costs);
 `limited` a rate limit on the drain's own type, far above the drain's pace
-(every batch pays the limits script, and none is held back).
+(every batch pays the limits script, and none is held back); `tls` the
+mapping over `rediss://` to a TLS-only redis-server (a CA made by openssl,
+as the tests do); `cluster` the mapping against a cluster-enabled
+redis-server owning every slot (what Cluster mode costs Redis itself).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 import redis
@@ -71,8 +77,29 @@ def engine_for(variant: str, url: str) -> tuple[str, flumeq.Engine]:
         limits = {"rate_limits": {"mail": "100/s"}, "concurrency_limits": {"report": 2}}
     if variant == "limited":
         limits = {"rate_limits": {"noop": "10000000/s"}}
+    # tls, cluster: the plain engine, on another server.
     engine = flumeq.Engine(handlers, url, queues=("cpu",), middleware=middleware, **limits)
     return "noop", engine
+
+
+def urls_for(variants: list[str], servers: contextlib.ExitStack) -> dict[str, str]:
+    """The Redis URL of each variant; the servers stop with ``servers``."""
+    plain = servers.enter_context(RedisServer())
+    urls = {variant: plain.url for variant in variants}
+    if "tls" in variants or "cluster" in variants:
+        # The test deployments' helpers: a CA made by openssl, a cluster node.
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from deployments import ClusterNode, TlsServer  # noqa: PLC0415
+
+        if "tls" in variants:
+            tls = TlsServer()
+            servers.callback(tls.close)
+            urls["tls"] = tls.url()
+        if "cluster" in variants:
+            node = ClusterNode()
+            servers.callback(node.close)
+            urls["cluster"] = node.url
+    return urls
 
 
 def one_round(
@@ -109,14 +136,14 @@ def main() -> None:
     parser.add_argument("--variants", default="plain,app,middleware,limits,limited")
     args = parser.parse_args()
     variants = args.variants.split(",")
-    server = RedisServer().start()
     results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in variants}
-    try:
+    with contextlib.ExitStack() as servers:
+        urls = urls_for(variants, servers)
         for _ in range(args.rounds):
             for variant in variants:
-                results[variant].append(one_round(server.url, args.tasks, args.processes, variant))
-    finally:
-        server.stop()
+                results[variant].append(
+                    one_round(urls[variant], args.tasks, args.processes, variant)
+                )
     print(f"{args.tasks} no-op tasks, {args.processes} processes, median of {args.rounds}")
     print("| handler | drain tasks/s | engine CPU µs/task | Redis CPU µs/task |")
     print("|---|---|---|---|")
@@ -126,6 +153,8 @@ def main() -> None:
         "middleware": "mapping + 1 no-op middleware",
         "limits": "mapping, limits on 2 other types",
         "limited": "mapping, a rate limit on its type",
+        "tls": "mapping, over TLS (rediss://)",
+        "cluster": "mapping, cluster-enabled Redis",
     }
     for variant in variants:
         rate, engine, red = (statistics.median(column) for column in zip(*results[variant]))

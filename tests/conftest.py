@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import psutil
 import pytest
 import redis
 
@@ -192,3 +193,20 @@ class CutProxy(Proxy):
     def close(self) -> None:
         self.cut()
         super().close()
+
+
+def tree(pid: int) -> list[psutil.Process]:
+    """The engine's processes: the supervisor and all its descendants."""
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def cpu_seconds(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total

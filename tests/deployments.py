@@ -6,6 +6,7 @@ by the fixture that started it."""
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -250,6 +251,20 @@ class SentinelGroup:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def cluster_port() -> int:
+    """A free port that a cluster node can use: at most 55535, with its bus
+    port (10000 above) free too."""
+    while True:
+        port = free_port()
+        if port <= 55535:
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+
+
 class ClusterNode:
     """One cluster-enabled redis-server that owns all 16384 slots. It keeps
     Redis Cluster's rules (a command, script or MULTI whose keys are on
@@ -258,7 +273,7 @@ class ClusterNode:
 
     def __init__(self) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="flumeq-cluster-"))
-        self.port = free_port()
+        self.port = cluster_port()
         cluster = [
             "--cluster-enabled", "yes",
             "--cluster-config-file", "nodes.conf",

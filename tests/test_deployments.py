@@ -19,7 +19,7 @@ from deployments import ClusterNode, SentinelGroup, TlsServer
 from scenario import run_features, runs, start_engine, stop_engine
 
 import flumeq
-from conftest import ROOT, counting_handler, spawn_script, wait_until
+from conftest import ROOT, counting_handler, cpu_seconds, spawn_script, tree, wait_until
 from flumeq.redis_server import RedisServer
 
 pytestmark = pytest.mark.timeout(240)
@@ -268,3 +268,43 @@ def test_killed_engine_is_recovered_under_cluster_key_rules(
     finally:
         err = stop_engine(second)
     assert "CROSSSLOT" not in err and "Traceback" not in err, err[-3000:]
+
+
+STRANDED = """
+import sys, time
+import flumeq
+from conftest import process_redis
+
+def slow(task):
+    time.sleep(0.02)
+    process_redis(sys.argv[2]).hincrby("runs", task.id, 1)
+
+flumeq.Engine({"count": slow}, sys.argv[1], shutdown_timeout=2.0).run(processes=2)
+"""
+
+
+def test_stop_is_bounded_when_sentinels_and_servers_are_all_gone(counter: str) -> None:
+    """Every sentinel, the master and the replica killed under a running
+    engine, then SIGTERM to its process group: it stops within its bound
+    and does not spin while it waits."""
+    group = SentinelGroup()
+    try:
+        flumeq.Client(group.url).enqueue_many([("count", {"n": n}) for n in range(3000)])
+        engine = spawn_script(STRANDED, group.url, counter)
+        wait_until(lambda: len(runs(counter)) > 50, timeout=30)
+        processes = tree(engine.pid)
+        for process in [*group.sentinels, *group.servers]:
+            process.stop()
+        time.sleep(3.0)  # the engine meets the outage and its lookups fail
+        before = cpu_seconds(processes)
+        started = time.monotonic()
+        os.killpg(engine.pid, signal.SIGTERM)
+        _, err = engine.communicate(timeout=60)
+        took = time.monotonic() - started
+        used = cpu_seconds(processes) - before
+    finally:
+        group.close()
+    log = err.decode()
+    assert engine.returncode == 0, log[-3000:]
+    assert took < 15, f"shutdown took {took:.1f}s with every server gone"
+    assert used < 0.5 * took, f"the engine spun: {used:.2f} CPU-s in {took:.1f}s"

@@ -25,10 +25,12 @@ import flumeq
 from conftest import (
     Proxy,
     counting_handler,
+    cpu_seconds,
     dispatcher_pid,
     kill_dispatcher,
     process_redis,
     spawn_script,
+    tree,
     wait_until,
 )
 from flumeq.redis_server import RedisServer
@@ -59,23 +61,6 @@ def start_engine(url: str, consumer: str, **env: str) -> Any:
 
 def counts(r: redis.Redis, key: str) -> dict[str, int]:
     return {k.decode(): int(v) for k, v in r.hgetall(key).items()}
-
-
-def tree(pid: int) -> list[psutil.Process]:
-    """The engine's processes: the supervisor and all its descendants."""
-    root = psutil.Process(pid)
-    return [root, *root.children(recursive=True)]
-
-
-def cpu_seconds(processes: list[psutil.Process]) -> float:
-    total = 0.0
-    for process in processes:
-        try:
-            times = process.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += times.user + times.system
-    return total
 
 
 def test_engine_survives_kill_of_its_dispatcher(redis_url: str, r: redis.Redis) -> None:
