@@ -1,5 +1,5 @@
 """One pass over every feature against one Redis URL, for the deployment
-tests (TLS, ACL users, Sentinel): an engine in its own process serves three
+tests (TLS, ACL users, Sentinel, a unix socket, Cluster's key rules): an engine in its own process serves three
 queues with retries, dead letters, a rate limit, a cron entry and metrics;
 a producer enqueues plain, delayed, unique, idempotent, result-keeping,
 cancelled and paused work; the CLI's ``stats`` and the dashboard's API read
@@ -8,6 +8,7 @@ so the deployment under test holds only flumeq's own keys."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -158,6 +159,7 @@ def run_features(
         with pytest_raises(flumeq.TaskCancelled):
             client.result(running, timeout=10)
         assert [client.result(info, timeout=30) for info in sums] == [1, 2, 3, 4]
+        assert asyncio.run(async_sum(url)) == 42
         with_runs = [*plain, *other, delayed, flaky, first, same_a]
         wait_until(lambda: all(runs(counter).get(info.id) for info in with_runs), timeout=30)
         wait_until(lambda: len(reader.dead_letters()) == 1, timeout=20)
@@ -197,6 +199,13 @@ def run_features(
     finally:
         err = stop_engine(process)
     assert "Traceback" not in err.replace("RuntimeError: first run fails", ""), err[-3000:]
+
+
+async def async_sum(url: str) -> Any:
+    """An enqueue and a wait through ``AsyncClient`` on ``url``."""
+    async with flumeq.AsyncClient(url) as client:
+        info = await client.enqueue("add", {"a": 40, "b": 2}, result_ttl=60)
+        return await client.result(info, timeout=30)
 
 
 def pytest_raises(kind: type[BaseException]) -> Any:

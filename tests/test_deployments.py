@@ -11,11 +11,12 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-from deployments import ClusterNode, SentinelGroup, TlsServer
+from deployments import ClusterNode, Process, SentinelGroup, TlsServer
 from scenario import run_features, runs, start_engine, stop_engine
 
 import flumeq
@@ -308,3 +309,21 @@ def test_stop_is_bounded_when_sentinels_and_servers_are_all_gone(counter: str) -
     assert engine.returncode == 0, log[-3000:]
     assert took < 15, f"shutdown took {took:.1f}s with every server gone"
     assert used < 0.5 * took, f"the engine spun: {used:.2f} CPU-s in {took:.1f}s"
+
+
+# --- A unix socket -------------------------------------------------------------
+
+
+def test_every_feature_over_a_unix_socket(tmp_path: Path, counter: str) -> None:
+    socket_path = tmp_path / "redis.sock"
+    server = Process(
+        tmp_path / "server",
+        ["--port", "0", "--unixsocket", str(socket_path), "--save", "", "--appendonly", "no",
+         "--dir", ".", "--logfile", "log"],
+        0,
+    )  # fmt: skip
+    try:
+        wait_until(socket_path.exists, timeout=10)
+        run_features(f"unix://{socket_path}?db=0", counter)
+    finally:
+        server.stop()
