@@ -210,3 +210,17 @@ def cpu_seconds(processes: list[psutil.Process]) -> float:
             continue
         total += times.user + times.system
     return total
+
+
+def sigterm_group(
+    engine: subprocess.Popen[bytes], processes: list[psutil.Process]
+) -> tuple[float, float, str]:
+    """SIGTERM to the engine's whole process group, as systemd sends it;
+    returns how long it took to exit, the CPU seconds its ``processes``
+    used meanwhile, and its stderr."""
+    before = cpu_seconds(processes)
+    started = time.monotonic()
+    os.killpg(engine.pid, signal.SIGTERM)
+    _, err = engine.communicate(timeout=60)
+    took = time.monotonic() - started
+    return took, cpu_seconds(processes) - before, err.decode()

@@ -198,7 +198,9 @@ class SentinelGroup:
         return f"redis+sentinel://{hosts}/{self.MASTER}/0"
 
     def sentinel(self) -> redis.Redis:
-        return redis.Redis(port=self.sentinels[0].port, decode_responses=True)
+        """A client of the first sentinel still running."""
+        alive = next(s for s in self.sentinels if s.alive())
+        return redis.Redis(port=alive.port, decode_responses=True)
 
     def master_port(self) -> int:
         _, port = self.sentinel().sentinel_get_master_addr_by_name(self.MASTER)
@@ -213,11 +215,13 @@ class SentinelGroup:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
+                alive = [s for s in self.sentinels if s.alive()]
                 ready = all(
-                    int(info["num-slaves"]) >= 1 and int(info["num-other-sentinels"]) >= 2
+                    int(info["num-slaves"]) >= 1
+                    and int(info["num-other-sentinels"]) >= len(alive) - 1
                     for info in (
                         redis.Redis(port=s.port, decode_responses=True).sentinel_master(self.MASTER)
-                        for s in self.sentinels
+                        for s in alive
                     )
                 )
                 replication = self.master().info("replication")

@@ -25,10 +25,10 @@ import flumeq
 from conftest import (
     Proxy,
     counting_handler,
-    cpu_seconds,
     dispatcher_pid,
     kill_dispatcher,
     process_redis,
+    sigterm_group,
     spawn_script,
     tree,
     wait_until,
@@ -113,15 +113,9 @@ def test_shutdown_ends_in_bounded_time_without_redis_and_never_spins(tmp_path: A
         processes = tree(engine.pid)
         server.kill()
         time.sleep(0.5)
-        before = cpu_seconds(processes)
-        started = time.monotonic()
-        os.killpg(engine.pid, signal.SIGTERM)
-        _, err = engine.communicate(timeout=60)
-        took = time.monotonic() - started
-        used = cpu_seconds(processes) - before
+        took, used, log = sigterm_group(engine, processes)
     finally:
         server.stop()
-    log = err.decode()
     assert engine.returncode == 0, log[-3000:]
     # shutdown_timeout (2 s) plus the bounded grace for the last writes.
     assert took < 15, f"shutdown took {took:.1f}s with redis gone"

@@ -9,8 +9,13 @@
 //!   failover.
 //!
 //! With Sentinel, every new connection asks the sentinels where the master
-//! is (redis-rs's `Sentinel`, which also checks that the node it names says
-//! it is a master), so a reconnect after a failover reaches the new master.
+//! is (`SENTINEL get-master-addr-by-name`, on a connection kept to the first
+//! sentinel that answers, every step within a timeout), so a reconnect after
+//! a failover reaches the new master. redis-rs's `Sentinel` does the same
+//! lookup plus a `ROLE` check, but its synchronous one has no connect
+//! timeout, so one unreachable sentinel address could stall a `Client`
+//! call; a node named too early answers writes with `READONLY`, which the
+//! next paragraph covers.
 //! A `READONLY` reply (the old master came back as a replica) drops the
 //! connection, so the next call reconnects the same way. And because an old
 //! master that is still up keeps taking writes until Sentinel turns it into
@@ -31,8 +36,10 @@ use std::time::Duration;
 
 use log::info;
 use redis::aio::MultiplexedConnection;
-use redis::sentinel::{Sentinel, SentinelNodeConnectionInfo};
-use redis::{ConnectionAddr, ConnectionInfo, ErrorKind, RedisError, RedisResult};
+use redis::{
+    ConnectionAddr, ConnectionInfo, ErrorKind, IntoConnectionInfo, RedisConnectionInfo, RedisError,
+    RedisResult,
+};
 
 pub use link::Link;
 pub use raw::{RawConnection, RawError};
@@ -52,12 +59,10 @@ pub const MASTER_CHECK: Duration = Duration::from_secs(1);
 /// The sentinels of a `redis+sentinel://` URL, asked for the master.
 struct Sentinels {
     master: String,
-    node: SentinelNodeConnectionInfo,
+    /// User, password and database for the master.
+    redis: RedisConnectionInfo,
     addresses: Vec<ConnectionInfo>,
-    /// Full lookups (with the master's `ROLE` checked), for new connections.
-    sync: Mutex<Sentinel>,
-    aio: tokio::sync::Mutex<Sentinel>,
-    /// Connections kept to one sentinel for the once-a-second question.
+    /// Connections kept to one sentinel, for the lookups.
     probe_sync: Mutex<Option<redis::Connection>>,
     probe: tokio::sync::Mutex<Option<MultiplexedConnection>>,
     /// The master last named, and how many times that changed.
@@ -65,16 +70,14 @@ struct Sentinels {
     generation: AtomicU64,
 }
 
-fn address(info: &ConnectionInfo) -> Option<(String, u16)> {
-    match info.addr() {
-        ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => {
-            Some((host.clone(), *port))
-        }
-        _ => None,
-    }
-}
-
 impl Sentinels {
+    /// How to reach the master at `named`.
+    fn master_info(&self, (host, port): (String, u16)) -> RedisResult<ConnectionInfo> {
+        Ok(ConnectionAddr::Tcp(host, port)
+            .into_connection_info()?
+            .set_redis_settings(self.redis.clone()))
+    }
+
     /// Records that the sentinels name `named`; a change bumps the
     /// generation, which every connection made before follows.
     fn note(&self, named: (String, u16), url: &str) {
@@ -171,10 +174,14 @@ impl std::fmt::Debug for Endpoint {
     }
 }
 
-/// Whether `error` says the node is no longer the master (after a failover).
+/// The error codes of a node that is no longer the master (after a
+/// failover): writes refused, blocked reads dropped, a replica cut off.
+const DEMOTED: [&str; 3] = ["READONLY", "UNBLOCKED", "MASTERDOWN"];
+
+/// Whether `error` says the node is no longer the master.
 #[must_use]
 pub fn is_demoted(error: &RedisError) -> bool {
-    matches!(error.code(), Some("READONLY" | "UNBLOCKED" | "MASTERDOWN"))
+    error.code().is_some_and(|code| DEMOTED.contains(&code))
 }
 
 fn unavailable(what: &str, error: impl std::fmt::Display) -> RedisError {
@@ -199,24 +206,15 @@ impl Endpoint {
             .map_err(|why| UrlError(format!("{masked}: {why}")))?;
         let sentinels = match &target {
             Target::Direct(_) => None,
-            Target::Sentinel(sentinel) => {
-                let build = || {
-                    Sentinel::build(sentinel.sentinels.clone())
-                        .map_err(|error| UrlError(format!("{masked}: {error}")))
-                };
-                Some(Arc::new(Sentinels {
-                    master: sentinel.master.clone(),
-                    node: SentinelNodeConnectionInfo::default()
-                        .set_redis_connection_info(sentinel.redis.clone()),
-                    addresses: sentinel.sentinels.clone(),
-                    sync: Mutex::new(build()?),
-                    aio: tokio::sync::Mutex::new(build()?),
-                    probe_sync: Mutex::new(None),
-                    probe: tokio::sync::Mutex::new(None),
-                    named: Mutex::new(None),
-                    generation: AtomicU64::new(0),
-                }))
-            }
+            Target::Sentinel(sentinel) => Some(Arc::new(Sentinels {
+                master: sentinel.master.clone(),
+                redis: sentinel.redis.clone(),
+                addresses: sentinel.sentinels.clone(),
+                probe_sync: Mutex::new(None),
+                probe: tokio::sync::Mutex::new(None),
+                named: Mutex::new(None),
+                generation: AtomicU64::new(0),
+            })),
             Target::Cluster(_) => {
                 return Err(UrlError(format!(
                     "{masked}: Redis Cluster (redis+cluster://) is not served by this build yet"
@@ -282,20 +280,9 @@ impl Endpoint {
         match (&self.target, &self.sentinels) {
             (Target::Direct(info), _) => Ok(info.clone()),
             (_, Some(sentinels)) => {
-                let mut sentinel = sentinels
-                    .sync
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                let client = sentinel
-                    .master_for(&sentinels.master, Some(&sentinels.node))
-                    .map_err(|error| {
-                        unavailable(&format!("sentinels of {}", self.masked), error)
-                    })?;
-                let info = client.get_connection_info().clone();
-                if let Some(named) = address(&info) {
-                    sentinels.note(named, &self.masked);
-                }
-                Ok(info)
+                let named = sentinels.ask_sync().ok_or_else(|| self.no_master())?;
+                sentinels.note(named.clone(), &self.masked);
+                sentinels.master_info(named)
             }
             _ => Err(unavailable(&self.masked, "no server to connect to")),
         }
@@ -306,23 +293,23 @@ impl Endpoint {
         match (&self.target, &self.sentinels) {
             (Target::Direct(info), _) => Ok(info.clone()),
             (_, Some(sentinels)) => {
-                let mut sentinel = sentinels.aio.lock().await;
-                let lookup = sentinel.async_master_for(&sentinels.master, Some(&sentinels.node));
-                let what = || format!("sentinels of {}", self.masked);
-                match tokio::time::timeout(2 * CONNECT_TIMEOUT, lookup).await {
-                    Ok(Ok(client)) => {
-                        let info = client.get_connection_info().clone();
-                        if let Some(named) = address(&info) {
-                            sentinels.note(named, &self.masked);
-                        }
-                        Ok(info)
-                    }
-                    Ok(Err(error)) => Err(unavailable(&what(), error)),
-                    Err(_) => Err(unavailable(&what(), "no answer in time")),
-                }
+                let named = sentinels.ask().await.ok_or_else(|| self.no_master())?;
+                sentinels.note(named.clone(), &self.masked);
+                sentinels.master_info(named)
             }
             _ => Err(unavailable(&self.masked, "no server to connect to")),
         }
+    }
+
+    fn no_master(&self) -> RedisError {
+        let master = self
+            .sentinels
+            .as_ref()
+            .map_or("", |sentinels| sentinels.master.as_str());
+        unavailable(
+            &format!("sentinels of {}", self.masked),
+            format!("none answered with an address for master {master:?}"),
+        )
     }
 
     /// A synchronous connection whose every call times out after `timeout`.

@@ -50,7 +50,7 @@ impl RawError {
     #[must_use]
     pub fn is_demoted(&self) -> bool {
         matches!(self, Self::Server(message)
-            if ["READONLY", "UNBLOCKED", "MASTERDOWN"].iter().any(|code| message.starts_with(code)))
+            if super::DEMOTED.iter().any(|code| message.split(' ').next() == Some(*code)))
     }
 
     /// Whether the command may have run without its reply reaching us (the
