@@ -5,7 +5,8 @@ per task moves far less, so this is the bench for "did this change make the
 hot path dearer?". Run it from two virtualenvs (one per build) and compare:
 
     python benches/cpu.py [--tasks 200000] [--processes 2] [--rounds 5]
-                          [--variants plain,app,middleware,limits,limited,tls,cluster]
+                          [--variants plain,app,middleware,limits,limited,tls,cluster,
+                                      three,shards3]
 
 It starts its own redis-server, enqueues no-op tasks, drains them with a
 burst engine in this process, and reads the engine's CPU from
@@ -21,7 +22,10 @@ is not limited, so this measures what looking at the batches costs);
 (every batch pays the limits script, and none is held back); `tls` the
 mapping over `rediss://` to a TLS-only redis-server (a CA made by openssl,
 as the tests do); `cluster` the mapping against a cluster-enabled
-redis-server owning every slot (what Cluster mode costs Redis itself).
+redis-server owning every slot (what Cluster mode costs Redis itself);
+`three` the mapping draining three queues on one Redis, and `shards3` the
+same three queues on a 3-master Redis Cluster (`redis+cluster://`, each
+queue on its own master; Redis CPU is the sum over the three masters).
 """
 
 from __future__ import annotations
@@ -77,19 +81,39 @@ def engine_for(variant: str, url: str) -> tuple[str, flumeq.Engine]:
         limits = {"rate_limits": {"mail": "100/s"}, "concurrency_limits": {"report": 2}}
     if variant == "limited":
         limits = {"rate_limits": {"noop": "10000000/s"}}
-    # tls, cluster: the plain engine, on another server.
-    engine = flumeq.Engine(handlers, url, queues=("cpu",), middleware=middleware, **limits)
+    # tls, cluster, three, shards3: the plain engine, on another server or
+    # with more queues.
+    engine = flumeq.Engine(
+        handlers, url, queues=QUEUES.get(variant, ("cpu",)), middleware=middleware, **limits
+    )
     return "noop", engine
+
+
+#: The queues of the variants that drain several (set by ``urls_for``).
+QUEUES: dict[str, tuple[str, ...]] = {}
+#: The Redis servers whose CPU a variant's drain costs (default: its URL's).
+NODES: dict[str, list[str]] = {}
 
 
 def urls_for(variants: list[str], servers: contextlib.ExitStack) -> dict[str, str]:
     """The Redis URL of each variant; the servers stop with ``servers``."""
     plain = servers.enter_context(RedisServer())
     urls = {variant: plain.url for variant in variants}
-    if "tls" in variants or "cluster" in variants:
-        # The test deployments' helpers: a CA made by openssl, a cluster node.
+    if {"tls", "cluster", "three", "shards3"} & set(variants):
+        # The test deployments' helpers: a CA made by openssl, cluster nodes.
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-        from deployments import ClusterNode, TlsServer  # noqa: PLC0415
+        from deployments import Cluster, ClusterNode, TlsServer  # noqa: PLC0415
+
+        if "three" in variants or "shards3" in variants:
+            cluster = Cluster()
+            servers.callback(cluster.close)
+            names: dict[int, str] = {}
+            for n in range(100):
+                names.setdefault(cluster.master_of(f"cpu{n}"), f"cpu{n}")
+            queues = tuple(names.values())
+            QUEUES.update(three=queues, shards3=queues)
+            urls["shards3"] = cluster.url
+            NODES["shards3"] = [f"redis://127.0.0.1:{port}/0" for port in cluster.ports]
 
         if "tls" in variants:
             tls = TlsServer()
@@ -108,14 +132,16 @@ def one_round(
     """(tasks/s, engine µs/task, redis µs/task) of one drain."""
     kind, engine = engine_for(variant, url)
     client = flumeq.Client(url)
+    queues = QUEUES.get(variant, ("cpu",))
     for start in range(0, tasks, 5000):
         count = min(5000, tasks - start)
-        client.enqueue_many([(kind, {"n": start + n}) for n in range(count)], queue="cpu")
-    server = redis.Redis.from_url(url)
+        queue = queues[(start // 5000) % len(queues)]
+        client.enqueue_many([(kind, {"n": start + n}) for n in range(count)], queue=queue)
+    nodes = [redis.Redis.from_url(node) for node in NODES.get(variant, [url])]
 
     def redis_cpu() -> float:
-        info = server.info("cpu")
-        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+        infos = [node.info("cpu") for node in nodes]
+        return sum(float(info["used_cpu_user"]) + float(info["used_cpu_sys"]) for info in infos)
 
     redis_before = redis_cpu()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -155,6 +181,8 @@ def main() -> None:
         "limited": "mapping, a rate limit on its type",
         "tls": "mapping, over TLS (rediss://)",
         "cluster": "mapping, cluster-enabled Redis",
+        "three": "mapping, 3 queues, one Redis",
+        "shards3": "mapping, 3 queues on 3 Cluster masters",
     }
     for variant in variants:
         rate, engine, red = (statistics.median(column) for column in zip(*results[variant]))

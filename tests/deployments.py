@@ -1,5 +1,6 @@
 """Real local Redis deployments for the tests: a TLS server with a CA made by
-``openssl``, and a Sentinel group (a master, a replica, three sentinels).
+``openssl``, a Sentinel group (a master, a replica, three sentinels), a
+cluster-enabled node owning every slot, and a 3-master Redis Cluster.
 Everything runs on loopback ports in a temporary directory and is stopped
 by the fixture that started it."""
 
@@ -269,6 +270,119 @@ def cluster_port() -> int:
             return port
 
 
+def _cluster_arguments() -> list[str]:
+    return [
+        "--cluster-enabled", "yes",
+        "--cluster-config-file", "nodes.conf",
+        "--cluster-node-timeout", "5000",
+    ]  # fmt: skip
+
+
+def _wait_cluster_ok(port: int, timeout: float = 20.0) -> None:
+    admin = redis.Redis(port=port, decode_responses=True)
+    deadline = time.monotonic() + timeout
+    while "cluster_state:ok" not in admin.execute_command("CLUSTER", "INFO"):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"cluster node {port} did not reach cluster_state:ok")
+        time.sleep(0.05)
+
+
+class Cluster:
+    """A Redis Cluster of three masters and no replicas, made with
+    ``redis-cli --cluster create`` as an operator would."""
+
+    def __init__(self, masters: int = 3) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="flumeq-cluster3-"))
+        self.ports = []
+        for _ in range(masters):
+            port = cluster_port()
+            while port in self.ports:
+                port = cluster_port()
+            self.ports.append(port)
+        self.processes = []
+        for port in self.ports:
+            process = Process(
+                self.root / str(port), _server_arguments(port, *_cluster_arguments()), port
+            )
+            self.processes.append(process)
+            _wait_ping(lambda port=port: redis.Redis(port=port), process)
+        cli = shutil.which("redis-cli") or str(Path(find_redis_server()).with_name("redis-cli"))
+        self.cli = cli
+        subprocess.run(
+            [cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in self.ports),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        for port in self.ports:
+            _wait_cluster_ok(port)
+        # Every node must know every other's slots before the tests start.
+        deadline = time.monotonic() + 20
+        while not all(self._sees_all(port) for port in self.ports):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cluster nodes do not agree on the slots")
+            time.sleep(0.05)
+
+    @staticmethod
+    def _sees_all(port: int) -> bool:
+        slots = redis.Redis(port=port).execute_command("CLUSTER", "SLOTS")
+        return sum(int(row[1]) - int(row[0]) + 1 for row in slots) == 16384
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
+
+    def client(self) -> Any:
+        """redis-py's cluster client, for checks."""
+        from redis.cluster import RedisCluster  # noqa: PLC0415
+
+        return RedisCluster(host="127.0.0.1", port=self.ports[0])
+
+    def master_of(self, key: str) -> int:
+        """The port of the master serving ``key``."""
+        admin = redis.Redis(port=self.ports[0])
+        slot = int(admin.execute_command("CLUSTER", "KEYSLOT", key))
+        for row in admin.execute_command("CLUSTER", "SLOTS"):
+            if int(row[0]) <= slot <= int(row[1]):
+                return int(row[2][1])
+        raise LookupError(key)
+
+    def node_id(self, port: int) -> str:
+        return str(redis.Redis(port=port, decode_responses=True).execute_command("CLUSTER", "MYID"))
+
+    def move_slot(self, slot: int, target: int) -> int:
+        """Moves ``slot`` with its keys to the master at ``target`` by hand,
+        the way ``redis-cli --cluster reshard`` does (SETSLOT IMPORTING and
+        MIGRATING, MIGRATE in batches, SETSLOT NODE on every master).
+        Returns how many keys moved."""
+        admin = redis.Redis(port=self.ports[0])
+        source = next(
+            int(row[2][1])
+            for row in admin.execute_command("CLUSTER", "SLOTS")
+            if int(row[0]) <= slot <= int(row[1])
+        )
+        if source == target:
+            return 0
+        src, dst = redis.Redis(port=source), redis.Redis(port=target)
+        src_id, dst_id = self.node_id(source), self.node_id(target)
+        dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        moved = 0
+        while True:
+            keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 10)
+            if not keys:
+                break
+            src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
+            moved += len(keys)
+        for port in (target, source, *(p for p in self.ports if p not in (source, target))):
+            redis.Redis(port=port).execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        return moved
+
+    def close(self) -> None:
+        for process in self.processes:
+            process.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
 class ClusterNode:
     """One cluster-enabled redis-server that owns all 16384 slots. It keeps
     Redis Cluster's rules (a command, script or MULTI whose keys are on
@@ -278,13 +392,8 @@ class ClusterNode:
     def __init__(self) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="flumeq-cluster-"))
         self.port = cluster_port()
-        cluster = [
-            "--cluster-enabled", "yes",
-            "--cluster-config-file", "nodes.conf",
-            "--cluster-node-timeout", "5000",
-        ]  # fmt: skip
         self.process = Process(
-            self.root / "node", _server_arguments(self.port, *cluster), self.port
+            self.root / "node", _server_arguments(self.port, *_cluster_arguments()), self.port
         )
         _wait_ping(lambda: redis.Redis(port=self.port), self.process)
         admin = redis.Redis(port=self.port, decode_responses=True)

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import pytest
 import redis
-from deployments import ClusterNode, Process, SentinelGroup, TlsServer
+from deployments import Cluster, ClusterNode, Process, SentinelGroup, TlsServer
 from scenario import run_features, runs, start_engine, stop_engine
 
 import flumeq
@@ -246,6 +246,110 @@ def test_failover_mid_drain_loses_nothing(sentinel: SentinelGroup, counter: str)
         f"master, {len(failing)} enqueue errors; {twice} of {len(seen)} tasks ran twice"
     )
     assert len(during) > 100 and len(lost) <= len(during) // 2
+    assert "Traceback" not in err, err[-3000:]
+
+
+# --- A 3-master Redis Cluster -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    made = Cluster()
+    yield made
+    made.close()
+
+
+def flush_cluster(cluster: Cluster) -> None:
+    for port in cluster.ports:
+        redis.Redis(port=port).flushall()
+
+
+def test_every_feature_on_a_three_master_cluster(cluster: Cluster, counter: str) -> None:
+    """``redis+cluster://``: every feature, with the scenario's queues on
+    different masters (one blocking read per master, writes per slot)."""
+    flush_cluster(cluster)
+    masters = {cluster.master_of(queue) for queue in ("default", "other", "held")}
+    assert len(masters) >= 2, "the scenario's queues should spread over the masters"
+    run_features(cluster.url, counter)
+    # Each queue's keys live on its own master: the streams are there.
+    for queue in ("default", "other"):
+        node = redis.Redis(port=cluster.master_of(queue))
+        assert node.exists(f"flumeq:{{{queue}}}:stream") or node.keys(f"flumeq:{{{queue}}}:*")
+
+
+CLUSTER_ENGINE = """
+import sys, time
+import flumeq
+from conftest import process_redis
+
+def slow(task):
+    time.sleep(float(sys.argv[3]))
+    process_redis(sys.argv[2]).hincrby("runs", task.id, 1)
+
+flumeq.Engine({"count": slow}, sys.argv[1], queues=("default", "other", "held"),
+              claim_stale_after=2.0).run(processes=2)
+"""
+
+
+def test_killed_engine_is_recovered_on_a_cluster(cluster: Cluster, counter: str) -> None:
+    """kill -9 of an engine's process group mid-run on a 3-master cluster,
+    and every master's script cache flushed: another engine claims its tasks
+    on every master, and every task runs."""
+    flush_cluster(cluster)
+    client = flumeq.Client(cluster.url)
+    infos = [
+        info
+        for queue in ("default", "other", "held")
+        for info in client.enqueue_many([("count", {"n": n}) for n in range(200)], queue=queue)
+    ]
+    first = spawn_script(CLUSTER_ENGINE, cluster.url, counter, "0.02")
+    try:
+        wait_until(lambda: len(runs(counter)) > 50, timeout=30)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    # And every master forgets its scripts (as after a restart): they are
+    # loaded again where each is needed.
+    for port in cluster.ports:
+        redis.Redis(port=port).script_flush()
+    second = spawn_script(CLUSTER_ENGINE, cluster.url, counter, "0.0")
+    try:
+        ids = {info.id for info in infos}
+        wait_until(lambda: ids <= set(runs(counter)), timeout=60)
+    finally:
+        err = stop_engine(second)
+    assert "Traceback" not in err, err[-3000:]
+
+
+def test_moving_a_queue_slot_mid_drain_loses_nothing(cluster: Cluster, counter: str) -> None:
+    """A queue's slot moved to another master by hand (SETSLOT IMPORTING
+    and MIGRATING, MIGRATE, SETSLOT NODE, as ``redis-cli --cluster
+    reshard`` does) while an engine drains it and a client enqueues: the
+    engine and the client follow ASK and MOVED, and every task runs."""
+    flush_cluster(cluster)
+    client = flumeq.Client(cluster.url)
+    before = client.enqueue_many([("count", {"n": n}) for n in range(2000)])
+    slot = int(redis.Redis(port=cluster.ports[0]).execute_command("CLUSTER", "KEYSLOT", "default"))
+    source = cluster.master_of("default")
+    target = next(port for port in cluster.ports if port != source)
+    process = spawn_script(CLUSTER_ENGINE, cluster.url, counter, "0.001")
+    try:
+        wait_until(lambda: len(runs(counter)) > 200, timeout=30)
+        moved = cluster.move_slot(slot, target)
+        assert moved > 0 and cluster.master_of("default") == target
+        after = client.enqueue_many([("count", {"n": n}) for n in range(500)])
+        ids = {info.id for info in [*before, *after]}
+        wait_until(lambda: ids <= set(runs(counter)), timeout=60)
+        # And back, with the engine idle on it.
+        cluster.move_slot(slot, source)
+        last = client.enqueue_many([("count", {"n": n}) for n in range(100)])
+        ids |= {info.id for info in last}
+        wait_until(lambda: ids <= set(runs(counter)), timeout=60)
+        time.sleep(1.0)
+        stats = flumeq.Client(cluster.url).stats()
+        assert (stats["ready"], stats["in_flight"]) == (0, 0), stats
+    finally:
+        err = stop_engine(process)
     assert "Traceback" not in err, err[-3000:]
 
 

@@ -1,6 +1,6 @@
 //! The dispatcher's shared write connection.
 //!
-//! A [`Link`] is a redis-rs `ConnectionManager` (multiplexed, reconnecting
+//! A [`Managed`] is a redis-rs `ConnectionManager` (multiplexed, reconnecting
 //! by itself, with a response timeout) that also follows a Sentinel
 //! failover: the manager reconnects only to the address it was made for, so
 //! when a call fails because that node is gone or is no longer the master,
@@ -9,15 +9,24 @@
 //! already retry (the writer keeps its batch, the loops wait and retry).
 //! When the sentinels are seen naming another master (the endpoint's
 //! generation moved on), the next call swaps first, before it is sent.
+//!
+//! With Redis Cluster the link is redis-rs's cluster connection (one
+//! multiplexed connection per master; commands routed by key, `MOVED` and
+//! `ASK` followed). redis-rs refuses a pipeline whose commands sit on
+//! several slots; the link splits such a pipeline (unless it is a
+//! transaction, which must stay on one slot) into one pipeline per slot,
+//! sent together, and puts the replies back in order.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use log::{info, warn};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 
-use super::{is_demoted, Endpoint, CONNECT_TIMEOUT};
+use super::{is_demoted, slots, Endpoint, CONNECT_TIMEOUT};
 
 struct Shared {
     endpoint: Endpoint,
@@ -30,10 +39,102 @@ struct Shared {
     refreshing: tokio::sync::Mutex<()>,
 }
 
-/// The shared, reconnecting async connection.
+/// The reconnecting async connection to one server (or the master that
+/// Sentinel names).
 #[derive(Clone)]
-pub struct Link {
+pub struct Managed {
     shared: Arc<Shared>,
+}
+
+/// A cluster's link.
+#[derive(Clone)]
+pub struct ClusterLink {
+    connection: ClusterConnection,
+}
+
+/// The shared, reconnecting async connection, to one server or a cluster.
+#[derive(Clone)]
+pub enum Link {
+    /// One server (or the master that Sentinel names).
+    One(Managed),
+    /// Redis Cluster.
+    Cluster(ClusterLink),
+}
+
+impl Link {
+    /// Connects to `endpoint`.
+    pub async fn connect(endpoint: Endpoint, response_timeout: Duration) -> RedisResult<Self> {
+        if let super::url::Target::Cluster(cluster) = &endpoint.target {
+            let client = ClusterClient::builder(cluster.seeds.clone())
+                .connection_timeout(CONNECT_TIMEOUT)
+                .response_timeout(response_timeout)
+                .overall_response_timeout(Some(response_timeout * 2))
+                .build()?;
+            let connection = client.get_async_connection().await?;
+            return Ok(Self::Cluster(ClusterLink { connection }));
+        }
+        Ok(Self::One(
+            Managed::connect(endpoint, response_timeout).await?,
+        ))
+    }
+}
+
+impl ConnectionLike for Link {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::One(link) => link.req_packed_command(cmd),
+            Self::Cluster(link) => link.connection.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::One(link) => link.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(link) => link.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::One(link) => link.get_db(),
+            Self::Cluster(_) => 0,
+        }
+    }
+}
+
+impl ClusterLink {
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let Some(parts) = slots::split_pipeline(pipeline) else {
+                return self
+                    .connection
+                    .req_packed_commands(pipeline, offset, count)
+                    .await;
+            };
+            let sent = parts.iter().map(|(_, part)| {
+                let mut connection = self.connection.clone();
+                async move { connection.req_packed_commands(part, 0, part.len()).await }
+            });
+            let replies = futures_util::future::join_all(sent).await;
+            let mut values = vec![Value::Nil; pipeline.len()];
+            for ((indices, _), reply) in parts.iter().zip(replies) {
+                for (index, value) in indices.iter().zip(reply?) {
+                    values[*index] = value;
+                }
+            }
+            Ok(values)
+        })
+    }
 }
 
 async fn manager(
@@ -49,7 +150,7 @@ async fn manager(
     ConnectionManager::new_with_config(redis::Client::open(info)?, config).await
 }
 
-impl Link {
+impl Managed {
     /// Connects to `endpoint` (through its sentinels, if any).
     pub async fn connect(endpoint: Endpoint, response_timeout: Duration) -> RedisResult<Self> {
         let first = manager(&endpoint, response_timeout).await?;
@@ -139,7 +240,7 @@ impl Link {
     }
 }
 
-impl ConnectionLike for Link {
+impl ConnectionLike for Managed {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
             let (generation, mut manager) = self.manager().await;

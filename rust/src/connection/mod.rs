@@ -27,6 +27,8 @@
 
 pub mod link;
 pub mod raw;
+pub mod slots;
+pub mod sync;
 pub mod tls;
 pub mod url;
 
@@ -43,6 +45,7 @@ use redis::{
 
 pub use link::Link;
 pub use raw::{RawConnection, RawError};
+pub use sync::SyncConnection;
 use url::{Parsed, Target};
 
 /// How long making a TCP connection (and its TLS handshake) may take.
@@ -205,7 +208,7 @@ impl Endpoint {
             .transpose()
             .map_err(|why| UrlError(format!("{masked}: {why}")))?;
         let sentinels = match &target {
-            Target::Direct(_) => None,
+            Target::Direct(_) | Target::Cluster(_) => None,
             Target::Sentinel(sentinel) => Some(Arc::new(Sentinels {
                 master: sentinel.master.clone(),
                 redis: sentinel.redis.clone(),
@@ -215,11 +218,6 @@ impl Endpoint {
                 named: Mutex::new(None),
                 generation: AtomicU64::new(0),
             })),
-            Target::Cluster(_) => {
-                return Err(UrlError(format!(
-                    "{masked}: Redis Cluster (redis+cluster://) is not served by this build yet"
-                )))
-            }
         };
         Ok(Self {
             target,
@@ -312,6 +310,22 @@ impl Endpoint {
         )
     }
 
+    /// A synchronous connection, to one server or a cluster, whose every
+    /// call times out after `timeout`.
+    pub fn connect_any_sync(&self, timeout: Duration) -> RedisResult<SyncConnection> {
+        if let Target::Cluster(cluster) = &self.target {
+            let client = redis::cluster::ClusterClient::builder(cluster.seeds.clone())
+                .connection_timeout(timeout.min(CONNECT_TIMEOUT))
+                .response_timeout(timeout)
+                .build()?;
+            let connection = client.get_connection()?;
+            connection.set_read_timeout(Some(timeout))?;
+            connection.set_write_timeout(Some(timeout))?;
+            return Ok(SyncConnection::Cluster(Box::new(connection)));
+        }
+        Ok(SyncConnection::One(self.connect_sync(timeout)?))
+    }
+
     /// A synchronous connection whose every call times out after `timeout`.
     pub fn connect_sync(&self, timeout: Duration) -> RedisResult<redis::Connection> {
         let client = redis::Client::open(self.master_sync()?)?;
@@ -326,6 +340,12 @@ impl Endpoint {
     /// fails the call.
     pub async fn connect_managed(&self, response_timeout: Duration) -> RedisResult<Link> {
         Link::connect(self.clone(), response_timeout).await
+    }
+
+    /// Whether this endpoint is a Redis Cluster.
+    #[must_use]
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.target, Target::Cluster(_))
     }
 
     /// A zero-copy read connection named `name` (`CLIENT SETNAME`, shown by

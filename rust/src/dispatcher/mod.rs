@@ -390,7 +390,7 @@ async fn serve(
         group: settings.group.clone(),
         consumer: settings.consumer.clone(),
         limiter: limiter.clone(),
-        one_slot: false,
+        one_slot: endpoint.is_cluster(),
     }
     .start();
     let leases =

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use redis::{ErrorKind, Pipeline, RedisResult, Script, ServerErrorKind, Value};
 
-use crate::connection::Endpoint;
+use crate::connection::{Endpoint, SyncConnection};
 use crate::envelope::{delayed_member, TaskRef};
 use crate::keys::{Keys, CANCEL_TTL_MS};
 use crate::scripts;
@@ -97,13 +97,21 @@ fn is_no_script(error: &redis::RedisError) -> bool {
 /// entry id or nil) in one pipeline; loads the script when Redis does not
 /// know it (then nothing was written: the script never ran) and retries.
 fn registered_script(
-    connection: &mut redis::Connection,
+    connection: &mut SyncConnection,
     keys: &Keys,
     queue: &str,
     invocation: &redis::ScriptInvocation<'_>,
 ) -> RedisResult<Option<String>> {
     let mut pipe = redis::pipe();
-    pipe.cmd("SADD").arg(keys.queues()).arg(queue).ignore();
+    if connection.is_cluster() {
+        // The queue set is a key of its own slot: a call of its own.
+        redis::cmd("SADD")
+            .arg(keys.queues())
+            .arg(queue)
+            .query::<()>(connection)?;
+    } else {
+        pipe.cmd("SADD").arg(keys.queues()).arg(queue).ignore();
+    }
     pipe.invoke_script(invocation);
     let (reply,): (Option<String>,) = match pipe.query(connection) {
         Err(error) if is_no_script(&error) => {
@@ -146,7 +154,7 @@ fn glob_escape(text: &str) -> String {
 /// Cancels the delayed members of task `task_id` (found with `ZSCAN
 /// MATCH` on its id field), adding their unique keys to `uniques`.
 fn cancel_delayed(
-    connection: &mut redis::Connection,
+    connection: &mut SyncConnection,
     keys: &Keys,
     scripts: &ClientScripts,
     queue: &str,
@@ -197,7 +205,7 @@ fn cancel_delayed(
 /// The synchronous store the client uses.
 pub struct SyncStore {
     endpoint: Endpoint,
-    connection: Option<redis::Connection>,
+    connection: Option<SyncConnection>,
     keys: Keys,
     scripts: ClientScripts,
     timeout: Duration,
@@ -225,7 +233,7 @@ impl SyncStore {
         })
     }
 
-    fn connection(&mut self) -> RedisResult<&mut redis::Connection> {
+    fn connection(&mut self) -> RedisResult<&mut SyncConnection> {
         if self.connection.is_some()
             && self.endpoint.follows_failover()
             && self.checked.elapsed() >= crate::connection::MASTER_CHECK
@@ -239,7 +247,7 @@ impl SyncStore {
             }
         }
         if self.connection.is_none() {
-            self.connection = Some(self.endpoint.connect_sync(self.timeout)?);
+            self.connection = Some(self.endpoint.connect_any_sync(self.timeout)?);
             self.generation = self.endpoint.generation();
             self.checked = Instant::now();
         }
@@ -254,7 +262,7 @@ impl SyncStore {
     /// on a fresh one; a timeout is not retried (the command may be running).
     fn run<T>(
         &mut self,
-        mut call: impl FnMut(&mut redis::Connection, &Keys, &ClientScripts) -> RedisResult<T>,
+        mut call: impl FnMut(&mut SyncConnection, &Keys, &ClientScripts) -> RedisResult<T>,
     ) -> RedisResult<T> {
         let reused = self.connection.is_some();
         let keys = self.keys.clone();
@@ -266,7 +274,7 @@ impl SyncStore {
 
     fn run_once<T>(
         &mut self,
-        call: &mut impl FnMut(&mut redis::Connection, &Keys, &ClientScripts) -> RedisResult<T>,
+        call: &mut impl FnMut(&mut SyncConnection, &Keys, &ClientScripts) -> RedisResult<T>,
         keys: &Keys,
         scripts: &ClientScripts,
         reused: bool,
@@ -308,10 +316,25 @@ impl SyncStore {
     pub fn enqueue(&mut self, queue: &str, tasks: &[TaskRef<'_>]) -> RedisResult<Vec<String>> {
         self.run(|connection, keys, _| {
             let stream = keys.stream(queue);
-            let mut ids = Vec::with_capacity(tasks.len());
             let mut register = redis::pipe();
             register.cmd("SADD").arg(keys.queues()).arg(queue);
             count_enqueued(&mut register, &keys.stats(queue), tasks);
+            let Some(connection) = connection.one() else {
+                // Cluster: the queue set, the counts and each chunk of
+                // entries are calls of their own (one slot each).
+                connection.query_split(&register, false)?;
+                let mut ids = Vec::with_capacity(tasks.len());
+                for chunk in tasks.chunks(ENQUEUE_CHUNK) {
+                    let mut pipe = redis::pipe();
+                    for task in chunk {
+                        push_xadd(&mut pipe, &stream, task);
+                    }
+                    let chunk_ids: Vec<String> = pipe.query(connection)?;
+                    ids.extend(chunk_ids);
+                }
+                return Ok(ids);
+            };
+            let mut ids = Vec::with_capacity(tasks.len());
             let register_replies = register.cmd_iter().count();
             connection.send_packed_command(&register.get_packed_pipeline())?;
             let mut unread_register = true;
@@ -351,7 +374,7 @@ impl SyncStore {
             let delayed = keys.delayed(queue);
             for chunk in tasks.chunks(ENQUEUE_CHUNK) {
                 let mut pipe = redis::pipe();
-                pipe.cmd("SADD").arg(keys.queues()).arg(queue).ignore();
+                pipe.cmd("SADD").arg(keys.queues()).arg(queue);
                 count_enqueued(&mut pipe, &keys.stats(queue), chunk);
                 let mut zadd = redis::cmd("ZADD");
                 zadd.arg(&delayed);
@@ -364,8 +387,8 @@ impl SyncStore {
                     );
                     zadd.arg(due_ms).arg(member);
                 }
-                pipe.add_command(zadd).ignore();
-                pipe.query::<()>(connection)?;
+                pipe.add_command(zadd);
+                connection.query_split(&pipe, false)?;
             }
             Ok(())
         })
@@ -607,7 +630,7 @@ impl SyncStore {
                     pipe.arg(arg.as_slice());
                 }
             }
-            pipe.query(connection)
+            connection.query_split(&pipe, true)
         })
     }
 }

@@ -76,7 +76,8 @@ impl Shares {
 /// taken only while those before it have too few ready.
 /// `one_slot` (Redis Cluster's rules: one command's keys on one slot): the
 /// blocking read waits on one queue at a time, in turn, for a share of
-/// `block_ms` (at least 50 ms), after the non-blocking read of them all.
+/// `block_ms` (at least 50 ms), after the non-blocking read of them all;
+/// on a cluster of several masters, one such read per master at once.
 #[expect(clippy::too_many_arguments, reason = "one read, field by field")]
 pub async fn read_new(
     reader: &mut Reader,
@@ -143,6 +144,11 @@ pub async fn read_new(
             return Ok(tag(entries));
         }
     }
+    if reader.is_cluster() && open.len() > 1 && block_ms > 0 {
+        return block_per_master(reader, &open, shares, group, consumer, count, block_ms)
+            .await
+            .map(tag);
+    }
     let (open, block_ms) = if one_slot && open.len() > 1 {
         shares.turn = (shares.turn + 1) % open.len();
         let share = (block_ms / open.len() as u64).max(50).min(block_ms);
@@ -162,6 +168,47 @@ pub async fn read_new(
         .pop()
         .map(reply::read_reply)
         .unwrap_or_default()))
+}
+
+/// Redis Cluster, nothing ready: one blocking read per master, all at once
+/// (each on one of that master's queues, in turn, for a share of
+/// `block_ms`, at least 50 ms); the first to bring entries unblocks the
+/// others.
+async fn block_per_master(
+    reader: &mut Reader,
+    open: &[&QueueSpec],
+    shares: &mut Shares,
+    group: &str,
+    consumer: &str,
+    count: usize,
+    block_ms: u64,
+) -> Result<Vec<(bytes::Bytes, RawEntry)>, ReadError> {
+    let mut masters: Vec<(crate::connection::slots::Address, Vec<&QueueSpec>)> = Vec::new();
+    for queue in open {
+        let Some(master) = reader.master_of(queue.stream.as_bytes()).await? else {
+            continue;
+        };
+        match masters.iter_mut().find(|(address, _)| *address == master) {
+            Some((_, queues)) => queues.push(queue),
+            None => masters.push((master, vec![queue])),
+        }
+    }
+    shares.turn = shares.turn.wrapping_add(1);
+    // Several may bring entries before they are unblocked: together at
+    // most `count`.
+    let each = count.div_ceil(masters.len().max(1));
+    let commands: Vec<Cmd> = masters
+        .iter()
+        .map(|(_, queues)| {
+            let queue = queues[shares.turn % queues.len()];
+            let share = (block_ms / queues.len() as u64).max(50).min(block_ms);
+            let mut cmd = xreadgroup(group, consumer, each, Some(share));
+            cmd.arg(&queue.stream).arg(">");
+            cmd
+        })
+        .collect();
+    let replies = reader.query_blocking(&commands).await?;
+    Ok(replies.into_iter().flat_map(reply::read_reply).collect())
 }
 
 /// Reads a page of this consumer's own pending entries (left by an earlier

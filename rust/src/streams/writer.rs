@@ -119,12 +119,12 @@ impl Default for WriteScripts {
 
 impl WriteScripts {
     /// Loads both scripts (after Redis said `NOSCRIPT`: it restarted, or its
-    /// script cache was flushed).
+    /// script cache was flushed). One command each: on a cluster a lone
+    /// `SCRIPT LOAD` goes to every master (a pipeline would go to one).
     pub async fn load(&self, connection: &mut Link) -> RedisResult<()> {
-        let mut pipe = redis::pipe();
-        pipe.load_script(&self.refresh).ignore();
-        pipe.load_script(&self.release).ignore();
-        pipe.query_async::<()>(connection).await
+        self.refresh.prepare_invoke().load_async(connection).await?;
+        self.release.prepare_invoke().load_async(connection).await?;
+        Ok(())
     }
 }
 

@@ -1,0 +1,338 @@
+//! Redis Cluster's routing: which slot a command's key hashes to, which
+//! master serves each slot (from `CLUSTER SLOTS`), and the redirections a
+//! node answers with when the map is out of date (`MOVED`, `ASK`).
+//!
+//! redis-rs routes the client's and the writers' commands itself; this map
+//! serves the zero-copy read connections, and the splitting of pipelines
+//! whose commands sit on several slots (redis-rs refuses those).
+
+use redis::{Cmd, Pipeline};
+use redis_protocol::resp2::types::BytesFrame;
+
+/// Redis Cluster's number of hash slots.
+pub const SLOTS: u16 = 16384;
+
+/// The part of `key` that is hashed: its `{tag}` when it has a non-empty
+/// one, the whole key otherwise (Redis Cluster's rule).
+fn hashed(key: &[u8]) -> &[u8] {
+    if let Some(open) = key.iter().position(|byte| *byte == b'{') {
+        if let Some(length) = key[open + 1..].iter().position(|byte| *byte == b'}') {
+            if length > 0 {
+                return &key[open + 1..open + 1 + length];
+            }
+        }
+    }
+    key
+}
+
+/// The hash slot of `key`.
+#[must_use]
+pub fn key_slot(key: &[u8]) -> u16 {
+    crc16::State::<crc16::XMODEM>::calculate(hashed(key)) % SLOTS
+}
+
+/// The key a command is routed by (its first key), `None` for a command
+/// with no key (`PING`, `CLIENT`, `SCRIPT`, an `EVALSHA` of no keys ...).
+#[must_use]
+pub fn command_key(cmd: &Cmd) -> Option<Vec<u8>> {
+    let args: Vec<&[u8]> = cmd
+        .args_iter()
+        .filter_map(|arg| match arg {
+            redis::Arg::Simple(bytes) => Some(bytes),
+            _ => None,
+        })
+        .collect();
+    let name = args.first()?.to_ascii_uppercase();
+    let at = match name.as_slice() {
+        b"XREAD" | b"XREADGROUP" => {
+            args.iter()
+                .position(|arg| arg.eq_ignore_ascii_case(b"STREAMS"))?
+                + 1
+        }
+        b"EVAL" | b"EVALSHA" | b"EVAL_RO" | b"EVALSHA_RO" | b"FCALL" | b"FCALL_RO" => {
+            let keys: usize = std::str::from_utf8(args.get(2)?).ok()?.parse().ok()?;
+            if keys == 0 {
+                return None;
+            }
+            3
+        }
+        b"XGROUP" | b"XINFO" | b"OBJECT" | b"MEMORY" => 2,
+        b"PING" | b"CLIENT" | b"SCRIPT" | b"INFO" | b"CLUSTER" | b"TIME" | b"ASKING" | b"MULTI"
+        | b"EXEC" | b"DBSIZE" | b"CONFIG" | b"ROLE" | b"FUNCTION" | b"AUTH" | b"HELLO"
+        | b"SELECT" | b"ACL" | b"SCAN" | b"COMMAND" => return None,
+        _ => 1,
+    };
+    args.get(at).map(|key| key.to_vec())
+}
+
+/// The slot a command is routed by.
+#[must_use]
+pub fn command_slot(cmd: &Cmd) -> Option<u16> {
+    command_key(cmd).map(|key| key_slot(&key))
+}
+
+/// The indices of `commands` grouped by slot, in order of first
+/// appearance; commands with no key go with the first group.
+#[must_use]
+pub fn group_by_slot<'a>(commands: impl Iterator<Item = &'a Cmd>) -> Vec<Vec<usize>> {
+    let mut slots: Vec<Option<u16>> = Vec::new();
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut keyless = Vec::new();
+    for (index, cmd) in commands.enumerate() {
+        match command_slot(cmd) {
+            None => keyless.push(index),
+            slot => {
+                if let Some(at) = slots.iter().position(|seen| *seen == slot) {
+                    groups[at].push(index);
+                } else {
+                    slots.push(slot);
+                    groups.push(vec![index]);
+                }
+            }
+        }
+    }
+    if groups.is_empty() {
+        groups.push(Vec::new());
+    }
+    groups[0].extend(keyless);
+    groups[0].sort_unstable();
+    groups
+}
+
+/// The pipelines that send `pipeline`'s commands one slot each (with its
+/// `ignore_errors` setting), and which of its commands each holds; `None`
+/// when one pipeline can go as it is (atomic, or one slot).
+#[must_use]
+pub fn split_pipeline(pipeline: &Pipeline) -> Option<Vec<(Vec<usize>, Pipeline)>> {
+    if pipeline.is_transaction() {
+        return None;
+    }
+    let commands: Vec<&Cmd> = pipeline.cmd_iter().collect();
+    let groups = group_by_slot(commands.iter().copied());
+    if groups.len() < 2 {
+        return None;
+    }
+    Some(
+        groups
+            .into_iter()
+            .map(|indices| {
+                let mut part = redis::pipe();
+                for index in &indices {
+                    part.add_command(commands[*index].clone());
+                }
+                (indices, part)
+            })
+            .collect(),
+    )
+}
+
+/// A node's address.
+pub type Address = (String, u16);
+
+/// Which master serves each slot.
+#[derive(Debug, Clone, Default)]
+pub struct SlotMap {
+    /// `(first slot, last slot, master)`, sorted.
+    ranges: Vec<(u16, u16, Address)>,
+}
+
+impl SlotMap {
+    /// Whether nothing is known yet.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// Reads a `CLUSTER SLOTS` reply; `fallback_host` stands for a node
+    /// that gives no address of its own (an empty host).
+    #[must_use]
+    pub fn from_reply(reply: &BytesFrame, fallback_host: &str) -> Self {
+        let text = |frame: &BytesFrame| -> Option<String> {
+            match frame {
+                BytesFrame::BulkString(bytes) | BytesFrame::SimpleString(bytes) => {
+                    Some(String::from_utf8_lossy(bytes).into_owned())
+                }
+                _ => None,
+            }
+        };
+        let number = |frame: &BytesFrame| -> Option<i64> {
+            match frame {
+                BytesFrame::Integer(value) => Some(*value),
+                other => text(other)?.parse().ok(),
+            }
+        };
+        let mut ranges = Vec::new();
+        if let BytesFrame::Array(rows) = reply {
+            for row in rows {
+                let BytesFrame::Array(fields) = row else {
+                    continue;
+                };
+                let (Some(first), Some(last), Some(BytesFrame::Array(master))) = (
+                    fields.first().and_then(number),
+                    fields.get(1).and_then(number),
+                    fields.get(2),
+                ) else {
+                    continue;
+                };
+                let (Some(host), Some(port)) = (
+                    master.first().and_then(text),
+                    master.get(1).and_then(number),
+                ) else {
+                    continue;
+                };
+                let host = if host.is_empty() || host == "?" {
+                    fallback_host.to_owned()
+                } else {
+                    host
+                };
+                ranges.push((first as u16, last as u16, (host, port as u16)));
+            }
+        }
+        ranges.sort_by_key(|(first, _, _)| *first);
+        Self { ranges }
+    }
+
+    /// The master serving `slot`.
+    #[must_use]
+    pub fn master(&self, slot: u16) -> Option<&Address> {
+        let at = self
+            .ranges
+            .partition_point(|(first, _, _)| *first <= slot)
+            .checked_sub(1)?;
+        let (_, last, address) = &self.ranges[at];
+        (slot <= *last).then_some(address)
+    }
+
+    /// Records that `slot` moved to `address` (a `MOVED` reply), until the
+    /// next full map.
+    pub fn moved(&mut self, slot: u16, address: Address) {
+        let mut ranges = Vec::with_capacity(self.ranges.len() + 2);
+        for (first, last, owner) in self.ranges.drain(..) {
+            if slot < first || slot > last {
+                ranges.push((first, last, owner));
+                continue;
+            }
+            if first < slot {
+                ranges.push((first, slot - 1, owner.clone()));
+            }
+            if slot < last {
+                ranges.push((slot + 1, last, owner));
+            }
+        }
+        ranges.push((slot, slot, address));
+        ranges.sort_by_key(|(first, _, _)| *first);
+        self.ranges = ranges;
+    }
+
+    /// Every master, once each.
+    #[must_use]
+    pub fn masters(&self) -> Vec<Address> {
+        let mut masters: Vec<Address> = Vec::new();
+        for (_, _, address) in &self.ranges {
+            if !masters.contains(address) {
+                masters.push(address.clone());
+            }
+        }
+        masters
+    }
+}
+
+/// A redirection a cluster node answers with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Redirect {
+    /// The slot is served elsewhere from now on.
+    Moved(u16, Address),
+    /// The slot is being migrated: ask there, this once (`ASKING` first).
+    Ask(u16, Address),
+    /// A slot in migration, or a cluster not ready: try again shortly.
+    Retry,
+}
+
+impl Redirect {
+    /// The redirection in error `message`, if it is one.
+    #[must_use]
+    pub fn parse(message: &str) -> Option<Self> {
+        let mut words = message.split(' ');
+        let kind = words.next()?;
+        if kind == "TRYAGAIN" || kind == "CLUSTERDOWN" {
+            return Some(Self::Retry);
+        }
+        let slot: u16 = words.next()?.parse().ok()?;
+        let (host, port) = words.next()?.rsplit_once(':')?;
+        let address = (host.to_owned(), port.parse().ok()?);
+        match kind {
+            "MOVED" => Some(Self::Moved(slot, address)),
+            "ASK" => Some(Self::Ask(slot, address)),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_follow_hash_tags() {
+        // Values from the Redis Cluster specification's examples.
+        assert_eq!(key_slot(b"123456789"), 0x31c3 % SLOTS);
+        assert_eq!(key_slot(b"{user1000}.following"), key_slot(b"user1000"));
+        assert_eq!(key_slot(b"foo{}{bar}"), key_slot(b"foo{}{bar}"));
+        assert_eq!(key_slot(b"foo{{bar}}zap"), key_slot(b"{bar"));
+    }
+
+    #[test]
+    fn commands_route_by_their_first_key() {
+        let mut read = redis::cmd("XREADGROUP");
+        read.arg("GROUP")
+            .arg("g")
+            .arg("c")
+            .arg("STREAMS")
+            .arg("{q}:s")
+            .arg(">");
+        assert_eq!(command_key(&read).as_deref(), Some(&b"{q}:s"[..]));
+        let mut script = redis::cmd("EVALSHA");
+        script.arg("abc").arg(1).arg("k1");
+        assert_eq!(command_key(&script).as_deref(), Some(&b"k1"[..]));
+        let mut none = redis::cmd("EVALSHA");
+        none.arg("abc").arg(0);
+        assert_eq!(command_key(&none), None);
+        assert_eq!(command_key(&redis::cmd("PING")), None);
+    }
+
+    #[test]
+    fn pipelines_split_by_slot() {
+        let mut pipe = redis::pipe();
+        pipe.cmd("SADD").arg("flumeq:queues").arg("a");
+        pipe.cmd("XADD")
+            .arg("flumeq:{a}:s")
+            .arg("*")
+            .arg("f")
+            .arg("v");
+        pipe.cmd("PING");
+        pipe.cmd("HINCRBY").arg("flumeq:{a}:stats").arg("n").arg(1);
+        let parts = split_pipeline(&pipe).expect("two slots");
+        let indices: Vec<Vec<usize>> = parts.into_iter().map(|(at, _)| at).collect();
+        assert_eq!(indices, vec![vec![0, 2], vec![1, 3]]);
+        assert!(split_pipeline(redis::pipe().atomic().cmd("SET").arg("x").arg(1)).is_none());
+    }
+
+    #[test]
+    fn moved_slots_are_remembered() {
+        let mut map = SlotMap {
+            ranges: vec![(0, 8191, ("a".into(), 1)), (8192, 16383, ("b".into(), 2))],
+        };
+        assert_eq!(map.master(8191), Some(&("a".into(), 1)));
+        map.moved(100, ("b".into(), 2));
+        assert_eq!(map.master(100), Some(&("b".into(), 2)));
+        assert_eq!(map.master(99), Some(&("a".into(), 1)));
+        assert_eq!(map.master(101), Some(&("a".into(), 1)));
+        assert_eq!(map.masters().len(), 2);
+        assert_eq!(
+            Redirect::parse("MOVED 3999 127.0.0.1:6381"),
+            Some(Redirect::Moved(3999, ("127.0.0.1".into(), 6381)))
+        );
+        assert_eq!(Redirect::parse("TRYAGAIN x"), Some(Redirect::Retry));
+        assert_eq!(Redirect::parse("ERR x"), None);
+    }
+}
