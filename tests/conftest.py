@@ -224,3 +224,15 @@ def sigterm_group(
     _, err = engine.communicate(timeout=60)
     took = time.monotonic() - started
     return took, cpu_seconds(processes) - before, err.decode()
+
+
+def assert_stopped_in_bound(
+    engine: subprocess.Popen[bytes], stop: tuple[float, float, str], gone: str
+) -> None:
+    """The engine stopped by ``sigterm_group`` (whose result is ``stop``)
+    exited 0 within 15 s, and did not spin meanwhile, with ``gone`` (what
+    the test killed) down."""
+    took, used, log = stop
+    assert engine.returncode == 0, log[-3000:]
+    assert took < 15, f"shutdown took {took:.1f}s with {gone} gone"
+    assert used < 0.5 * took, f"the engine spun: {used:.2f} CPU-s in {took:.1f}s"

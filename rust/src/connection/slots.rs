@@ -71,24 +71,41 @@ pub fn command_slot(cmd: &Cmd) -> Option<u16> {
     command_key(cmd).map(|key| key_slot(&key))
 }
 
+/// Whether `cmd` is the command `name`.
+fn is(cmd: &Cmd, name: &[u8]) -> bool {
+    matches!(cmd.args_iter().next(), Some(redis::Arg::Simple(first)) if first.eq_ignore_ascii_case(name))
+}
+
 /// The indices of `commands` grouped by slot, in order of first
-/// appearance; commands with no key go with the first group.
+/// appearance. A `MULTI` ... `EXEC` run stays whole, on the slot of its
+/// first keyed command; other commands with no key go with the first group.
 #[must_use]
 pub fn group_by_slot<'a>(commands: impl Iterator<Item = &'a Cmd>) -> Vec<Vec<usize>> {
+    let commands: Vec<&Cmd> = commands.collect();
     let mut slots: Vec<Option<u16>> = Vec::new();
     let mut groups: Vec<Vec<usize>> = Vec::new();
     let mut keyless = Vec::new();
-    for (index, cmd) in commands.enumerate() {
-        match command_slot(cmd) {
-            None => keyless.push(index),
-            slot => {
-                if let Some(at) = slots.iter().position(|seen| *seen == slot) {
-                    groups[at].push(index);
-                } else {
-                    slots.push(slot);
-                    groups.push(vec![index]);
-                }
+    let mut index = 0;
+    while index < commands.len() {
+        // One unit: a command, or a whole transaction.
+        let mut end = index + 1;
+        if is(commands[index], b"MULTI") {
+            while end < commands.len() && !is(commands[end - 1], b"EXEC") {
+                end += 1;
             }
+        }
+        let slot = commands[index..end]
+            .iter()
+            .find_map(|cmd| command_slot(cmd));
+        let unit = index..end;
+        index = end;
+        if slot.is_none() {
+            keyless.extend(unit);
+        } else if let Some(at) = slots.iter().position(|seen| *seen == slot) {
+            groups[at].extend(unit);
+        } else {
+            slots.push(slot);
+            groups.push(unit.collect());
         }
     }
     if groups.is_empty() {
@@ -314,6 +331,17 @@ mod tests {
         let parts = split_pipeline(&pipe).expect("two slots");
         let indices: Vec<Vec<usize>> = parts.into_iter().map(|(at, _)| at).collect();
         assert_eq!(indices, vec![vec![0, 2], vec![1, 3]]);
+        // Transactions stay whole, on their keys' slot.
+        let mut pipe = redis::pipe();
+        pipe.cmd("MULTI");
+        pipe.cmd("XACK").arg("flumeq:{a}:s").arg("g").arg("1-1");
+        pipe.cmd("EXEC");
+        pipe.cmd("MULTI");
+        pipe.cmd("XACK").arg("flumeq:{b}:s").arg("g").arg("1-1");
+        pipe.cmd("EXEC");
+        let parts = split_pipeline(&pipe).expect("two slots");
+        let indices: Vec<Vec<usize>> = parts.into_iter().map(|(at, _)| at).collect();
+        assert_eq!(indices, vec![vec![0, 1, 2], vec![3, 4, 5]]);
         assert!(split_pipeline(redis::pipe().atomic().cmd("SET").arg("x").arg(1)).is_none());
     }
 
