@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import redis
 
@@ -349,11 +349,13 @@ class Cluster:
     def node_id(self, port: int) -> str:
         return str(redis.Redis(port=port, decode_responses=True).execute_command("CLUSTER", "MYID"))
 
-    def move_slot(self, slot: int, target: int) -> int:
+    def move_slot(self, slot: int, target: int, during: Optional[Callable[[], None]] = None) -> int:
         """Moves ``slot`` with its keys to the master at ``target`` by hand,
         the way ``redis-cli --cluster reshard`` does (SETSLOT IMPORTING and
         MIGRATING, MIGRATE in batches, SETSLOT NODE on every master).
-        Returns how many keys moved."""
+        With ``during``, the keys other than streams move first, then
+        ``during`` runs with the slot half migrated (ASK and TRYAGAIN
+        answered), then the streams move. Returns how many keys moved."""
         admin = redis.Redis(port=self.ports[0])
         source = next(
             int(row[2][1])
@@ -367,6 +369,14 @@ class Cluster:
         dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
         src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
         moved = 0
+        if during is not None:
+            keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1_000_000)
+            first = [key for key in keys if not key.endswith(b":stream")]
+            for at in range(0, len(first), 10):
+                batch = first[at : at + 10]
+                src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *batch)
+                moved += len(batch)
+            during()
         while True:
             keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 10)
             if not keys:

@@ -382,7 +382,8 @@ def test_moving_a_queue_slot_mid_drain_loses_nothing(cluster: Cluster, counter: 
     """A queue's slot moved to another master by hand (SETSLOT IMPORTING
     and MIGRATING, MIGRATE, SETSLOT NODE, as ``redis-cli --cluster
     reshard`` does) while an engine drains it and a client enqueues: the
-    engine and the client follow ASK and MOVED, and every task runs."""
+    engine and the client follow ASK and MOVED, and wait out TRYAGAIN while
+    the slot is half migrated; every task runs."""
     flush_cluster(cluster)
     client = flumeq.Client(cluster.url)
     before = client.enqueue_many([("count", {"n": n}) for n in range(2000)])
@@ -390,12 +391,22 @@ def test_moving_a_queue_slot_mid_drain_loses_nothing(cluster: Cluster, counter: 
     source = cluster.master_of("default")
     target = next(port for port in cluster.ports if port != source)
     process = spawn_script(CLUSTER_ENGINE, cluster.url, counter, "0.001")
+    during: list[flumeq.TaskInfo[Any]] = []
+
+    def half_migrated() -> None:
+        # The stats, markers and results are on the target already, the
+        # stream still on the source: the engine's outcome MULTIs get
+        # TRYAGAIN (and wait), the client's enqueues ASK for the counters.
+        for _ in range(10):
+            during.extend(client.enqueue_many([("count", {"n": n}) for n in range(20)]))
+            time.sleep(0.1)
+
     try:
         wait_until(lambda: len(runs(counter)) > 200, timeout=30)
-        moved = cluster.move_slot(slot, target)
-        assert moved > 0 and cluster.master_of("default") == target
+        moved = cluster.move_slot(slot, target, during=half_migrated)
+        assert moved > 1 and cluster.master_of("default") == target
         after = client.enqueue_many([("count", {"n": n}) for n in range(500)])
-        ids = {info.id for info in [*before, *after]}
+        ids = {info.id for info in [*before, *during, *after]}
         wait_until(lambda: ids <= set(runs(counter)), timeout=60)
         # And back, with the engine idle on it.
         cluster.move_slot(slot, source)

@@ -321,7 +321,11 @@ impl Endpoint {
             let connection = client.get_connection()?;
             connection.set_read_timeout(Some(timeout))?;
             connection.set_write_timeout(Some(timeout))?;
-            return Ok(SyncConnection::Cluster(Box::new(connection)));
+            return Ok(SyncConnection::Cluster(Box::new(sync::ClusterSync::new(
+                connection,
+                cluster.seeds.first(),
+                timeout,
+            ))));
         }
         Ok(SyncConnection::One(self.connect_sync(timeout)?))
     }

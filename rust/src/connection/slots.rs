@@ -160,6 +160,23 @@ impl SlotMap {
         self.ranges.is_empty()
     }
 
+    /// Reads a `CLUSTER SLOTS` reply decoded by redis-rs.
+    #[must_use]
+    pub fn from_value(reply: &redis::Value, fallback_host: &str) -> Self {
+        fn frame(value: &redis::Value) -> BytesFrame {
+            match value {
+                redis::Value::Int(number) => BytesFrame::Integer(*number),
+                redis::Value::BulkString(bytes) => BytesFrame::BulkString(bytes.clone().into()),
+                redis::Value::SimpleString(text) => {
+                    BytesFrame::SimpleString(text.clone().into_bytes().into())
+                }
+                redis::Value::Array(items) => BytesFrame::Array(items.iter().map(frame).collect()),
+                _ => BytesFrame::Null,
+            }
+        }
+        Self::from_reply(&frame(reply), fallback_host)
+    }
+
     /// Reads a `CLUSTER SLOTS` reply; `fallback_host` stands for a node
     /// that gives no address of its own (an empty host).
     #[must_use]

@@ -102,16 +102,18 @@ fn registered_script(
     queue: &str,
     invocation: &redis::ScriptInvocation<'_>,
 ) -> RedisResult<Option<String>> {
-    let mut pipe = redis::pipe();
     if connection.is_cluster() {
-        // The queue set is a key of its own slot: a call of its own.
+        // The queue set is a key of its own slot: a call of its own. And a
+        // lone script call is redirected by redis-rs (and loaded on
+        // NOSCRIPT), where a pipeline's would not be.
         redis::cmd("SADD")
             .arg(keys.queues())
             .arg(queue)
             .query::<()>(connection)?;
-    } else {
-        pipe.cmd("SADD").arg(keys.queues()).arg(queue).ignore();
+        return invocation.invoke(connection);
     }
+    let mut pipe = redis::pipe();
+    pipe.cmd("SADD").arg(keys.queues()).arg(queue).ignore();
     pipe.invoke_script(invocation);
     let (reply,): (Option<String>,) = match pipe.query(connection) {
         Err(error) if is_no_script(&error) => {
@@ -329,8 +331,9 @@ impl SyncStore {
                     for task in chunk {
                         push_xadd(&mut pipe, &stream, task);
                     }
-                    let chunk_ids: Vec<String> = pipe.query(connection)?;
-                    ids.extend(chunk_ids);
+                    for id in connection.query_split(&pipe, false)? {
+                        ids.push(redis::from_redis_value(id)?);
+                    }
                 }
                 return Ok(ids);
             };
