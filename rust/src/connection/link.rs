@@ -13,9 +13,12 @@
 //! With Redis Cluster the link is redis-rs's cluster connection (one
 //! multiplexed connection per master; commands routed by key, `MOVED` and
 //! `ASK` followed). redis-rs refuses a pipeline whose commands sit on
-//! several slots; the link splits such a pipeline (unless it is a
-//! transaction, which must stay on one slot) into one pipeline per slot,
-//! sent together, and puts the replies back in order.
+//! several slots, and resends a redirected pipeline whole (with `ASKING`
+//! before its first command only, so its commands before the redirected
+//! one would run again). So the link sends a pipeline (unless it is a
+//! transaction) as one pipeline per command or `MULTI` ... `EXEC` block,
+//! all at once (redis-rs writes those for one master back to back on its
+//! connection), and puts the replies back in order.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -115,7 +118,7 @@ impl ClusterLink {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
-            let Some(parts) = slots::split_pipeline(pipeline) else {
+            let Some(parts) = slots::split_pipeline(pipeline, slots::Split::ByUnit) else {
                 return self
                     .connection
                     .req_packed_commands(pipeline, offset, count)

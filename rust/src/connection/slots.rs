@@ -76,29 +76,36 @@ fn is(cmd: &Cmd, name: &[u8]) -> bool {
     matches!(cmd.args_iter().next(), Some(redis::Arg::Simple(first)) if first.eq_ignore_ascii_case(name))
 }
 
-/// The indices of `commands` grouped by slot, in order of first
-/// appearance. A `MULTI` ... `EXEC` run stays whole, on the slot of its
-/// first keyed command; other commands with no key go with the first group.
-#[must_use]
-pub fn group_by_slot<'a>(commands: impl Iterator<Item = &'a Cmd>) -> Vec<Vec<usize>> {
-    let commands: Vec<&Cmd> = commands.collect();
-    let mut slots: Vec<Option<u16>> = Vec::new();
-    let mut groups: Vec<Vec<usize>> = Vec::new();
-    let mut keyless = Vec::new();
+/// The units of `commands`: each command alone, or a whole `MULTI` ...
+/// `EXEC` run; as index ranges, in order.
+fn units(commands: &[&Cmd]) -> Vec<std::ops::Range<usize>> {
+    let mut units = Vec::new();
     let mut index = 0;
     while index < commands.len() {
-        // One unit: a command, or a whole transaction.
         let mut end = index + 1;
         if is(commands[index], b"MULTI") {
             while end < commands.len() && !is(commands[end - 1], b"EXEC") {
                 end += 1;
             }
         }
-        let slot = commands[index..end]
+        units.push(index..end);
+        index = end;
+    }
+    units
+}
+
+/// The indices of `commands` grouped by slot, in order of first
+/// appearance. A `MULTI` ... `EXEC` run stays whole, on the slot of its
+/// first keyed command; other commands with no key go with the first group.
+#[must_use]
+pub fn group_by_slot(commands: &[&Cmd]) -> Vec<Vec<usize>> {
+    let mut slots: Vec<Option<u16>> = Vec::new();
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut keyless = Vec::new();
+    for unit in units(commands) {
+        let slot = commands[unit.clone()]
             .iter()
             .find_map(|cmd| command_slot(cmd));
-        let unit = index..end;
-        index = end;
         if slot.is_none() {
             keyless.extend(unit);
         } else if let Some(at) = slots.iter().position(|seen| *seen == slot) {
@@ -116,16 +123,32 @@ pub fn group_by_slot<'a>(commands: impl Iterator<Item = &'a Cmd>) -> Vec<Vec<usi
     groups
 }
 
-/// The pipelines that send `pipeline`'s commands one slot each (with its
-/// `ignore_errors` setting), and which of its commands each holds; `None`
-/// when one pipeline can go as it is (atomic, or one slot).
+/// How a pipeline is split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// One pipeline per slot.
+    BySlot,
+    /// One pipeline per command or transaction (each is then redirected
+    /// alone: redis-rs resends a redirected pipeline whole).
+    ByUnit,
+}
+
+/// The pipelines that send `pipeline`'s commands split `by` slot or unit,
+/// and which of its commands each holds; `None` when one pipeline can go as
+/// it is (atomic, or one part).
 #[must_use]
-pub fn split_pipeline(pipeline: &Pipeline) -> Option<Vec<(Vec<usize>, Pipeline)>> {
+pub fn split_pipeline(pipeline: &Pipeline, by: Split) -> Option<Vec<(Vec<usize>, Pipeline)>> {
     if pipeline.is_transaction() {
         return None;
     }
     let commands: Vec<&Cmd> = pipeline.cmd_iter().collect();
-    let groups = group_by_slot(commands.iter().copied());
+    let groups: Vec<Vec<usize>> = match by {
+        Split::BySlot => group_by_slot(&commands),
+        Split::ByUnit => units(&commands)
+            .into_iter()
+            .map(Iterator::collect)
+            .collect(),
+    };
     if groups.len() < 2 {
         return None;
     }
@@ -345,7 +368,7 @@ mod tests {
             .arg("v");
         pipe.cmd("PING");
         pipe.cmd("HINCRBY").arg("flumeq:{a}:stats").arg("n").arg(1);
-        let parts = split_pipeline(&pipe).expect("two slots");
+        let parts = split_pipeline(&pipe, Split::BySlot).expect("two slots");
         let indices: Vec<Vec<usize>> = parts.into_iter().map(|(at, _)| at).collect();
         assert_eq!(indices, vec![vec![0, 2], vec![1, 3]]);
         // Transactions stay whole, on their keys' slot.
@@ -356,10 +379,18 @@ mod tests {
         pipe.cmd("MULTI");
         pipe.cmd("XACK").arg("flumeq:{b}:s").arg("g").arg("1-1");
         pipe.cmd("EXEC");
-        let parts = split_pipeline(&pipe).expect("two slots");
+        let parts = split_pipeline(&pipe, Split::BySlot).expect("two slots");
         let indices: Vec<Vec<usize>> = parts.into_iter().map(|(at, _)| at).collect();
         assert_eq!(indices, vec![vec![0, 1, 2], vec![3, 4, 5]]);
-        assert!(split_pipeline(redis::pipe().atomic().cmd("SET").arg("x").arg(1)).is_none());
+        pipe.cmd("GET").arg("flumeq:{b}:x");
+        let parts = split_pipeline(&pipe, Split::ByUnit).expect("three units");
+        let indices: Vec<Vec<usize>> = parts.into_iter().map(|(at, _)| at).collect();
+        assert_eq!(indices, vec![vec![0, 1, 2], vec![3, 4, 5], vec![6]]);
+        assert!(split_pipeline(
+            redis::pipe().atomic().cmd("SET").arg("x").arg(1),
+            Split::BySlot
+        )
+        .is_none());
     }
 
     #[test]

@@ -112,7 +112,7 @@ impl ClusterSync {
             self.refresh()?;
         }
         let commands: Vec<&Cmd> = pipeline.cmd_iter().collect();
-        let parts = slots::split_pipeline(pipeline)
+        let parts = slots::split_pipeline(pipeline, slots::Split::BySlot)
             .unwrap_or_else(|| vec![((0..commands.len()).collect(), pipeline.clone())]);
         let mut values = vec![Value::Nil; pipeline.len()];
         let mut stale = false;
