@@ -471,9 +471,7 @@ impl RawConnection {
 
     /// Where each command goes: the master of its key's slot.
     async fn targets(&mut self, commands: &[Cmd]) -> Result<Vec<Address>, RawError> {
-        if self.nodes().stale || self.nodes().map.is_empty() {
-            self.refresh().await?;
-        }
+        self.fresh_map().await?;
         let nodes = self.nodes();
         // A command with no key (`SCRIPT LOAD` before the `EVALSHA` that
         // needs it) goes where the query's first keyed command goes.
@@ -499,10 +497,16 @@ impl RawConnection {
         if self.cluster.is_none() {
             return Ok(None);
         }
+        self.fresh_map().await?;
+        Ok(self.nodes().map.master(slots::key_slot(key)).cloned())
+    }
+
+    /// Reads the slot map first when it is missing or stale.
+    async fn fresh_map(&mut self) -> Result<(), RawError> {
         if self.nodes().stale || self.nodes().map.is_empty() {
             self.refresh().await?;
         }
-        Ok(self.nodes().map.master(slots::key_slot(key)).cloned())
+        Ok(())
     }
 
     /// Commands `todo` (indices into `commands`, each with its master and

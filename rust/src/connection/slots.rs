@@ -33,42 +33,45 @@ pub fn key_slot(key: &[u8]) -> u16 {
 
 /// The key a command is routed by (its first key), `None` for a command
 /// with no key (`PING`, `CLIENT`, `SCRIPT`, an `EVALSHA` of no keys ...).
+/// Allocates nothing: it runs for every command a cluster query sends,
+/// one per idempotent task in a read's done-marker checks.
 #[must_use]
-pub fn command_key(cmd: &Cmd) -> Option<Vec<u8>> {
-    let args: Vec<&[u8]> = cmd
-        .args_iter()
-        .filter_map(|arg| match arg {
-            redis::Arg::Simple(bytes) => Some(bytes),
-            _ => None,
-        })
-        .collect();
-    let name = args.first()?.to_ascii_uppercase();
-    let at = match name.as_slice() {
+pub fn command_key(cmd: &Cmd) -> Option<&[u8]> {
+    let mut args = cmd.args_iter().filter_map(|arg| match arg {
+        redis::Arg::Simple(bytes) => Some(bytes),
+        _ => None,
+    });
+    let first = args.next()?;
+    let mut name = [0u8; 16];
+    let length = first.len().min(name.len());
+    name[..length].copy_from_slice(&first[..length]);
+    name.make_ascii_uppercase();
+    // The key's place among the arguments after the command's name.
+    let at = match &name[..length] {
         b"XREAD" | b"XREADGROUP" => {
-            args.iter()
-                .position(|arg| arg.eq_ignore_ascii_case(b"STREAMS"))?
-                + 1
+            args.position(|arg| arg.eq_ignore_ascii_case(b"STREAMS"))?;
+            0
         }
         b"EVAL" | b"EVALSHA" | b"EVAL_RO" | b"EVALSHA_RO" | b"FCALL" | b"FCALL_RO" => {
-            let keys: usize = std::str::from_utf8(args.get(2)?).ok()?.parse().ok()?;
+            let keys: usize = std::str::from_utf8(args.nth(1)?).ok()?.parse().ok()?;
             if keys == 0 {
                 return None;
             }
-            3
+            0
         }
-        b"XGROUP" | b"XINFO" | b"OBJECT" | b"MEMORY" => 2,
+        b"XGROUP" | b"XINFO" | b"OBJECT" | b"MEMORY" => 1,
         b"PING" | b"CLIENT" | b"SCRIPT" | b"INFO" | b"CLUSTER" | b"TIME" | b"ASKING" | b"MULTI"
         | b"EXEC" | b"DBSIZE" | b"CONFIG" | b"ROLE" | b"FUNCTION" | b"AUTH" | b"HELLO"
         | b"SELECT" | b"ACL" | b"SCAN" | b"COMMAND" => return None,
-        _ => 1,
+        _ => 0,
     };
-    args.get(at).map(|key| key.to_vec())
+    args.nth(at)
 }
 
 /// The slot a command is routed by.
 #[must_use]
 pub fn command_slot(cmd: &Cmd) -> Option<u16> {
-    command_key(cmd).map(|key| key_slot(&key))
+    command_key(cmd).map(key_slot)
 }
 
 /// Whether `cmd` is the command `name`.
@@ -347,10 +350,10 @@ mod tests {
             .arg("STREAMS")
             .arg("{q}:s")
             .arg(">");
-        assert_eq!(command_key(&read).as_deref(), Some(&b"{q}:s"[..]));
+        assert_eq!(command_key(&read), Some(&b"{q}:s"[..]));
         let mut script = redis::cmd("EVALSHA");
         script.arg("abc").arg(1).arg("k1");
-        assert_eq!(command_key(&script).as_deref(), Some(&b"k1"[..]));
+        assert_eq!(command_key(&script), Some(&b"k1"[..]));
         let mut none = redis::cmd("EVALSHA");
         none.arg("abc").arg(0);
         assert_eq!(command_key(&none), None);

@@ -95,10 +95,13 @@ impl ClusterSync {
         }
     }
 
-    /// Sends `pipeline` (errors kept in place) to `address`; a broken
-    /// socket is dropped.
+    /// Sends `pipeline` (not a transaction) to `address` and returns every
+    /// reply, refusals in place; a broken socket is dropped.
     fn send(&mut self, address: &Address, pipeline: &Pipeline) -> RedisResult<Vec<Value>> {
-        let sent = pipeline.query(self.node(address)?);
+        let packed = pipeline.get_packed_pipeline();
+        let sent = self
+            .node(address)?
+            .req_packed_commands(&packed, 0, pipeline.len());
         if sent.is_err() {
             self.nodes.remove(address);
         }
@@ -112,12 +115,15 @@ impl ClusterSync {
             self.refresh()?;
         }
         let commands: Vec<&Cmd> = pipeline.cmd_iter().collect();
-        let parts = slots::split_pipeline(pipeline, slots::Split::BySlot)
-            .unwrap_or_else(|| vec![((0..commands.len()).collect(), pipeline.clone())]);
+        let split = slots::split_pipeline(pipeline, slots::Split::BySlot);
+        let whole = [((0..commands.len()).collect::<Vec<usize>>(), pipeline)];
+        let parts: Vec<(Vec<usize>, &Pipeline)> = match &split {
+            Some(parts) => parts.iter().map(|(at, part)| (at.clone(), part)).collect(),
+            None => whole.into_iter().collect(),
+        };
         let mut values = vec![Value::Nil; pipeline.len()];
         let mut stale = false;
-        for (indices, mut part) in parts {
-            part.ignore_errors();
+        for (indices, part) in parts {
             let slot = indices
                 .iter()
                 .find_map(|index| slots::command_slot(commands[*index]))
@@ -129,7 +135,7 @@ impl ClusterSync {
                     "no master serves the slot yet",
                 )));
             };
-            let replies = self.send(&master, &part)?;
+            let replies = self.send(&master, part)?;
             for (index, value) in indices.iter().zip(replies) {
                 values[*index] = self.redirected(commands[*index], &master, value, &mut stale)?;
             }
@@ -159,20 +165,21 @@ impl ClusterSync {
                 )),
                 _ => None,
             };
+            let Some(redirect) = redirect else {
+                return Ok(value);
+            };
             let mut again = redis::pipe();
-            again.ignore_errors();
             match redirect {
-                None => return Ok(value),
-                Some(Redirect::Moved(slot, address)) => {
+                Redirect::Moved(slot, address) => {
                     self.map.moved(slot, address.clone());
                     *stale = true;
                     at = address;
                 }
-                Some(Redirect::Ask(_, address)) => {
+                Redirect::Ask(_, address) => {
                     again.cmd("ASKING");
                     at = address;
                 }
-                Some(Redirect::Retry) => {
+                Redirect::Retry => {
                     std::thread::sleep(Duration::from_millis(25 * (round + 1)));
                 }
             }
