@@ -21,7 +21,7 @@ except ImportError:  # Python < 3.11: mypy brings tomli
 with open("pyproject.toml", "rb") as project:
     meta = tomllib.load(project)["project"]
 extras = meta["optional-dependencies"]
-print("\n".join(meta["dependencies"] + extras["web"] + extras["metrics"] + extras["otel"]))
+print("\n".join(meta["dependencies"] + extras["web"] + extras["metrics"] + extras["otel"] + extras["postgres"]))
 PY
 )
     # Installed again only when the dependency list changed.

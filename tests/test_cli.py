@@ -341,7 +341,14 @@ def test_stats_watch_refreshes_until_ctrl_c_and_at_schedules(redis_url: str) -> 
 def test_importing_flumeq_leaves_the_web_and_metrics_stacks_unloaded() -> None:
     """Producers and actors import flumeq: they must not pay (memory, GC
     traversals) for prometheus-client, starlette or importlib.metadata."""
-    heavy = ("prometheus_client", "starlette", "uvicorn", "jinja2", "importlib.metadata")
+    heavy = (
+        "prometheus_client",
+        "starlette",
+        "uvicorn",
+        "jinja2",
+        "importlib.metadata",
+        "psycopg",
+    )
     out = subprocess.run(
         [
             sys.executable,

@@ -38,6 +38,7 @@ from .errors import (
     TaskCancelled,
     TaskFailed,
 )
+from .history import History, HistoryUnavailable
 from .task import Cancelled, Reject, Retry, Task, TaskInfo, current_task
 
 # A library logs; the application decides where to. Records of the Rust core
@@ -53,6 +54,7 @@ __all__ = [
     "Cron",
     # inspecting and managing (what the CLI and the dashboard use)
     "Admin",
+    "History",
     # what handlers see and raise
     "Task",
     "TaskInfo",
@@ -72,6 +74,7 @@ __all__ = [
     "TaskFailed",
     "TaskCancelled",
     "ResultTimeout",
+    "HistoryUnavailable",
     # defaults and bounds
     "DEFAULT_URL",
     "DEFAULT_MAX_RETRY",

@@ -9,6 +9,9 @@ __all__ = [
     "CORE_INTERFACE",
     "DEFAULT_BLOCK_MS",
     "DEFAULT_CANCEL_GRACE_MS",
+    "DEFAULT_HISTORY_BUFFER",
+    "DEFAULT_RETENTION_MAX_LENGTH",
+    "MAX_HISTORY_FIELD_BYTES",
     "CANCEL_TTL_MS",
     "DEFAULT_CONCURRENCY",
     "DEFAULT_DEAD_MAX_LENGTH",
@@ -59,6 +62,9 @@ DEFAULT_DEAD_MAX_LENGTH: Final[int]
 DEFAULT_CONCURRENCY: Final[int]
 DEFAULT_BLOCK_MS: Final[int]
 DEFAULT_CANCEL_GRACE_MS: Final[int]
+DEFAULT_HISTORY_BUFFER: Final[int]
+DEFAULT_RETENTION_MAX_LENGTH: Final[int]
+MAX_HISTORY_FIELD_BYTES: Final[int]
 CANCEL_TTL_MS: Final[int]
 WRITE_GRACE_MS: Final[int]
 ASYNC_GRACE_MS: Final[int]
@@ -99,6 +105,7 @@ class Store:
         due_ms: int = 0,
         result_ttl_ms: int = 0,
         tick: Optional[tuple[str, int]] = None,
+        retention_ms: int = 0,
     ) -> list[tuple[str, str]]: ...
     def cron_leases(self, entries: list[str], holder: str, ttl_ms: int) -> list[bool]: ...
     def read_ended(
@@ -106,6 +113,8 @@ class Store:
     ) -> tuple[str, list[str]]: ...
     def requeue_dead(self, queue: str, ids: Optional[list[str]] = None) -> int: ...
     def purge_dead(self, queue: str) -> int: ...
+    def record_events(self, queue: str, count: int, events: bytes, cap: int) -> int: ...
+    def ack_events(self, queue: str, group: str, entries: list[tuple[str, int]]) -> int: ...
     def cancel(self, queue: str, task_id: str, group: str) -> tuple[int, int, int]: ...
     def pipeline(self, commands: list[list[bytes]]) -> list[Any]: ...
     def close(self) -> None: ...

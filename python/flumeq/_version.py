@@ -11,7 +11,7 @@ from __future__ import annotations
 
 #: Bump together with ``CORE_INTERFACE`` in ``rust/src/python/constants.rs``
 #: whenever the Python files need a changed core.
-CORE_INTERFACE = 3
+CORE_INTERFACE = 4
 
 try:
     from . import _core

@@ -92,9 +92,16 @@ def _labels(raw: Optional[bytes]) -> dict[str, str]:
     return labels
 
 
-def _kept(index: int, task: Task, value: Any) -> Record:
-    """The record of a run that returned ``value``, kept as its result: the
-    value as JSON, or a ``BAD_RESULT`` naming why it cannot be kept."""
+#: How a run's return value goes back (the task record's last field).
+KEEPS_RESULT = 1
+RECORDS_RESULT = 2
+
+
+def _kept(index: int, task: Task, value: Any, mode: int = KEEPS_RESULT) -> Record:
+    """The record of a run that returned ``value``: the value as JSON. When
+    it cannot be sent, a task that keeps its result (``KEEPS_RESULT``) ends
+    as ``BAD_RESULT`` naming why; one whose value is only recorded in the
+    history (``RECORDS_RESULT``) succeeds with a JSON note of why instead."""
     try:
         body = orjson.dumps(value)
     except TypeError as error:
@@ -106,6 +113,8 @@ def _kept(index: int, task: Task, value: Any) -> Record:
     message = (
         f"task {task.id} ({task.type}): its return value of type {type(value).__name__} {problem}"
     )
+    if mode == RECORDS_RESULT:
+        return (index, SUCCEEDED, 0, "", "", orjson.dumps(f"<not recorded: {message}>"))
     log.error("%s; the task goes to the dead letters", message, extra=task_extra(task))
     return (index, BAD_RESULT, 0, message, "", b"")
 
@@ -174,7 +183,7 @@ class _Cancels:
 _cancels = _Cancels()
 
 
-#: ``(index, handler, task, keeps_result)``.
+#: ``(index, handler, task, result mode)`` (``KEEPS_RESULT``, ``RECORDS_RESULT`` or 0).
 AsyncItem = tuple[int, Callable[[Task], Awaitable[Any]], Task, bool]
 
 
@@ -285,7 +294,7 @@ class _AsyncRunner:
         index: int,
         handler: Callable[[Task], Awaitable[Any]],
         task: Task,
-        keeps: bool,
+        keeps: int,
     ) -> None:
         end = self.end
         seconds = 0.0
@@ -313,7 +322,7 @@ class _AsyncRunner:
                 else:
                     value = await handler(task)
                 if keeps:
-                    record = _kept(index, task, value)
+                    record = _kept(index, task, value, keeps)
             except asyncio.TimeoutError:
                 message = f"timeout: the handler ran longer than {task.timeout:g}s"
                 record = (index, TIMED_OUT, 0, message, "", b"")
@@ -444,7 +453,7 @@ def run_batch(
             value = handler(task)
             running.task = None
             if keeps:
-                records.append(_kept(index, task, value))
+                records.append(_kept(index, task, value, keeps))
             elif not ranged:
                 records.append((index, SUCCEEDED, 0, "", "", b""))
         except Cancelled:

@@ -9,6 +9,7 @@ decoding) live in ``reads``, which ``Client`` uses too.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterable
 from typing import Any, Optional
 
@@ -35,6 +36,26 @@ def _task(fields: dict[str, Any], **extra: Any) -> dict[str, Any]:
         task["task_id"] = task.pop("id")
     task.update(extra)
     return task
+
+
+def _summary(reply: Any, queue: str) -> Optional[dict[str, Any]]:
+    """A kept summary of a completed task (``retention``) as a lookup hit:
+    times in seconds, ``state`` done (it succeeded), dead or cancelled."""
+    if not isinstance(reply, bytes):
+        return None
+    try:
+        summary = orjson.loads(reply)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(summary, dict):
+        return None
+    hit: dict[str, Any] = {"queue": queue, "completed": True, "task_id": summary.pop("id", "")}
+    for name, value in summary.items():
+        timed = name.endswith("_at") and isinstance(value, int)
+        hit[name] = value / 1000 if timed else value
+    if hit.get("state") == "succeeded":
+        hit["state"] = "done"
+    return hit
 
 
 class Admin:
@@ -202,18 +223,32 @@ class Admin:
 
     def find_task(self, task_id: str, scan_limit: int = SCAN_LIMIT) -> list[dict[str, Any]]:
         """Where task ``task_id`` is: each hit has ``queue``, ``state`` (ready,
-        in_flight, delayed, dead or done) and the task's fields. Done tasks
-        are deleted from Redis, so only those enqueued with a custom id leave
-        a trace (their done marker, for ``processed_ttl``). Streams are
-        scanned in pages, at most ``scan_limit`` entries each."""
+        in_flight, delayed, dead, done or cancelled) and the task's fields.
+        A task enqueued with a ``retention`` that ended is found by its kept
+        summary (``completed`` is true, with ``result`` or ``reason`` and
+        ``error``, ``started_at``, ``finished_at``, ``worker``): the queue's
+        streams are not scanned for it. Other done tasks are deleted from
+        Redis, so only those enqueued with a custom id leave a trace (their
+        done marker, for ``processed_ttl``). Streams are scanned in pages,
+        at most ``scan_limit`` entries each."""
         found: list[dict[str, Any]] = []
         for queue in self.queues():
             key = self._queue_keys(queue)
             pattern = '*"id","' + "".join(f"\\{c}" if c in "*?[]\\" else c for c in task_id) + '"*'
-            done, delayed = self._run(
+            done, summary, expires, delayed = self._run(
                 ["EXISTS", key["done"] + task_id],
+                ["HGET", key["completed"], task_id],
+                ["ZSCORE", key["completed_expiry"], task_id],
                 ["ZSCAN", key["delayed"], 0, "MATCH", pattern, "COUNT", 1000],
             )
+            # Expired summaries go at the queue's next write of summaries.
+            if isinstance(expires, bytes):
+                expires = float(text(expires))
+            live = isinstance(expires, (int, float)) and expires > time.time() * 1000
+            kept = _summary(summary, queue) if live else None
+            if kept is not None and kept["state"] != "dead":
+                found.append(kept)
+                continue
             if integer(done):
                 found.append({"queue": queue, "state": "done", "task_id": task_id})
             for hit in self._zscan_all(key["delayed"], pattern, delayed):
@@ -225,8 +260,13 @@ class Admin:
                 )
                 state = "in_flight" if isinstance(pending, list) and pending else "ready"
                 found.append(_task(fields, queue=queue, state=state, entry_id=entry_id))
-            for entry_id, fields in self._scan(key["dead"], {task_id}, scan_limit):
-                found.append(_task(fields, queue=queue, state="dead", entry_id=entry_id))
+            letters = [
+                _task(fields, queue=queue, state="dead", entry_id=entry_id)
+                for entry_id, fields in self._scan(key["dead"], {task_id}, scan_limit)
+            ]
+            if kept is not None and not letters:
+                letters = [kept]  # its dead letter was requeued or purged since
+            found.extend(letters)
         return found
 
     def _zscan_all(self, key: str, pattern: str, first: Any) -> list[dict[str, Any]]:

@@ -55,6 +55,7 @@ def _group_key(call: _Call) -> tuple[Any, ...]:
         call.labels,
         call.due_ms,
         call.result_ttl_ms,
+        call.retention_ms,
     )
 
 
@@ -101,9 +102,15 @@ class AsyncClient:
         timeout: float = 5.0,
         buffer_size: int = 1000,
         middleware: Iterable[Any] = (),
+        history: Union[str, bool, None] = None,
     ) -> None:
         self._client = Client(
-            url, prefix=prefix, timeout=timeout, buffer_size=buffer_size, middleware=middleware
+            url,
+            prefix=prefix,
+            timeout=timeout,
+            buffer_size=buffer_size,
+            middleware=middleware,
+            history=history,
         )
         self.middleware = self._client.middleware
         self.url = self._client.url
@@ -138,6 +145,7 @@ class AsyncClient:
         task_id: Optional[str] = None,
         labels: Optional[Mapping[str, str]] = None,
         result_ttl: Optional[Seconds] = None,
+        retention: Optional[Seconds] = None,
         **unknown: Any,
     ) -> TaskInfo[Any]:
         """``Client.enqueue`` as a coroutine; concurrent calls share round trips."""
@@ -157,6 +165,7 @@ class AsyncClient:
             result_ttl=result_ttl,
             unknown=unknown,
             middleware=self.middleware,
+            retention=retention,
         )
         if unique_key is not None:
             [(id_, entry_id)] = await self._run(self._client._send, call, unique_key, unique_ttl_ms)
@@ -175,6 +184,7 @@ class AsyncClient:
         timeout: Optional[Seconds] = DEFAULT_TIMEOUT,
         labels: Optional[Mapping[str, str]] = None,
         result_ttl: Optional[Seconds] = None,
+        retention: Optional[Seconds] = None,
     ) -> list[TaskInfo[Any]]:
         """``Client.enqueue_many`` as a coroutine."""
         call = prepare_many(
@@ -185,6 +195,7 @@ class AsyncClient:
             labels=labels,
             result_ttl=result_ttl,
             middleware=self.middleware,
+            retention=retention,
         )
         if call is None:
             return []

@@ -48,10 +48,11 @@ OPTIONS = frozenset(
         "task_id",
         "labels",
         "result_ttl",
+        "retention",
     }
 )
 #: The task options a cron entry takes over.
-CRON_OPTIONS = frozenset({"queue", "max_retry", "timeout", "labels", "result_ttl"})
+CRON_OPTIONS = frozenset({"queue", "max_retry", "timeout", "labels", "result_ttl", "retention"})
 #: Options that make sense per call only, not as a task's default.
 PER_CALL = frozenset({"delay", "at", "deadline", "task_id", "unique_key"})
 
@@ -121,6 +122,7 @@ class TaskFunction(Generic[P, R]):
         task_id: Optional[str] = None,
         labels: Optional[Mapping[str, str]] = None,
         result_ttl: Optional[Seconds] = None,
+        retention: Optional[Seconds] = None,
     ) -> BoundTask[P, R]:
         """This task with options for one call: ``add.options(delay=60).enqueue(1, 2)``.
         Options left ``None`` keep the task's defaults."""
@@ -136,6 +138,7 @@ class TaskFunction(Generic[P, R]):
             "task_id": task_id,
             "labels": labels,
             "result_ttl": result_ttl,
+            "retention": retention,
         }
         merged = dict(self.defaults)
         merged.update({name: value for name, value in given.items() if value is not None})
@@ -313,6 +316,7 @@ class App:
         unique_ttl: Seconds = 3600.0,
         labels: Optional[Mapping[str, str]] = None,
         result_ttl: Optional[Seconds] = None,
+        retention: Optional[Seconds] = None,
     ) -> _Decorator: ...
 
     def task(  # type: ignore[misc]

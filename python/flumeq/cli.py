@@ -36,6 +36,9 @@ from .client import Client, resolve_url, safe_url
 from .engine import Engine, queue_weights
 from .errors import ConfigError, DuplicateTask, FlumeqError, InvalidTask, RedisUnavailable
 from .extras import require
+from .history import History
+from .history import dsn as history_dsn
+from .history import rows as history_rows
 from .redis_server import RedisServer
 from .task import Task
 
@@ -211,6 +214,21 @@ def load_app(path: str) -> Any:
     help="Address /metrics listens on; it has no authentication, so widen it only on a "
     "trusted network [env FLUMEQ_METRICS_HOST; default 127.0.0.1, or an Engine app's own].",
 )
+@click.option(
+    "--history",
+    envvar="FLUMEQ_HISTORY",
+    default=None,
+    metavar="DSN",
+    help="Record every task's lifecycle in this PostgreSQL database (needs "
+    "flumeq[postgres]) [env FLUMEQ_HISTORY].",
+)
+@click.option(
+    "--history-retention",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="DAYS",
+    help="Purge history older than this many days.",
+)
 @redis_options
 def worker(
     app: str,
@@ -226,6 +244,8 @@ def worker(
     log_format: str,
     metrics_port: Optional[int],
     metrics_host: Optional[str],
+    history: Optional[str],
+    history_retention: Optional[float],
     url: Optional[str],
     prefix: str,
 ) -> None:
@@ -248,6 +268,10 @@ def worker(
             strict,
         )
         _add_limits(engine, rate_limits, concurrency_limits)
+        if history:
+            engine.history = history_dsn.checked(history)
+        if history_retention is not None:
+            engine.history_retention = history_retention
     except ConfigError as error:
         raise click.BadParameter(str(error)) from None
     log = logging.getLogger("flumeq.cli")
@@ -343,6 +367,146 @@ def _engine_for(
         f"{app!r} is a {type(target).__name__}; expected a flumeq.App, an Engine "
         "or a mapping of task type to handler",
         param_hint="'APP'",
+    )
+
+
+# -- history ----------------------------------------------------------------
+
+
+def _stamp(stamp: Any) -> str:
+    return stamp.strftime("%Y-%m-%d %H:%M:%S") if stamp is not None else ""
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    raise TypeError(type(value).__name__)
+
+
+@main.command("history")
+@click.argument("task_id", required=False)
+@click.option("--queue", "-q", default=None, help="Only this queue.")
+@click.option("--type", "-t", "type_", default=None, help="Only this task type.")
+@click.option(
+    "--state",
+    "-s",
+    type=click.Choice(list(history_rows.EVENTS)),
+    default=None,
+    help="Only tasks whose latest event is this.",
+)
+@click.option(
+    "--label", "-l", default=None, metavar="KEY=VALUE", help="Only tasks with this label."
+)
+@click.option(
+    "--since", default=None, help="Latest activity since: ISO time, or '15m', '2h', '7d' ago."
+)
+@click.option("--until", default=None, help="Latest activity before (same forms as --since).")
+@click.option("--text", default=None, help="Text in the id, type, error or payload.")
+@click.option("--limit", "-n", type=click.IntRange(1, 1000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option(
+    "--dsn",
+    envvar="FLUMEQ_HISTORY",
+    required=True,
+    help="The history's PostgreSQL database [env FLUMEQ_HISTORY].",
+)
+@friendly_errors
+def history_command(
+    task_id: Optional[str],
+    queue: Optional[str],
+    type_: Optional[str],
+    state: Optional[str],
+    label: Optional[str],
+    since: Optional[str],
+    until: Optional[str],
+    text: Optional[str],
+    limit: int,
+    as_json: bool,
+    dsn: str,
+) -> None:
+    """Search the task history (engines run with --history), or show one
+    task's timeline with TASK_ID."""
+    with History(dsn) as history:
+        if task_id is not None:
+            task = history.task(task_id, queue=queue)
+            if task is None:
+                raise click.ClickException(f"task {task_id!r} is not in the history")
+            if as_json:
+                click.echo(orjson.dumps(task, default=_json_default, option=orjson.OPT_INDENT_2))
+                return
+            for name in ("task_id", "queue", "type", "state", "attempts", "worker", "reason"):
+                click.echo(f"{name:>11}: {task[name] if task[name] is not None else ''}")
+            for name in ("enqueued_at", "started_at", "finished_at"):
+                click.echo(f"{name:>11}: {_stamp(task[name])}")
+            for name in ("labels", "payload", "result", "error"):
+                if task[name] is not None:
+                    shown = orjson.dumps(task[name]).decode() if name == "labels" else task[name]
+                    click.echo(f"{name:>11}: {shown}")
+            if task["cut"]:
+                click.echo(f"{'cut':>11}: {', '.join(task['cut'])} (longer than the history keeps)")
+            click.echo("")
+            click.echo(
+                _table(
+                    ["at", "event", "attempt", "worker", "ms", "detail"],
+                    [
+                        [
+                            _stamp(event["at"]),
+                            event["event"],
+                            event["attempt"],
+                            event["worker"] or "",
+                            "" if event["duration_ms"] is None else event["duration_ms"],
+                            " ".join(
+                                str(part)
+                                for part in (
+                                    event["reason"],
+                                    (event["error"] or "").splitlines()[0]
+                                    if event["error"]
+                                    else None,
+                                    f"due {_stamp(event['due_at'])}" if event["due_at"] else None,
+                                )
+                                if part
+                            ),
+                        ]
+                        for event in task["timeline"]
+                    ],
+                )
+            )
+            if task["traceback"]:
+                click.echo("")
+                click.echo(task["traceback"].rstrip())
+            return
+        rows = history.search(
+            queue=queue,
+            type=type_,
+            state=state,
+            label=label,
+            since=since,
+            until=until,
+            text=text,
+            limit=limit,
+        )
+    if as_json:
+        click.echo(orjson.dumps(rows, default=_json_default, option=orjson.OPT_INDENT_2))
+        return
+    if not rows:
+        click.echo("no task in the history matches")
+        return
+    click.echo(
+        _table(
+            ["task id", "queue", "type", "state", "attempts", "updated", "ms"],
+            [
+                [
+                    row["task_id"],
+                    row["queue"],
+                    row["type"] or "",
+                    row["state"],
+                    row["attempts"],
+                    _stamp(row["updated_at"]),
+                    "" if row["duration_ms"] is None else row["duration_ms"],
+                ]
+                for row in rows
+            ],
+        )
     )
 
 
@@ -734,6 +898,38 @@ def cancel(
                 f"{task_id}: not found in queue {queue_name!r} (unknown, or ended)", err=True
             )
     if missing:
+        sys.exit(1)
+
+
+@main.command("task")
+@click.argument("task_id")
+@click.option("--group", default="flumeq", show_default=True, help="Consumer group of the engines.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@redis_options
+@friendly_errors
+def task_command(task_id: str, group: str, as_json: bool, url: Optional[str], prefix: str) -> None:
+    """Find a task in Redis: ready, in flight, delayed, dead, or ended and
+    kept (enqueued with a retention). Exits 1 when it is nowhere."""
+    found = _admin(url, prefix, group).find_task(task_id)
+    if as_json:
+        click.echo(orjson.dumps(found, option=orjson.OPT_INDENT_2))
+    for number, hit in enumerate([] if as_json else found):
+        if number:
+            click.echo("")
+        for name, value in hit.items():
+            if value is None or value == "" or name == "task_id":
+                continue
+            if name.endswith("_at") and isinstance(value, (int, float)):
+                shown = _when(value)
+            else:
+                shown = value if isinstance(value, str) else orjson.dumps(value).decode()
+            click.echo(f"{name:>12}: {shown}")
+    if not found:
+        click.echo(
+            f"task {task_id!r} is not in Redis (done tasks leave no trace unless enqueued "
+            "with a retention or their own task_id; see also flumeq history)",
+            err=True,
+        )
         sys.exit(1)
 
 

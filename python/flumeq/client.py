@@ -7,6 +7,7 @@ import contextlib
 import logging
 import math
 import os
+import socket
 import threading
 import time
 import weakref
@@ -19,7 +20,8 @@ from typing import Any, NamedTuple, Optional, Union
 import orjson
 
 from . import _core, hooks, reads
-from .errors import BufferFull, ConfigError, InvalidTask, RedisUnavailable
+from .errors import BufferFull, ConfigError, FlumeqError, InvalidTask, RedisUnavailable
+from .history import rows as history_rows
 from .results import QueueWaiters, check_wait
 from .task import TaskInfo
 
@@ -63,6 +65,7 @@ class _Call(NamedTuple):
     labels: Optional[bytes]
     due_ms: int
     result_ttl_ms: int = 0
+    retention_ms: int = 0
 
 
 def safe_url(url: str) -> str:
@@ -152,6 +155,13 @@ def _result_ttl(type_: str, result_ttl: Optional[Seconds]) -> int:
     return max(0, round(_seconds("result_ttl", result_ttl, type_) * 1000))
 
 
+def _retention(type_: str, retention: Optional[Seconds]) -> int:
+    """``retention`` in ms (0: no summary is kept)."""
+    if retention is None:
+        return 0
+    return max(0, round(_seconds("retention", retention, type_) * 1000))
+
+
 def _queue(queue: Any) -> str:
     if not isinstance(queue, str) or not queue:
         raise InvalidTask(f"queue must be a non-empty string, got {queue!r}")
@@ -228,6 +238,7 @@ def prepare_one(
     unknown: Mapping[str, Any],
     middleware: Sequence[Any] = (),
     run_hooks: bool = True,
+    retention: Optional[Seconds] = None,
 ) -> tuple[_Call, int]:
     """Runs the ``before_enqueue`` hooks (unless ``run_hooks`` is false: a
     check at configuration time), then checks one task's options
@@ -284,6 +295,7 @@ def prepare_one(
         None if labels is None else _labels(type_, labels),
         due_ms,
         0 if result_ttl is None else _result_ttl(type_, result_ttl),
+        0 if retention is None else _retention(type_, retention),
     )
     return call, max(ttl_ms, 1)
 
@@ -297,6 +309,7 @@ def prepare_many(
     labels: Optional[Mapping[str, str]],
     result_ttl: Optional[Seconds],
     middleware: Sequence[Any] = (),
+    retention: Optional[Seconds] = None,
 ) -> Optional[_Call]:
     """Runs the ``before_enqueue`` hooks once, then checks a batch of
     ``(type, payload[, task_id])`` items and their shared options; ``None``
@@ -336,6 +349,7 @@ def prepare_many(
         _labels(first, labels),
         0,
         _result_ttl(first, result_ttl),
+        _retention(first, retention),
     )
     return call
 
@@ -372,8 +386,15 @@ class Client:
         timeout: float = 5.0,
         buffer_size: int = 1000,
         middleware: Iterable[Any] = (),
+        history: Union[str, bool, None] = None,
     ) -> None:
         self.url = resolve_url(url)
+        if history is not None and not isinstance(history, (str, bool)):
+            raise InvalidTask(f"history must be a PostgreSQL DSN or True, got {history!r}")
+        #: Record an ``enqueued`` event of each task for the task history
+        #: (an engine with ``history`` writes it into PostgreSQL).
+        self.history = bool(history)
+        self._history_warned = False
         #: Producer hooks (``before_enqueue``; see ``flumeq.hooks``).
         self.middleware = hooks.checked(middleware)
         self.prefix = prefix
@@ -440,7 +461,7 @@ class Client:
     def _write(
         self, call: _Call, unique_key: Optional[str] = None, unique_ttl_ms: int = 1
     ) -> list[tuple[str, str]]:
-        return self._store.enqueue(
+        pairs = self._store.enqueue(
             call.queue,
             call.items,
             call.max_retry,
@@ -451,7 +472,48 @@ class Client:
             unique_ttl_ms,
             call.due_ms,
             call.result_ttl_ms,
+            retention_ms=call.retention_ms,
         )
+        if self.history:
+            self._record_enqueued(call, pairs)
+        return pairs
+
+    def _record_enqueued(self, call: _Call, pairs: list[tuple[str, str]]) -> None:
+        """Appends the ``enqueued`` events of a written call to its queue's
+        events stream. A failure is logged (once) and never fails the enqueue:
+        the task's ``started`` event carries its fields too."""
+        now_ms = round(time.time() * 1000)
+        events = []
+        for (task_id, entry_id), (type_, payload, _, _) in zip(pairs, call.items):
+            if not entry_id and not call.due_ms:
+                continue  # refused (a duplicate unique key)
+            event = history_rows.enqueued_event(
+                task_id,
+                type_,
+                payload,
+                now_ms,
+                call.max_retry,
+                call.labels,
+                f"{socket.gethostname()}-{os.getpid()}",
+                _core.MAX_HISTORY_FIELD_BYTES,
+            )
+            if call.due_ms:
+                event["u"] = call.due_ms
+            events.append(event)
+        if not events:
+            return
+        try:
+            self._store.record_events(
+                call.queue, len(events), orjson.dumps(events), _core.DEFAULT_HISTORY_BUFFER
+            )
+        except FlumeqError as error:
+            if not self._history_warned:
+                self._history_warned = True
+                log.warning(
+                    "history: the enqueued events of %d task(s) were not recorded: %s",
+                    len(events),
+                    error,
+                )
 
     def _send(
         self, call: _Call, unique_key: Optional[str] = None, unique_ttl_ms: int = 1
@@ -505,6 +567,7 @@ class Client:
         task_id: Optional[str] = None,
         labels: Optional[Mapping[str, str]] = None,
         result_ttl: Optional[Seconds] = None,
+        retention: Optional[Seconds] = None,
         **unknown: Any,
     ) -> TaskInfo[Any]:
         """Enqueues one task; returns its ``TaskInfo``.
@@ -514,8 +577,11 @@ class Client:
         ``at`` schedule it; past ``deadline`` it is not run. ``task_id`` sets
         the id (e.g. a business id). ``result_ttl`` keeps the task's outcome
         (return value, or final failure) that long once it ended, for
-        ``result()``. Raises ``InvalidTask`` before writing anything when an
-        option is wrong.
+        ``result()``. ``retention`` keeps a summary of it (type, payload,
+        result or error, times, engine) that long once it ended, for task
+        lookups (``Admin.find_task``, the dashboard, ``flumeq task``), at most
+        the engine's ``retention_max`` per queue. Raises ``InvalidTask``
+        before writing anything when an option is wrong.
         """
         call, unique_ttl_ms = prepare_one(
             type,
@@ -533,6 +599,7 @@ class Client:
             result_ttl=result_ttl,
             unknown=unknown,
             middleware=self.middleware,
+            retention=retention,
         )
         [(id_, entry_id)] = self._send(call, unique_key, unique_ttl_ms)
         return TaskInfo(id_, call.items[0][0], queue, entry_id, self, _kept(call))
@@ -546,6 +613,7 @@ class Client:
         timeout: Optional[Seconds] = DEFAULT_TIMEOUT,
         labels: Optional[Mapping[str, str]] = None,
         result_ttl: Optional[Seconds] = None,
+        retention: Optional[Seconds] = None,
     ) -> list[TaskInfo[Any]]:
         """Enqueues many tasks in pipelines (one round trip per ~2000 tasks).
 
@@ -563,6 +631,7 @@ class Client:
             labels=labels,
             result_ttl=result_ttl,
             middleware=self.middleware,
+            retention=retention,
         )
         if call is None:
             return []
@@ -684,8 +753,31 @@ class Client:
             info = task_id
             task_id, queue = info.id, info.queue
         check_wait(task_id, queue, None)
-        delayed, ready, held = self._connection().cancel(checked_queue(queue), task_id, group)
+        store = self._connection()
+        delayed, ready, held = store.cancel(checked_queue(queue), task_id, group)
+        if delayed + ready:
+            self._record_cancelled(store, queue, task_id)
         return delayed + ready + held > 0
+
+    def _record_cancelled(self, store: _core.Store, queue: str, task_id: str) -> None:
+        """Records the ``cancelled`` event of a task removed before any
+        engine took it (an engine records those it held), when the queue's
+        history is on: its events stream exists (an engine with ``history``
+        made it) or this client records history."""
+        events_key = _core.key_names(self.prefix, queue)["events"]
+        try:
+            if not self.history and not reads.one(store, "EXISTS", events_key):
+                return
+            event = {
+                "e": "cancelled",
+                "id": task_id,
+                "a": 0,
+                "t": round(time.time() * 1000),
+                "w": f"{socket.gethostname()}-{os.getpid()}",
+            }
+            store.record_events(queue, 1, orjson.dumps([event]), _core.DEFAULT_HISTORY_BUFFER)
+        except FlumeqError as error:
+            log.warning("history: the cancel of task %s was not recorded: %s", task_id, error)
 
     def pause(self, queue: str) -> bool:
         """Pauses ``queue`` on every engine: within about a second none

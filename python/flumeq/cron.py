@@ -97,7 +97,7 @@ class Cron:
     (default: the type) identifies the entry across engines and deploys;
     two entries of one engine need different names. ``tz`` applies to cron
     expressions. The enqueue options are ``Client.enqueue``'s: ``queue``,
-    ``max_retry``, ``timeout``, ``labels``, ``result_ttl``.
+    ``max_retry``, ``timeout``, ``labels``, ``result_ttl``, ``retention``.
     """
 
     def __init__(
@@ -113,6 +113,7 @@ class Cron:
         timeout: Optional[Seconds] = DEFAULT_TIMEOUT,
         labels: Optional[Mapping[str, str]] = None,
         result_ttl: Optional[Seconds] = None,
+        retention: Optional[Seconds] = None,
     ) -> None:
         if not isinstance(type, str) or not type:
             raise ConfigError(f"cron entry: type must be a task type string, got {type!r}")
@@ -157,6 +158,7 @@ class Cron:
             "timeout": timeout,
             "labels": labels,
             "result_ttl": result_ttl,
+            "retention": retention,
         }
         #: The tick's enqueue when no hook runs (made once).
         self._plain: Optional[_Call] = None
@@ -354,6 +356,7 @@ class Scheduler:
             labels=call.labels,
             result_ttl_ms=call.result_ttl_ms,
             tick=(entry.name, tick_ms),
+            retention_ms=call.retention_ms,
         )
         if appended:
             log.info("cron entry %r: enqueued %s (%s)", entry.name, task_id, entry.type)

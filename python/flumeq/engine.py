@@ -20,6 +20,7 @@ from .client import checked_queue, resolve_url
 from .cron import Cron, checked_entries
 from .errors import ConfigError
 from .extras import require
+from .history import dsn as history_dsn
 from .supervisor import Supervisor
 from .task import Task
 
@@ -53,6 +54,13 @@ def queue_weights(queues: Queues, strict: bool = False) -> list[tuple[str, int]]
     return pairs
 
 
+def _count(name: str, value: Any) -> int:
+    """``value`` when it is an integer >= 1, else a ``ConfigError``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
 class Engine:
     """Runs handlers for the tasks of some queues.
 
@@ -81,6 +89,15 @@ class Engine:
     every engine on the same Redis, checked once per read batch. A task over
     a limit waits in its queue's delayed set, its attempt unchanged, counted
     as ``throttled`` (see ``flumeq.limits`` for the burst and lease times).
+
+    ``history`` (a PostgreSQL DSN, ``flumeq[postgres]``) records every
+    task's lifecycle there, off the task path: events wait in Redis (at
+    most ``history_buffer`` per queue; past it the oldest are dropped and
+    counted) and the engine's history process writes them in batches.
+    PostgreSQL slow or down never slows the queue. ``history_retention``
+    (days) purges older rows. See ``flumeq.history``. Without PostgreSQL,
+    tasks enqueued with ``retention`` leave a summary in Redis once they
+    end, at most ``retention_max`` per queue (the soonest to expire go first).
     """
 
     def __init__(
@@ -111,6 +128,10 @@ class Engine:
         cancel_grace: float = _core.DEFAULT_CANCEL_GRACE_MS / 1000,
         rate_limits: Optional[Mapping[str, str]] = None,
         concurrency_limits: Optional[Mapping[str, int]] = None,
+        history: Optional[str] = None,
+        history_retention: Optional[float] = None,
+        history_buffer: int = _core.DEFAULT_HISTORY_BUFFER,
+        retention_max: int = _core.DEFAULT_RETENTION_MAX_LENGTH,
     ) -> None:
         own_middleware = hooks.checked(middleware)
         entries = list(cron) if not isinstance(cron, Cron) else [cron]
@@ -205,6 +226,22 @@ class Engine:
         self.concurrency_limits = limits.checked_concurrency(concurrency_limits)
         limited = {kind for kind, _, _ in self.rate_limits}
         limits.warn_unserved(limited | {kind for kind, _ in self.concurrency_limits}, self.handlers)
+        #: PostgreSQL DSN of the task history (see ``flumeq.history``), or None.
+        self.history = None if history is None else history_dsn.checked(history)
+        if history_retention is not None and (
+            isinstance(history_retention, bool)
+            or not isinstance(history_retention, (int, float))
+            or history_retention <= 0
+        ):
+            raise ConfigError(
+                f"history_retention must be a number of days > 0, got {history_retention!r}"
+            )
+        #: Days of history kept (older rows are purged), or None: kept for ever.
+        self.history_retention = history_retention
+        #: Most history events each queue holds in Redis while PostgreSQL is away.
+        self.history_buffer = _count("history_buffer", history_buffer)
+        #: Most summaries of completed tasks (``retention``) each queue keeps.
+        self.retention_max = _count("retention_max", retention_max)
         self._region: Optional[_core.Region] = None
 
     def _settings(self, burst: bool, processes: int) -> dict[str, Any]:
@@ -242,6 +279,9 @@ class Engine:
             "processed_ttl_ms": max(1, round(self.processed_ttl * 1000)),
             "rate_limits": self.rate_limits,
             "concurrency_limits": self.concurrency_limits,
+            "history": self.history is not None,
+            "history_buffer": self.history_buffer,
+            "retention_max_length": self.retention_max,
         }
 
     def _check_metrics(self) -> None:

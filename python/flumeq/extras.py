@@ -3,7 +3,9 @@
 ``pip install flumeq`` is enough to enqueue and to run workers. The dashboard
 needs ``flumeq[web]`` (starlette, uvicorn, jinja2); the Prometheus endpoint
 needs ``flumeq[metrics]`` (prometheus-client); ``flumeq[all]`` brings both.
-Tracing (``flumeq.tracing``) needs ``flumeq[otel]`` (opentelemetry-api).
+Tracing (``flumeq.tracing``) needs ``flumeq[otel]`` (opentelemetry-api); the
+task history in PostgreSQL (``flumeq.History``, ``Engine(history=...)``)
+needs ``flumeq[postgres]`` (psycopg 3).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "web": ("starlette", "uvicorn", "jinja2"),
     "metrics": ("prometheus_client",),
     "otel": ("opentelemetry",),
+    "postgres": ("psycopg",),
 }
 
 

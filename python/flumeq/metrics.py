@@ -22,7 +22,7 @@ import logging
 import socket
 from collections.abc import Iterator, Sequence
 from http.server import ThreadingHTTPServer
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -97,6 +97,23 @@ class FlumeqCollector:
             )
             for name in reads.COUNTERS
         }
+        history: dict[str, Any] = {
+            "history_buffered": GaugeMetricFamily(
+                "flumeq_history_buffered",
+                "Task-history events waiting in Redis to be written into PostgreSQL",
+                labels=["queue"],
+            ),
+            "history_dropped": CounterMetricFamily(
+                "flumeq_history_dropped",
+                "Task-history events dropped past history_buffer (PostgreSQL slow or down)",
+                labels=["queue"],
+            ),
+            "history_errors": CounterMetricFamily(
+                "flumeq_history_errors",
+                "Failed attempts at writing task history into PostgreSQL",
+                labels=["queue"],
+            ),
+        }
         durations = HistogramMetricFamily(
             "flumeq_task_duration_seconds", "Handler run time", labels=["queue", "type"]
         )
@@ -106,6 +123,8 @@ class FlumeqCollector:
                 gauge.add_metric([queue], row[name])
             paused.add_metric([queue], 1 if row["paused"] else 0)
             age.add_metric([queue], row["oldest_ready_age"] or 0.0)
+            for name, metric in history.items():
+                metric.add_metric([queue], row.get(name, 0))
             for type_, counts in sorted(row["types"].items()):
                 for name, counter in counters.items():
                     counter.add_metric([queue, type_], counts[name])
@@ -120,6 +139,7 @@ class FlumeqCollector:
         yield paused
         yield age
         yield from counters.values()
+        yield from history.values()
         yield durations
         worker_metrics: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
             "in_flight": GaugeMetricFamily(

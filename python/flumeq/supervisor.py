@@ -184,6 +184,35 @@ def _metrics_main(
     serve_metrics(Admin(url, prefix=prefix, group=group), port, queues=queues, host=host)
 
 
+def _history_main(
+    url: str,
+    dsn: str,
+    queues: list[str],
+    prefix: str,
+    consumer: str,
+    retention_days: Optional[float],
+) -> None:
+    """Entry point of the history process (``history``): SIGTERM makes it
+    write what is left (briefly) and exit."""
+    import threading  # noqa: PLC0415
+
+    from .history.sink import Sink  # noqa: PLC0415
+
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    _core.die_with_parent()
+    Sink(
+        url,
+        dsn,
+        queues,
+        prefix=prefix,
+        consumer=consumer,
+        retention_days=retention_days,
+        stop=stop,
+    ).run()
+
+
 class Supervisor:
     """Runs one engine's process tree until it stops (see the module doc)."""
 
@@ -265,6 +294,24 @@ class Supervisor:
                         engine.metrics_port,
                         self.queue_names,
                     ),
+                )
+            )
+        if engine.history:
+            # SIGTERM first: it writes what the last outcomes recorded.
+            self.helpers.append(
+                _Helper(
+                    self.context,
+                    "history",
+                    _history_main,
+                    (
+                        engine.url,
+                        engine.history,
+                        self.queue_names,
+                        engine.prefix,
+                        engine.consumer,
+                        engine.history_retention,
+                    ),
+                    grace=5.0,
                 )
             )
         if engine.cron and not self.burst:

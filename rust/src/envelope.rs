@@ -17,6 +17,7 @@
 //! | `error`      | optional, the last failure's text                |
 //! | `idempotent` | optional, "1" when `id` is the caller's own      |
 //! | `result_ttl` | optional, seconds to keep the outcome (decimal)  |
+//! | `retention`  | optional, seconds to keep a summary once it ended (decimal) |
 //!
 //! Unknown fields are kept as they are.
 
@@ -52,6 +53,8 @@ pub mod field {
     pub const IDEMPOTENT: &str = "idempotent";
     /// Seconds the task's outcome is kept once it ended (absent = not kept).
     pub const RESULT_TTL: &str = "result_ttl";
+    /// Seconds a summary of the task is kept once it ended.
+    pub const RETENTION: &str = "retention";
     /// Dead letters: why the task died (`error`, `timeout`, `poison`, ...).
     pub const REASON: &str = "reason";
     /// Dead letters: the last failure's traceback.
@@ -156,6 +159,8 @@ pub struct TaskRef<'a> {
     pub idempotent: bool,
     /// How long its outcome is kept once it ended, ms (0 = not kept).
     pub result_ttl_ms: u64,
+    /// How long a summary of it is kept once it ended, ms (0 = not kept).
+    pub retention_ms: u64,
 }
 
 fn shown(value: &[u8]) -> String {
@@ -183,6 +188,7 @@ struct Found<'a> {
     unique_key: Option<&'a [u8]>,
     idempotent: Option<&'a [u8]>,
     result_ttl: Option<&'a [u8]>,
+    retention: Option<&'a [u8]>,
     /// Index of the `type` field in the entry.
     kind_at: usize,
 }
@@ -209,6 +215,7 @@ impl<'a> Found<'a> {
                 b"unique_key" => &mut found.unique_key,
                 b"idempotent" => &mut found.idempotent,
                 b"result_ttl" => &mut found.result_ttl,
+                b"retention" => &mut found.retention,
                 _ => continue,
             };
             if slot.is_none() {
@@ -355,6 +362,10 @@ pub fn parse_indexed(entry: &RawEntry) -> Result<(TaskRef<'_>, usize), EnvelopeE
             Some(value) => seconds_ms(value, field::RESULT_TTL)?,
             None => 0,
         },
+        retention_ms: match found.retention {
+            Some(value) => seconds_ms(value, field::RETENTION)?,
+            None => 0,
+        },
     };
     Ok((task, found.kind_at))
 }
@@ -392,6 +403,12 @@ impl TaskRef<'_> {
             fields.push((
                 field::RESULT_TTL,
                 format_seconds(self.result_ttl_ms).into_bytes(),
+            ));
+        }
+        if self.retention_ms > 0 {
+            fields.push((
+                field::RETENTION,
+                format_seconds(self.retention_ms).into_bytes(),
             ));
         }
         fields
@@ -486,6 +503,7 @@ mod tests {
             unique_key: Some("u1"),
             idempotent: true,
             result_ttl_ms: 60_500,
+            retention_ms: 3_600_000,
         };
         let raw = round_trip(&task);
         assert_eq!(raw.get("result_ttl"), Some(&b"60.5"[..]));
@@ -501,6 +519,7 @@ mod tests {
         assert_eq!(parsed.deadline_ms, Some(1_700_000_100_000));
         assert_eq!(parsed.labels, task.labels);
         assert_eq!(parsed.result_ttl_ms, 60_500);
+        assert_eq!(parsed.retention_ms, 3_600_000);
         assert_eq!(parsed.unique_key, Some("u1"));
         assert!(parsed.idempotent);
         assert_eq!(parsed, task);

@@ -16,7 +16,9 @@
 //!   ```
 //!   Ids and types are bounded (`envelope::MAX_ID_BYTES`, `MAX_TYPE_BYTES`),
 //!   so their `u16` lengths hold. Flag bit 0 (`KEEPS_RESULT`): the task keeps
-//!   its outcome (`result_ttl`), so the actor sends its return value back.
+//!   its outcome (`result_ttl`), so the actor sends its return value back;
+//!   bit 1 (`RECORDS_RESULT`): the engine records history, so the actor
+//!   sends the value back when it can.
 //! - `CONTROL`: messages to a running actor (kept for cancellation); an
 //!   actor refuses kinds it does not know, loudly.
 //!
@@ -71,6 +73,11 @@ const STARTED_RECORD: usize = 16;
 const NO_LABELS: u32 = u32::MAX;
 /// Task record flag: the actor sends the return value back.
 pub const KEEPS_RESULT: u16 = 1;
+/// Task record flag: the actor sends the return value back when it can
+/// (JSON, within `MAX_RESULT_BYTES`) for the task's history, and a note of
+/// why not otherwise; unlike `KEEPS_RESULT` a value it cannot send is no
+/// failure.
+pub const RECORDS_RESULT: u16 = 2;
 
 /// A frame that does not follow the layout (a bug or memory corruption).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -218,17 +225,20 @@ pub fn begin_tasks(buffer: &mut Vec<u8>, batch_id: u64) {
 
 /// Appends one task record. Ids and types are bounded by the envelope's
 /// checks, so the `u16` lengths hold.
-pub fn push_task(buffer: &mut Vec<u8>, queue: u16, task: &TaskRef<'_>) {
+pub fn push_task(buffer: &mut Vec<u8>, queue: u16, task: &TaskRef<'_>, records_result: bool) {
     debug_assert!(u16::try_from(task.id.len()).is_ok() && u16::try_from(task.kind.len()).is_ok());
     buffer.reserve(task_record_len(task));
     buffer.extend_from_slice(&queue.to_le_bytes());
     buffer.extend_from_slice(&(task.id.len() as u16).to_le_bytes());
     buffer.extend_from_slice(&(task.kind.len() as u16).to_le_bytes());
-    let flags = if task.result_ttl_ms > 0 {
+    let mut flags = if task.result_ttl_ms > 0 {
         KEEPS_RESULT
     } else {
         0
     };
+    if records_result || task.retention_ms > 0 {
+        flags |= RECORDS_RESULT;
+    }
     buffer.extend_from_slice(&flags.to_le_bytes());
     buffer.extend_from_slice(&task.attempt.to_le_bytes());
     buffer.extend_from_slice(&task.max_retry.to_le_bytes());
@@ -268,6 +278,8 @@ pub struct TaskRecord<'a> {
     pub labels: Option<&'a [u8]>,
     /// The actor sends the return value back (the task keeps its outcome).
     pub keeps_result: bool,
+    /// The actor sends the return value back when it can (history).
+    pub records_result: bool,
 }
 
 /// Decodes a task frame into its batch id and records.
@@ -306,6 +318,7 @@ pub fn read_tasks(bytes: &[u8]) -> Result<(u64, Vec<TaskRecord<'_>>), FrameError
             payload,
             labels,
             keeps_result: flags & KEEPS_RESULT != 0,
+            records_result: flags & RECORDS_RESULT != 0,
         });
     }
     Ok((head.batch_id, records))
@@ -548,6 +561,7 @@ mod tests {
             unique_key: None,
             idempotent: false,
             result_ttl_ms: 0,
+            retention_ms: 0,
         }
     }
 
@@ -562,7 +576,7 @@ mod tests {
         let mut buffer = Vec::new();
         begin_tasks(&mut buffer, 77);
         for (queue, task) in tasks.iter().enumerate() {
-            push_task(&mut buffer, queue as u16, task);
+            push_task(&mut buffer, queue as u16, task, false);
         }
         set_count(&mut buffer, tasks.len() as u32);
         let expected_len: usize = HEADER + tasks.iter().map(task_record_len).sum::<usize>();
@@ -684,7 +698,7 @@ mod tests {
     fn truncated_or_inconsistent_frames_are_errors_not_panics() {
         let mut buffer = Vec::new();
         begin_tasks(&mut buffer, 1);
-        push_task(&mut buffer, 0, &task("a", b"{}", None));
+        push_task(&mut buffer, 0, &task("a", b"{}", None), true);
         set_count(&mut buffer, 1);
         for cut in 0..buffer.len() {
             assert!(read_tasks(&buffer[..cut]).is_err(), "cut at {cut}");

@@ -134,6 +134,28 @@ impl Keys {
         self.queue_key(queue, &format!("written:{consumer}"))
     }
 
+    /// The stream of task-history events waiting for a history process to
+    /// write them into `PostgreSQL` (`crate::history`): one entry per
+    /// outcome write, fields `n` (events) and `events` (a JSON array).
+    #[must_use]
+    pub fn events(&self, queue: &str) -> String {
+        self.queue_key(queue, "events")
+    }
+
+    /// The summaries of completed tasks enqueued with a `retention` (a hash:
+    /// task id -> JSON summary), for task lookups without a history.
+    #[must_use]
+    pub fn completed(&self, queue: &str) -> String {
+        self.queue_key(queue, "completed")
+    }
+
+    /// When each summary of `completed` expires: a ZSET of task ids scored
+    /// by ms since the epoch, which also bounds how many are kept.
+    #[must_use]
+    pub fn completed_expiry(&self, queue: &str) -> String {
+        self.queue_key(queue, "completed:expiry")
+    }
+
     /// The hash of handler run-time histograms.
     #[must_use]
     pub fn durations(&self, queue: &str) -> String {
@@ -210,6 +232,8 @@ mod tests {
         assert_eq!(keys.dead("mail"), "flumeq:{mail}:dead");
         assert_eq!(keys.delayed("mail"), "flumeq:{mail}:delayed");
         assert_eq!(keys.stats("mail"), "flumeq:{mail}:stats");
+        assert_eq!(keys.events("mail"), "flumeq:{mail}:events");
+        assert_eq!(keys.completed("mail"), "flumeq:{mail}:completed");
         assert_eq!(Keys::new("app").queues(), "app:queues");
         assert_eq!(Keys::new("app").paused(), "app:paused");
         assert_eq!(keys.unique("mail", "u:1"), "flumeq:{mail}:unique:u:1");

@@ -10,6 +10,7 @@ pub mod dispatcher;
 pub mod envelope;
 pub mod frame;
 pub mod futex;
+pub mod history;
 pub mod keys;
 pub mod outcome;
 pub mod region;

@@ -179,6 +179,80 @@ end
 return count
 ";
 
+/// Keeps a queue's task-history events within their bound: while the
+/// stats hash's `history_buffered` (events in the stream) is above the cap,
+/// deletes the oldest entries and counts their events as dropped
+/// (`history_dropped`). At most 1,000 entries a call, so a call never
+/// blocks Redis long; the next write continues.
+///
+/// KEYS[1] events stream, KEYS[2] stats hash. ARGV[1] most events kept.
+/// Returns the events dropped.
+pub const TRIM_EVENTS: &str = r"
+local cap = tonumber(ARGV[1])
+local buffered = tonumber(redis.call('HGET', KEYS[2], 'history_buffered') or '0')
+if buffered <= cap then return 0 end
+local dropped = 0
+local entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1000)
+if #entries == 0 then
+  redis.call('HSET', KEYS[2], 'history_buffered', 0)
+  return 0
+end
+for _, entry in ipairs(entries) do
+  if buffered - dropped <= cap then break end
+  local fields = entry[2]
+  local n = 0
+  for i = 1, #fields - 1, 2 do
+    if fields[i] == 'n' then n = tonumber(fields[i + 1]) or 0 end
+  end
+  redis.call('XDEL', KEYS[1], entry[1])
+  dropped = dropped + n
+end
+redis.call('HINCRBY', KEYS[2], 'history_buffered', -dropped)
+redis.call('HINCRBY', KEYS[2], 'history_dropped', dropped)
+return dropped
+";
+
+/// Keeps a queue's summaries of completed tasks (`retention`) within their
+/// lifetimes and their bound: deletes those expired, then the oldest past
+/// the most kept; at most 1,000 of each kind a call (the next write goes on).
+///
+/// KEYS[1] the summaries hash, KEYS[2] their expiry ZSET. ARGV[1] now (ms),
+/// ARGV[2] most kept. Returns the summaries deleted.
+pub const PRUNE_COMPLETED: &str = r"
+local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, 1000)
+local excess = redis.call('ZCARD', KEYS[2]) - #gone - tonumber(ARGV[2])
+if excess > 0 then
+  local oldest = redis.call('ZRANGE', KEYS[2], #gone, #gone + math.min(excess, 1000) - 1)
+  for _, id in ipairs(oldest) do gone[#gone + 1] = id end
+end
+if #gone == 0 then return 0 end
+for i = 1, #gone, 500 do
+  local part = {unpack(gone, i, math.min(i + 499, #gone))}
+  redis.call('HDEL', KEYS[1], unpack(part))
+  redis.call('ZREM', KEYS[2], unpack(part))
+end
+return #gone
+";
+
+/// Acknowledges task-history events a history process wrote into
+/// `PostgreSQL`: acks and deletes each entry, and takes the events of those
+/// it deleted (not those trimmed meanwhile) off `history_buffered`.
+///
+/// KEYS[1] events stream, KEYS[2] stats hash. ARGV[1] group, then pairs of
+/// entry id and event count. Returns the events taken off.
+pub const ACK_EVENTS: &str = r"
+local done = 0
+for i = 2, #ARGV - 1, 2 do
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+  if redis.call('XDEL', KEYS[1], ARGV[i]) == 1 then done = done + tonumber(ARGV[i + 1]) end
+end
+if done > 0 then
+  local left = redis.call('HINCRBY', KEYS[2], 'history_buffered', -done)
+  if left < 0 then redis.call('HSET', KEYS[2], 'history_buffered', 0) end
+end
+return done
+";
+
 /// The Lua shared by the cancel scripts: `ended_cancelled(fields, id)`
 /// counts a task (given by its stream fields) as cancelled in the stats
 /// hash (`KEYS[2]`), keeps its `cancelled` outcome (`KEYS[3]`, announced on

@@ -10,10 +10,11 @@ use bytes::Bytes;
 use super::now_ms;
 use super::retry::{Decision, RetryPolicy};
 use super::taken::Taken;
-use crate::envelope;
+use crate::envelope::{self, TaskRef};
+use crate::history::Event;
 use crate::keys::Keys;
 use crate::outcome::Outcome;
-use crate::streams::{DeadLetter, Durations, Ended, QueueOutcomes, QueueSpec};
+use crate::streams::{Completed, DeadLetter, Durations, Ended, QueueOutcomes, QueueSpec};
 
 /// What a dispatcher run did. The supervisor adds these up across the
 /// dispatcher's lives (they are published into the shared region).
@@ -138,6 +139,10 @@ pub struct Book {
     /// record expires (ms since the epoch): their tasks end as cancelled
     /// whatever else comes of them, except a success.
     cancelled: HashMap<(u16, Bytes), u64>,
+    /// This engine's (consumer) name.
+    worker: String,
+    /// Whether it records task history.
+    history: bool,
 }
 
 impl Book {
@@ -153,7 +158,139 @@ impl Book {
             totals: Report::default(),
             fresh: Report::default(),
             cancelled: HashMap::new(),
+            worker: String::new(),
+            history: false,
         }
+    }
+
+    /// Names this engine in history events and kept summaries.
+    pub fn set_worker(&mut self, worker: &str) {
+        worker.clone_into(&mut self.worker);
+    }
+
+    /// Keeps the summary of a task that ended (`state`) when it asks for
+    /// one (`retention`): its type, payload, labels, runs, times and engine,
+    /// then `detail`'s fields (result, or reason and error).
+    fn keep_summary(
+        &mut self,
+        taken: &Taken,
+        state: &str,
+        attempts: u32,
+        detail: impl FnOnce(&mut Event<'_>),
+    ) {
+        let retention_ms = if taken.flags.parsed {
+            taken.flags.retention_ms
+        } else {
+            envelope::parse(&taken.entry).map_or(0, |task| task.retention_ms)
+        };
+        if retention_ms == 0 {
+            return;
+        }
+        let Ok(task) = envelope::parse(&taken.entry) else {
+            return;
+        };
+        let now = now_ms();
+        let mut summary = Vec::with_capacity(256 + task.payload.len());
+        let mut written = Event::object(&mut summary, task.id.as_bytes());
+        written
+            .text("state", state.as_bytes())
+            .text("type", task.kind.as_bytes())
+            .long_text("payload", task.payload, false);
+        if let Some(labels) = task.labels {
+            written.text("labels", labels);
+        }
+        written
+            .number("attempts", u64::from(attempts))
+            .number("enqueued_at", task.enqueued_at_ms);
+        if taken.started_ms > 0 {
+            written.number("started_at", taken.started_ms);
+        }
+        written
+            .number("finished_at", now)
+            .text("worker", self.worker.as_bytes());
+        detail(&mut written);
+        written.end();
+        self.outcomes[usize::from(taken.queue)]
+            .completed
+            .push(Completed {
+                id: Bytes::copy_from_slice(task.id.as_bytes()),
+                expires_ms: now + retention_ms,
+                summary,
+            });
+    }
+
+    /// Records every task's lifecycle from now on (`crate::history`), as
+    /// engine `worker`.
+    pub fn record_history(&mut self, worker: &str) {
+        self.set_worker(worker);
+        self.history = true;
+    }
+
+    /// Books a history event of `taken` (when recording): its id, attempt,
+    /// time and engine, the run time when it was handed to an actor, else
+    /// the task's own fields (its only event may be this one), then
+    /// `detail`'s fields.
+    fn record(&mut self, taken: &Taken, event: &str, detail: impl FnOnce(&mut Event<'_>)) {
+        if !self.history {
+            return;
+        }
+        let worker = &self.worker;
+        let now = now_ms();
+        let task = envelope::parse(&taken.entry);
+        let id = taken.entry.get(envelope::field::ID).unwrap_or_default();
+        let attempt = task.as_ref().map_or(0, |task| task.attempt);
+        let events = &mut self.outcomes[usize::from(taken.queue)].events;
+        let mut written = events.begin(event, id, attempt, now, worker);
+        if taken.started_ms > 0 {
+            written.number("d", now.saturating_sub(taken.started_ms));
+        } else if let Ok(task) = &task {
+            task_fields(&mut written, task);
+        } else {
+            written.text("k", taken.kind());
+            if let Some(payload) = taken.entry.get(envelope::field::PAYLOAD) {
+                written.long_text("p", payload, false);
+            }
+        }
+        detail(&mut written);
+        written.end();
+    }
+
+    /// Books the start of tasks handed to an actor, when recording.
+    pub fn started<'t>(&mut self, tasks: impl IntoIterator<Item = &'t Taken>) {
+        if self.history {
+            for taken in tasks {
+                self.started_one(taken);
+            }
+        }
+    }
+
+    /// Books the start of `taken`, with the task's own fields, so a task
+    /// whose enqueue was not recorded is complete in the history from here.
+    fn started_one(&mut self, taken: &Taken) {
+        let worker = &self.worker;
+        let Ok(task) = envelope::parse(&taken.entry) else {
+            return;
+        };
+        let events = &mut self.outcomes[usize::from(taken.queue)].events;
+        let mut written = events.begin(
+            "started",
+            task.id.as_bytes(),
+            task.attempt,
+            taken.started_ms,
+            worker,
+        );
+        task_fields(&mut written, &task);
+        written.end();
+    }
+
+    /// Books a failed run (`failure`) of `taken`, when recording.
+    fn record_failed(&mut self, taken: &Taken, failure: &Failure<'_>) {
+        self.record(taken, "failed", |event| {
+            event
+                .text("r", failure.outcome.name().as_bytes())
+                .long_text("x", failure.message, false)
+                .long_text("tb", failure.traceback, true);
+        });
     }
 
     /// Records that task `id` of queue `queue` is cancelled until
@@ -182,6 +319,7 @@ impl Book {
     /// Ends a task as cancelled: acked, counted, its unique key released and
     /// its kept outcome (when it keeps one) says so. No retry, no dead letter.
     pub fn cancel(&mut self, taken: Taken, ran: bool) {
+        self.record(&taken, "cancelled", |_| {});
         self.end_final(
             &taken,
             ran,
@@ -215,6 +353,12 @@ impl Book {
             .as_ref()
             .map_or(0, |task| task.attempt + u32::from(ran));
         let result_ttl_ms = task.map_or(0, |task| task.result_ttl_ms);
+        self.keep_summary(taken, state, attempts, |summary| {
+            summary
+                .text("reason", reason.as_bytes())
+                .long_text("error", error, false)
+                .long_text("traceback", traceback, true);
+        });
         if result_ttl_ms > 0 {
             self.keep_outcome(
                 taken,
@@ -284,7 +428,21 @@ impl Book {
             Decision::HandBack => self.hand_back(taken),
             Decision::Cancelled => self.cancel(taken, true),
             Decision::Dead => self.dead(taken, failure),
-            Decision::Retry { delay_ms } => self.retry(taken, attempt, delay_ms, failure.message),
+            Decision::Retry { delay_ms } => {
+                if self.history {
+                    if failure.outcome != Outcome::Retry {
+                        self.record_failed(&taken, failure);
+                    }
+                    let due = now_ms() + delay_ms;
+                    self.record(&taken, "retried", |event| {
+                        event.number("u", due);
+                        if failure.outcome == Outcome::Retry {
+                            event.text("r", Outcome::Retry.name().as_bytes());
+                        }
+                    });
+                }
+                self.retry(taken, attempt, delay_ms, failure.message);
+            }
         }
     }
 
@@ -297,6 +455,21 @@ impl Book {
     /// A run succeeded and returned `value` (JSON, empty = none). Only
     /// tasks that went through an actor succeed, so their flags are known.
     fn succeed(&mut self, taken: Taken, value: &[u8]) {
+        let runs = if taken.flags.parsed {
+            taken.attempts().0 + 1
+        } else {
+            1
+        };
+        self.keep_summary(&taken, "succeeded", runs, |summary| {
+            if !value.is_empty() {
+                summary.long_text("result", value, false);
+            }
+        });
+        self.record(&taken, "succeeded", |event| {
+            if !value.is_empty() {
+                event.long_text("v", value, false);
+            }
+        });
         self.release_unique(&taken);
         if taken.flags.result_ttl_ms > 0 {
             let attempts = taken.attempts().0 + 1;
@@ -347,6 +520,17 @@ impl Book {
     /// Moves a task to the dead letters with the failure's reason and texts.
     pub fn dead(&mut self, taken: Taken, failure: &Failure<'_>) {
         let ran = failure.outcome.ran();
+        if self.history {
+            if ran {
+                self.record_failed(&taken, failure);
+            }
+            self.record(&taken, "dead", |event| {
+                event.text("r", failure.outcome.name().as_bytes());
+                if !ran {
+                    event.long_text("x", failure.message, false);
+                }
+            });
+        }
         let attempts = self.end_final(
             &taken,
             ran,
@@ -508,6 +692,20 @@ impl Book {
     }
 }
 
+/// A task's own fields in a history event: type, payload, labels, when it
+/// was enqueued and its retries.
+fn task_fields(event: &mut Event<'_>, task: &TaskRef<'_>) {
+    event
+        .text("k", task.kind.as_bytes())
+        .long_text("p", task.payload, false);
+    if let Some(labels) = task.labels {
+        event.text("l", labels);
+    }
+    event
+        .number("q", task.enqueued_at_ms)
+        .number("m", u64::from(task.max_retry));
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Instant;
@@ -637,5 +835,99 @@ mod tests {
         );
         assert!(ended.iter().all(|e| e.ttl_ms == 60_000));
         assert_eq!(first[0].dead[0].reason, "bad_result");
+    }
+
+    #[test]
+    fn a_recording_book_books_each_step_of_a_tasks_life() {
+        let mut book = book();
+        book.record_history("pod-1");
+        let mut first = taken("h", 0, 1);
+        first.started_ms = 1;
+        book.started([&first]);
+        book.finish(first, &Failure::new(Outcome::Failed, b"boom"));
+        let mut second = taken("h", 1, 1);
+        second.started_ms = 1;
+        book.finish(
+            second,
+            &Failure {
+                value: b"42",
+                ..Failure::new(Outcome::Succeeded, b"")
+            },
+        );
+        book.dead(
+            taken("never", 0, 0),
+            &Failure::new(Outcome::Invalid, b"bad"),
+        );
+        let outcomes = book.take().expect("outcomes");
+        let events: serde_json::Value =
+            serde_json::from_slice(&outcomes[0].events.to_json()).expect("json");
+        let names: Vec<&str> = events
+            .as_array()
+            .expect("array")
+            .iter()
+            .filter_map(|event| event["e"].as_str())
+            .collect();
+        assert_eq!(
+            names,
+            ["started", "failed", "retried", "succeeded", "dead"],
+            "{events}"
+        );
+        assert_eq!(outcomes[0].events.count, 5);
+        assert_eq!(events[0]["k"], "t");
+        assert_eq!(events[0]["w"], "pod-1");
+        assert_eq!(events[1]["x"], "boom");
+        assert_eq!(events[3]["v"], "42");
+        assert_eq!(events[3]["a"], 1);
+        assert!(events[3].get("d").is_some());
+        // Never handed to an actor: the dead event carries the task's fields.
+        assert_eq!(events[4]["p"], "{}");
+        assert_eq!(events[4]["r"], "invalid");
+    }
+
+    #[test]
+    fn a_book_not_recording_books_no_event() {
+        let mut book = book();
+        book.done(taken("a", 0, 0));
+        assert!(book.take().expect("outcomes")[0].events.is_empty());
+    }
+
+    #[test]
+    fn tasks_with_a_retention_leave_a_summary_when_they_end() {
+        let mut book = book();
+        book.set_worker("pod-2");
+        let with_retention = |id: &str| {
+            let mut taken = taken(id, 0, 0);
+            taken
+                .entry
+                .fields
+                .push((Bytes::from_static(b"retention"), Bytes::from_static(b"60")));
+            taken
+        };
+        book.finish(
+            with_retention("kept"),
+            &Failure {
+                value: b"[1]",
+                ..Failure::new(Outcome::Succeeded, b"")
+            },
+        );
+        book.finish(
+            with_retention("died"),
+            &Failure::new(Outcome::Rejected, b"no"),
+        );
+        book.done(taken("plain", 0, 0));
+        let outcomes = book.take().expect("outcomes");
+        let completed = &outcomes[0].completed;
+        assert_eq!(completed.len(), 2);
+        let kept: serde_json::Value = serde_json::from_slice(&completed[0].summary).expect("json");
+        assert_eq!(kept["id"], "kept");
+        assert_eq!(kept["state"], "succeeded");
+        assert_eq!(kept["type"], "t");
+        assert_eq!(kept["payload"], "{}");
+        assert_eq!(kept["worker"], "pod-2");
+        let died: serde_json::Value = serde_json::from_slice(&completed[1].summary).expect("json");
+        assert_eq!(died["state"], "dead");
+        assert_eq!(died["reason"], "rejected");
+        assert_eq!(died["error"], "no");
+        assert!(completed[0].expires_ms >= now_ms() + 59_000);
     }
 }

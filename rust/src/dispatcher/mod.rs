@@ -346,6 +346,8 @@ async fn serve(
             consumer: settings.consumer.clone(),
             dead_max_length: settings.dead_max_length,
             processed_ttl_ms: settings.processed_ttl_ms,
+            history_buffer: settings.history_buffer,
+            retention_max_length: settings.retention_max_length,
             scripts: WriteScripts::default(),
         },
         delayed: Arc::clone(&delayed),
@@ -416,6 +418,11 @@ async fn serve(
     pool.cancel_grace = Duration::from_millis(settings.cancel_grace_ms);
     pool.set_paused(&paused);
     let mut book = Book::new(keys.clone(), Arc::clone(&queues), policy);
+    book.set_worker(&settings.consumer);
+    if settings.history {
+        book.record_history(&settings.consumer);
+        pool.record_results = true;
+    }
     for Cancel {
         queue,
         id,

@@ -152,6 +152,9 @@ pub struct Pool<'r> {
     cancelling: Vec<Cancelling>,
     /// How long a cancelled task may run on before its actor is killed.
     pub cancel_grace: Duration,
+    /// The engine records history: actors send return values back, and
+    /// each hand-over is booked as the tasks' start.
+    pub record_results: bool,
 }
 
 impl<'r> Pool<'r> {
@@ -175,6 +178,7 @@ impl<'r> Pool<'r> {
             strict: false,
             cancelling: Vec::new(),
             cancel_grace: Duration::from_millis(defaults::CANCEL_GRACE_MS),
+            record_results: false,
         }
     }
 
@@ -511,12 +515,13 @@ impl<'r> Pool<'r> {
                     } else if self.frame.len() + length > max_frame {
                         Ok(None)
                     } else {
-                        frame::push_task(&mut self.frame, taken.queue, &task);
+                        frame::push_task(&mut self.frame, taken.queue, &task, self.record_results);
                         Ok(Some(Flags {
                             unique: task.unique_key.is_some(),
                             idempotent: task.idempotent,
                             kind_at,
                             result_ttl_ms: task.result_ttl_ms,
+                            retention_ms: task.retention_ms,
                             parsed: true,
                         }))
                     }
@@ -526,6 +531,7 @@ impl<'r> Pool<'r> {
                 Ok(Some(flags)) => {
                     let mut taken = taken;
                     taken.flags = flags;
+                    taken.started_ms = now;
                     let alone = taken.suspect;
                     tasks.push(Some(taken));
                     if alone {
@@ -552,6 +558,7 @@ impl<'r> Pool<'r> {
             return false;
         }
         ring.notify_consumer();
+        book.started(tasks.iter().flatten());
         self.next_batch_id += 1;
         self.slots[slot].outstanding += tasks.len();
         self.slots[slot].alone = tasks.iter().flatten().any(|taken| taken.suspect);

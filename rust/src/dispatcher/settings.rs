@@ -32,6 +32,13 @@ pub mod defaults {
     /// How long a cancelled task may run on before its actor is killed, ms
     /// (`Engine(cancel_grace=...)`).
     pub const CANCEL_GRACE_MS: u64 = 5_000;
+    /// Most task-history events each queue's events stream holds while no
+    /// history process writes them (`PostgreSQL` slow or down); the oldest
+    /// are dropped past it, and counted.
+    pub const HISTORY_BUFFER: u64 = 1_000_000;
+    /// Most summaries of completed tasks (`retention`) each queue keeps;
+    /// the oldest go first past it.
+    pub const RETENTION_MAX_LENGTH: u64 = 100_000;
 }
 
 /// How a dispatcher runs.
@@ -83,6 +90,13 @@ pub struct Settings {
     pub rate_limits: Vec<(String, u64, u64)>,
     /// Global concurrency limits: `(task type, most running at once)`.
     pub concurrency_limits: Vec<(String, u32)>,
+    /// Record every task's lifecycle in the queues' events streams, for the
+    /// history process to write into `PostgreSQL`.
+    pub history: bool,
+    /// Most events each queue's events stream holds.
+    pub history_buffer: u64,
+    /// Most summaries of completed tasks each queue keeps.
+    pub retention_max_length: u64,
 }
 
 impl Settings {
@@ -114,6 +128,9 @@ impl Settings {
             heartbeat_ms: 0,
             rate_limits: Vec::new(),
             concurrency_limits: Vec::new(),
+            history: false,
+            history_buffer: defaults::HISTORY_BUFFER,
+            retention_max_length: defaults::RETENTION_MAX_LENGTH,
         }
     }
 

@@ -17,6 +17,8 @@ pub struct Flags {
     pub kind_at: usize,
     /// How long its outcome is kept, ms (0 = not kept).
     pub result_ttl_ms: u64,
+    /// How long a summary of it is kept once it ended, ms (0 = not kept).
+    pub retention_ms: u64,
     /// Whether the fields above were learnt (the task went to an actor).
     pub parsed: bool,
 }
@@ -32,6 +34,8 @@ pub struct Taken {
     pub since: Instant,
     /// Learnt when handed to an actor.
     pub flags: Flags,
+    /// When it was handed to an actor (ms since the epoch; 0 = not yet).
+    pub started_ms: u64,
     /// It was in a batch whose actor died with nothing to blame: it runs
     /// alone from now on, so that a death it causes is pinned on it.
     pub suspect: bool,
@@ -46,6 +50,7 @@ impl Taken {
             entry,
             since,
             flags: Flags::default(),
+            started_ms: 0,
             suspect: false,
         }
     }

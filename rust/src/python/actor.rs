@@ -201,8 +201,9 @@ impl ActorEnd {
     /// Waits for the next batch (without holding the GIL). Returns
     /// `(batch_id, tasks)` or `None` once the dispatcher closed the ring. Each
     /// task is `(id, type, queue, payload, attempt, max_retry, enqueued_at,
-    /// timeout, labels, keeps_result)` with times in seconds; `keeps_result`:
-    /// send the return value back (as JSON, in its record).
+    /// timeout, labels, result)` with times in seconds; `result`: 1 = send
+    /// the return value back (as JSON, in its record) as the kept result, 2
+    /// = send it back when it can, for the history, 0 = do not.
     fn recv<'py>(&self, py: Python<'py>) -> PyResult<Option<(u64, Bound<'py, PyList>)>> {
         let ring = self.region.task_ring(self.slot);
         loop {
@@ -552,9 +553,13 @@ impl ActorEnd {
                         .into_pyobject(py)?
                         .into_any(),
                     labels,
-                    pyo3::types::PyBool::new(py, record.keeps_result)
-                        .to_owned()
-                        .into_any(),
+                    if record.keeps_result {
+                        1u8
+                    } else {
+                        2 * u8::from(record.records_result)
+                    }
+                    .into_pyobject(py)?
+                    .into_any(),
                 ],
             )?;
             list.append(task)?;

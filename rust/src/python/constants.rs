@@ -11,7 +11,7 @@ use crate::region::{SLOT_LOST, SLOT_RECLAIMED, SLOT_RUNNING, SLOT_STARTING};
 /// What the core offers the Python files; `python/flumeq/_version.py` holds
 /// the revision they expect. Bump both when either side changes the other
 /// depends on.
-pub const CORE_INTERFACE: u32 = 3;
+pub const CORE_INTERFACE: u32 = 4;
 
 pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
     // The one source of the version: rust/Cargo.toml.
@@ -31,6 +31,7 @@ pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
         ("MAX_TYPE_BYTES", MAX_TYPE_BYTES),
         ("MAX_TEXT_BYTES", MAX_TEXT_BYTES),
         ("MAX_RESULT_BYTES", MAX_RESULT_BYTES),
+        ("MAX_HISTORY_FIELD_BYTES", crate::history::MAX_FIELD_BYTES),
         ("ENDED_MAX_LENGTH", crate::streams::writer::ENDED_MAX_LENGTH),
         ("DEFAULT_PREFETCH", defaults::PREFETCH),
         ("DEFAULT_READ_COUNT", defaults::READ_COUNT),
@@ -47,6 +48,11 @@ pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
         ("ASYNC_GRACE_MS", defaults::ASYNC_GRACE_MS),
         ("DEFAULT_CANCEL_GRACE_MS", defaults::CANCEL_GRACE_MS),
         ("CANCEL_TTL_MS", crate::keys::CANCEL_TTL_MS),
+        ("DEFAULT_HISTORY_BUFFER", defaults::HISTORY_BUFFER),
+        (
+            "DEFAULT_RETENTION_MAX_LENGTH",
+            defaults::RETENTION_MAX_LENGTH,
+        ),
     ] {
         module.add(name, value)?;
     }

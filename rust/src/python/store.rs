@@ -90,11 +90,12 @@ impl Store {
     /// generated. The other options apply to all items. Returns `(task_id,
     /// entry_id)` pairs in order (entry id `""` when scheduled). With
     /// `unique_key` (one item only) raises `DuplicateTask` when the key is held.
-    /// `result_ttl_ms > 0` keeps each task's outcome that long once it ended.
+    /// `result_ttl_ms > 0` keeps each task's outcome that long once it ended;
+    /// `retention_ms > 0` a summary of it (`Keys::completed`).
     /// With `tick = (entry, tick_ms)` (one item only) the task is a cron
     /// entry's tick: appended only if no later or equal tick of the entry
     /// was, in one script; an empty list says it was enqueued already.
-    #[pyo3(signature = (queue, items, max_retry, timeout_ms, deadline_ms = None, labels = None, unique_key = None, unique_ttl_ms = 3_600_000, due_ms = 0, result_ttl_ms = 0, tick = None))]
+    #[pyo3(signature = (queue, items, max_retry, timeout_ms, deadline_ms = None, labels = None, unique_key = None, unique_ttl_ms = 3_600_000, due_ms = 0, result_ttl_ms = 0, tick = None, retention_ms = 0))]
     #[expect(
         clippy::too_many_arguments,
         reason = "mirrors Client.enqueue's options"
@@ -117,6 +118,7 @@ impl Store {
         due_ms: u64,
         result_ttl_ms: u64,
         tick: Option<(String, u64)>,
+        retention_ms: u64,
     ) -> PyResult<Vec<(String, String)>> {
         validate_queue(queue).map_err(|failure| error(py, "InvalidTask", failure.to_string()))?;
         if (unique_key.is_some() || tick.is_some()) && items.len() != 1 {
@@ -148,6 +150,7 @@ impl Store {
                 unique_key,
                 idempotent: *idempotent,
                 result_ttl_ms,
+                retention_ms,
             })
             .collect();
         if let Some((entry, tick_ms)) = &tick {
@@ -234,6 +237,36 @@ impl Store {
     ) -> PyResult<(u64, u64, u64)> {
         let found = self.with(py, |store| store.cancel(queue, task_id, group))?;
         Ok((found.delayed, found.ready, found.held))
+    }
+
+    /// Appends task-history events to `queue`'s events stream and keeps it
+    /// within `cap` events (see `SyncStore::record_events`); returns the
+    /// events dropped for the bound.
+    fn record_events(
+        &self,
+        py: Python<'_>,
+        queue: &str,
+        count: u32,
+        events: &[u8],
+        cap: u64,
+    ) -> PyResult<u64> {
+        self.with(py, |store| store.record_events(queue, count, events, cap))
+    }
+
+    /// Acknowledges written entries of `queue`'s events stream: `(entry
+    /// id, events)` pairs (see `SyncStore::ack_events`).
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "PyO3 extracts arguments as owned values"
+    )]
+    fn ack_events(
+        &self,
+        py: Python<'_>,
+        queue: &str,
+        group: &str,
+        entries: Vec<(String, u32)>,
+    ) -> PyResult<u64> {
+        self.with(py, |store| store.ack_events(queue, group, &entries))
     }
 
     /// Deletes all dead letters of `queue`; returns how many there were.
@@ -333,6 +366,9 @@ fn key_names(prefix: &str, queue: Option<&str>) -> std::collections::HashMap<&'s
         names.insert("done", keys.done(queue, ""));
         names.insert("result", keys.result(queue, ""));
         names.insert("ended", keys.ended(queue));
+        names.insert("events", keys.events(queue));
+        names.insert("completed", keys.completed(queue));
+        names.insert("completed_expiry", keys.completed_expiry(queue));
         names.insert("cron", keys.cron_ticks(queue));
         names.insert("cancels", keys.cancels(queue));
     }

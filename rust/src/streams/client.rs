@@ -72,6 +72,8 @@ struct ClientScripts {
     cancel_delayed: Script,
     cancel_scan: Script,
     release_unique: Script,
+    trim_events: Script,
+    ack_events: Script,
 }
 
 impl Default for ClientScripts {
@@ -85,6 +87,8 @@ impl Default for ClientScripts {
             cancel_delayed: Script::new(scripts::CANCEL_DELAYED),
             cancel_scan: Script::new(scripts::CANCEL_SCAN),
             release_unique: Script::new(scripts::RELEASE_UNIQUE),
+            trim_events: Script::new(scripts::TRIM_EVENTS),
+            ack_events: Script::new(scripts::ACK_EVENTS),
         }
     }
 }
@@ -614,6 +618,62 @@ impl SyncStore {
     pub fn purge_dead(&mut self, queue: &str) -> RedisResult<u64> {
         self.run(|connection, keys, scripts| {
             scripts.purge_dead.key(keys.dead(queue)).invoke(connection)
+        })
+    }
+
+    /// Appends `count` task-history events (`events`, a JSON array) to
+    /// `queue`'s events stream, then keeps the stream within `cap` events
+    /// (`TRIM_EVENTS`). Returns the events dropped to keep it there.
+    pub fn record_events(
+        &mut self,
+        queue: &str,
+        count: u32,
+        events: &[u8],
+        cap: u64,
+    ) -> RedisResult<u64> {
+        self.run(|connection, keys, scripts| {
+            let stream = keys.events(queue);
+            let stats = keys.stats(queue);
+            let mut pipe = redis::pipe();
+            pipe.cmd("XADD")
+                .arg(&stream)
+                .arg("*")
+                .arg("n")
+                .arg(count)
+                .arg("events")
+                .arg(events)
+                .ignore();
+            pipe.cmd("HINCRBY")
+                .arg(&stats)
+                .arg("history_buffered")
+                .arg(count)
+                .ignore();
+            pipe.query::<()>(connection)?;
+            scripts
+                .trim_events
+                .key(&stream)
+                .key(&stats)
+                .arg(cap)
+                .invoke(connection)
+        })
+    }
+
+    /// Acknowledges and deletes entries of `queue`'s events stream that a
+    /// history process wrote (`ACK_EVENTS`): `(entry id, events)` pairs.
+    /// Returns the events taken off the buffered count.
+    pub fn ack_events(
+        &mut self,
+        queue: &str,
+        group: &str,
+        entries: &[(String, u32)],
+    ) -> RedisResult<u64> {
+        self.run(|connection, keys, scripts| {
+            let mut invocation = scripts.ack_events.key(keys.events(queue));
+            invocation.key(keys.stats(queue)).arg(group);
+            for (id, count) in entries {
+                invocation.arg(id).arg(*count);
+            }
+            invocation.invoke(connection)
         })
     }
 

@@ -104,6 +104,22 @@ pub struct QueueOutcomes {
     pub by_type: Vec<(bytes::Bytes, TypeCounts)>,
     /// Handler run times reported by actors, per task type.
     pub durations: Vec<Durations>,
+    /// Task-history events (engines running with `history`).
+    pub events: crate::history::Events,
+    /// Summaries of completed tasks enqueued with a `retention`.
+    pub completed: Vec<Completed>,
+}
+
+/// The summary of a completed task kept for its `retention` (type,
+/// payload, result or error, times, engine), as JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completed {
+    /// The task id.
+    pub id: bytes::Bytes,
+    /// When the summary expires, ms since the epoch.
+    pub expires_ms: u64,
+    /// The summary (a JSON object).
+    pub summary: Vec<u8>,
 }
 
 /// Counters of one task type.
@@ -157,7 +173,9 @@ impl QueueOutcomes {
             && self.dead_count == 0
             && self.cancelled == 0
             && self.throttled == 0
-            && self.durations.is_empty())
+            && self.durations.is_empty()
+            && self.events.is_empty()
+            && self.completed.is_empty())
     }
 
     /// Tasks whose outcome this holds (each finished entry is one task).
@@ -190,6 +208,8 @@ impl QueueOutcomes {
         self.unlock.extend(other.unlock);
         self.refresh.extend(other.refresh);
         self.ended.extend(other.ended);
+        self.events.merge(other.events);
+        self.completed.extend(other.completed);
         self.processed += other.processed;
         self.failed += other.failed;
         self.retried += other.retried;

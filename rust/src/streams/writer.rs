@@ -88,6 +88,10 @@ pub struct WriteSettings {
     pub dead_max_length: usize,
     /// How long done markers live, ms.
     pub processed_ttl_ms: u64,
+    /// Most task-history events each queue's events stream holds.
+    pub history_buffer: u64,
+    /// Most summaries of completed tasks each queue keeps.
+    pub retention_max_length: u64,
     /// The scripts a write calls.
     pub scripts: WriteScripts,
 }
@@ -106,6 +110,8 @@ pub struct Attempt {
 pub struct WriteScripts {
     refresh: redis::Script,
     release: redis::Script,
+    trim_events: redis::Script,
+    prune_completed: redis::Script,
 }
 
 impl Default for WriteScripts {
@@ -113,17 +119,22 @@ impl Default for WriteScripts {
         Self {
             refresh: redis::Script::new(scripts::REFRESH_OWN),
             release: redis::Script::new(scripts::RELEASE_UNIQUE),
+            trim_events: redis::Script::new(scripts::TRIM_EVENTS),
+            prune_completed: redis::Script::new(scripts::PRUNE_COMPLETED),
         }
     }
 }
 
 impl WriteScripts {
-    /// Loads both scripts (after Redis said `NOSCRIPT`: it restarted, or its
+    /// Loads the scripts (after Redis said `NOSCRIPT`: it restarted, or its
     /// script cache was flushed). One command each: on a cluster a lone
     /// `SCRIPT LOAD` goes to every master (a pipeline would go to one).
     pub async fn load(&self, connection: &mut Link) -> RedisResult<()> {
         self.refresh.prepare_invoke().load_async(connection).await?;
         self.release.prepare_invoke().load_async(connection).await?;
+        for script in [&self.trim_events, &self.prune_completed] {
+            script.prepare_invoke().load_async(connection).await?;
+        }
         Ok(())
     }
 }
@@ -330,6 +341,37 @@ fn add_block(
                 .arg(kept.id.as_ref());
         }
     }
+    if !outcome.completed.is_empty() {
+        // Pruned to their bound after the transaction (`PRUNE_COMPLETED`).
+        let mut summaries = redis::cmd("HSET");
+        let mut expiries = redis::cmd("ZADD");
+        summaries.arg(keys.completed(&queue.name));
+        expiries.arg(keys.completed_expiry(&queue.name));
+        for completed in &outcome.completed {
+            summaries
+                .arg(completed.id.as_ref())
+                .arg(completed.summary.as_slice());
+            expiries
+                .arg(completed.expires_ms)
+                .arg(completed.id.as_ref());
+        }
+        pipe.add_command(summaries);
+        pipe.add_command(expiries);
+    }
+    if !outcome.events.is_empty() {
+        // Trimmed to their bound after the transaction (`TRIM_EVENTS`).
+        pipe.cmd("XADD")
+            .arg(keys.events(&queue.name))
+            .arg("*")
+            .arg("n")
+            .arg(outcome.events.count)
+            .arg("events")
+            .arg(outcome.events.to_json());
+        pipe.cmd("HINCRBY")
+            .arg(&stats)
+            .arg("history_buffered")
+            .arg(outcome.events.count);
+    }
     pipe.cmd("SET")
         .arg(marker.0)
         .arg(marker.1)
@@ -406,6 +448,25 @@ pub async fn write_outcomes(
         }
         for (key, owner) in &outcome.unlock {
             pipe.invoke_script(scripts.release.key(key).arg(owner.as_ref()));
+        }
+        if !outcome.completed.is_empty() {
+            pipe.invoke_script(
+                scripts
+                    .prune_completed
+                    .key(keys.completed(&queue.name))
+                    .key(keys.completed_expiry(&queue.name))
+                    .arg(now_ms)
+                    .arg(settings.retention_max_length),
+            );
+        }
+        if !outcome.events.is_empty() {
+            pipe.invoke_script(
+                scripts
+                    .trim_events
+                    .key(keys.events(&queue.name))
+                    .key(keys.stats(&queue.name))
+                    .arg(settings.history_buffer),
+            );
         }
     }
     if pipe.cmd_iter().next().is_none() {

@@ -566,6 +566,10 @@
     ["due", "Due", fmtTime],
     ["deadline", "Deadline", fmtTime],
     ["failed_at", "Failed", fmtTime],
+    ["started_at", "Started", fmtTime],
+    ["finished_at", "Finished", fmtTime],
+    ["worker", "Worker"],
+    ["result", "Result"],
     ["reason", "Reason"],
     ["labels", "Labels"],
     ["unique_key", "Unique key"],
@@ -633,7 +637,7 @@
         last = key;
         if (!data.found.length) {
           results.replaceChildren(
-            el("p", { class: "empty" }, "No task ", code(taskId), " is ready, in flight, delayed or dead (done tasks leave no trace unless enqueued with a task_id)."),
+            el("p", { class: "empty" }, "No task ", code(taskId), " is ready, in flight, delayed or dead (done tasks leave no trace unless enqueued with a retention or a task_id)."),
           );
           return;
         }
