@@ -13,6 +13,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from click.testing import CliRunner
 from postgres import PostgresServer, bin_dir
 
 import flumeq
-from conftest import wait_until
+from conftest import spawn_script, wait_until
 from flumeq.cli import main
 from flumeq.history.sink import Sink
 
@@ -371,3 +373,129 @@ def history_process_or_none(find: Any) -> Any:
         return find().pid
     except AssertionError:
         return None
+
+
+# -- the dashboard's History page (headless Chromium) ---------------------------
+
+DASHBOARD = """
+import sys
+
+import uvicorn
+
+import flumeq
+from flumeq.web import create_app
+
+url, port, dsn = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+app = create_app(
+    flumeq.Admin(url), local_only=True, history=flumeq.History(dsn) if dsn else None
+)
+uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+"""
+XSS = "<script>window.pwned=1</script>"
+
+
+def start_board(redis_url: str, dsn: str) -> tuple[str, subprocess.Popen[bytes]]:
+    from test_web import free_port  # noqa: PLC0415
+
+    port = free_port()
+    process = spawn_script(DASHBOARD, redis_url, str(port), dsn)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/history", timeout=1):
+                return f"http://127.0.0.1:{port}", process
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise AssertionError(f"no dashboard: {process.communicate()[1]!r}") from None
+            time.sleep(0.1)
+
+
+def test_the_dashboard_history_page_filters_pages_and_shows_a_timeline(
+    redis_url: str, dsn: str, tmp_path: Path
+) -> None:
+    playwright = pytest.importorskip("playwright.sync_api")
+    from test_web import CHROMIUM, DOCS_SHOTS, stop  # noqa: PLC0415
+
+    client = flumeq.Client(redis_url, history=True)
+    client.enqueue_many(
+        [("email:send", {"to": f"user{n}@example.com", "template": "welcome"}) for n in range(30)],
+        queue="emails",
+        labels={"campaign": "winter"},
+    )
+    client.enqueue("charge", {"order": 17, "note": XSS}, task_id="order-17", max_retry=1)
+
+    def charge(task: flumeq.Task) -> None:
+        raise ConnectionError("card processor timed out for order " + str(task.payload["order"]))
+
+    flumeq.Engine(
+        {"email:send": lambda task: {"sent": True}, "charge": charge},
+        redis_url,
+        queues=("default", "emails"),
+        history=dsn,
+        retry_base=0.01,
+        retry_max=0.02,
+    ).run(processes=1, burst=True)
+    # A delayed one (after the burst engine, which waits for delayed tasks).
+    client.enqueue("charge", {"order": 18}, task_id="order-18", delay=3600)
+    Sink(redis_url, dsn, ["default"], consumer="board").step()
+    shots = DOCS_SHOTS if os.environ.get("FLUMEQ_SCREENSHOTS") == "1" else tmp_path
+    base, process = start_board(redis_url, dsn)
+    bare, bare_process = start_board(redis_url, "")
+    try:
+        status, body = _get(base + "/api/history?state=lost")
+        assert status == 400 and "state must be one of" in body
+        assert _get(bare + "/api/history")[0] == 404
+        with playwright.sync_playwright() as driver:
+            browser = driver.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(10_000)
+            page.goto(bare + "/history")
+            playwright.expect(page.locator("#history-off")).to_contain_text("--history DSN")
+
+            page.goto(base + "/history?limit=20")
+            rows = page.locator("#history-table tbody tr")
+            playwright.expect(rows).to_have_count(20)
+            page.locator("#history-more").click()
+            playwright.expect(rows).to_have_count(32)
+            playwright.expect(page.locator("#history-more")).to_be_hidden()
+
+            page.goto(base + "/history?state=dead")
+            playwright.expect(rows).to_have_count(1)
+            playwright.expect(rows.first).to_contain_text("order-17")
+            page.goto(base + "/history?label=campaign%3Dwinter&queue=emails")
+            playwright.expect(rows).to_have_count(30)
+            page.goto(base + "/history?text=processor")
+            playwright.expect(rows).to_have_count(1)
+            rows.first.locator("a.task-link").click()
+            shown = page.locator("#history-task article")
+            playwright.expect(shown).to_contain_text("ConnectionError")
+            timeline = shown.locator("table.timeline tbody tr")
+            playwright.expect(timeline).to_have_count(
+                7
+            )  # enqueued, then 2 x (started, failed), retried, dead
+            playwright.expect(shown.locator("pre.payload")).to_contain_text(XSS)
+            assert page.evaluate("window.pwned") is None
+            page.screenshot(path=str(shots / "history.png"), full_page=True)
+
+            # From the dead letters to the timeline.
+            page.goto(base + "/dead/default")
+            page.locator('article.letter[data-task-id="order-17"] a.history-link').click()
+            playwright.expect(page.locator("#history-task article")).to_contain_text("order-17")
+            # From a task lookup (the delayed one) to its history.
+            page.goto(base + "/tasks?id=order-18")
+            page.locator("article.hit a.history-link").click()
+            playwright.expect(page.locator("#history-task article")).to_contain_text("enqueued")
+            browser.close()
+    finally:
+        stop(process)
+        stop(bare_process)
+    assert (shots / "history.png").stat().st_size > 10_000
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()

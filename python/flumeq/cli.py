@@ -989,6 +989,13 @@ def cron(url: Optional[str], prefix: str) -> None:
     default="INFO",
     show_default=True,
 )
+@click.option(
+    "--history",
+    envvar="FLUMEQ_HISTORY",
+    default=None,
+    metavar="DSN",
+    help="The task history's PostgreSQL database, for the History page [env FLUMEQ_HISTORY].",
+)
 @redis_options
 @friendly_errors
 def ui(
@@ -997,6 +1004,7 @@ def ui(
     token: Optional[str],
     group: str,
     log_level: str,
+    history: Optional[str],
     url: Optional[str],
     prefix: str,
 ) -> None:
@@ -1017,7 +1025,13 @@ def ui(
     admin = _admin(url, prefix, group)
     click.echo(f"flumeq dashboard for {safe_url(admin.url)} on http://{host}:{port}/")
     try:
-        serve(admin, host=host, port=port, token=token)
+        serve(
+            admin,
+            host=host,
+            port=port,
+            token=token,
+            history=History(history) if history else None,
+        )
     except ConfigError as error:
         raise click.UsageError(str(error)) from None
 

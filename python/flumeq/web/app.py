@@ -48,6 +48,7 @@ import secrets
 import threading
 import time
 from collections.abc import Awaitable, Iterable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 from urllib.parse import quote, urlsplit
@@ -66,6 +67,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .._version import __version__
 from ..admin import Admin
 from ..errors import ConfigError, FlumeqError, RedisUnavailable
+from ..history import History, HistoryUnavailable
+from ..history.rows import EVENTS
 
 __all__ = ["create_app", "serve"]
 
@@ -88,6 +91,24 @@ SECURITY_HEADERS = [
 ]
 
 T = TypeVar("T")
+
+
+#: The History page's filters (``History.search``'s names).
+HISTORY_FILTERS = ("queue", "type", "state", "label", "since", "until", "text")
+#: Tasks per History page.
+HISTORY_PAGE = 50
+
+
+def _epochs(value: Any) -> Any:
+    """``value`` with its datetimes as seconds since the epoch (as the
+    other APIs give times)."""
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, dict):
+        return {key: _epochs(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_epochs(item) for item in value]
+    return value
 
 
 class _Json(JSONResponse):
@@ -223,9 +244,14 @@ def _challenge(text: str) -> Response:
 class _Dashboard:
     """The endpoints, around one ``Admin`` shared by every request."""
 
-    def __init__(self, admin: Admin, token: Optional[str]) -> None:
+    def __init__(
+        self, admin: Admin, token: Optional[str], history: Optional[History] = None
+    ) -> None:
         self.admin = admin
         self.token = token
+        #: The task history, when the dashboard was given its database.
+        self.history = history
+        self._history_lock = threading.Lock()
         self.csrf = secrets.token_urlsafe(32)
         # Admin calls block (Redis round trips): run them off the event loop, one at a time.
         self._lock = threading.Lock()
@@ -309,6 +335,19 @@ class _Dashboard:
         task_id = request.query_params.get("id", "").strip()
         return self._page(request, "task.html", page="task", title="Task lookup", task_id=task_id)
 
+    async def history_page(self, request: Request) -> Response:
+        params = request.query_params
+        return self._page(
+            request,
+            "history.html",
+            page="history",
+            title="History",
+            history_on=self.history is not None,
+            filters={name: params.get(name, "") for name in HISTORY_FILTERS},
+            task_id=params.get("task", "").strip(),
+            states=EVENTS,
+        )
+
     async def workers_page(self, request: Request) -> Response:
         return self._page(request, "workers.html", page="workers", title="Workers")
 
@@ -388,6 +427,61 @@ class _Dashboard:
             return {"id": task_id, "found": await self._admin(self.admin.find_task, task_id)}
 
         return await self._api(produce)
+
+    async def _from_history(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        def locked() -> T:
+            with self._history_lock:
+                return call(*args, **kwargs)
+
+        return await run_in_threadpool(locked)
+
+    async def _history_api(self, produce: Callable[[History], Awaitable[Any]]) -> Response:
+        """Runs ``produce`` on the history: 404 without one, 400 for a bad
+        filter, 503 when PostgreSQL cannot be reached."""
+        if self.history is None:
+            return _error(404, "no history database: start the dashboard with --history DSN")
+        try:
+            return _Json(
+                _epochs(await produce(self.history)), headers={"Cache-Control": "no-store"}
+            )
+        except ConfigError as error:
+            return _error(400, str(error))
+        except HistoryUnavailable as error:
+            return _error(503, str(error))
+        except Exception as error:
+            self.history.close()
+            return _error(503, f"the history database failed: {type(error).__name__}: {error}")
+
+    async def api_history(self, request: Request) -> Response:
+        params = request.query_params
+        filters: dict[str, Any] = {
+            name: params[name] for name in HISTORY_FILTERS if params.get(name, "").strip()
+        }
+        limit = params.get("limit", str(HISTORY_PAGE))
+        before_at, before_id = params.get("before_at"), params.get("before_id")
+
+        async def produce(history: History) -> dict[str, Any]:
+            try:
+                count = int(limit)
+                before = None
+                if before_at and before_id:
+                    before = (datetime.fromtimestamp(float(before_at), timezone.utc), before_id)
+            except ValueError:
+                raise ConfigError("limit and before_at must be numbers") from None
+            rows = await self._from_history(history.search, limit=count, before=before, **filters)
+            return {"tasks": rows, "more": len(rows) == count}
+
+        return await self._history_api(produce)
+
+    async def api_history_task(self, request: Request) -> Response:
+        task_id = request.query_params.get("id", "").strip()
+        queue = request.query_params.get("queue") or None
+
+        async def produce(history: History) -> dict[str, Any]:
+            task = await self._from_history(history.task, task_id, queue) if task_id else None
+            return {"id": task_id, "task": task}
+
+        return await self._history_api(produce)
 
     async def api_workers(self, request: Request) -> Response:
         async def produce() -> dict[str, Any]:
@@ -501,8 +595,10 @@ def create_app(
     require_token: bool = False,
     allowed_hosts: Optional[Iterable[str]] = None,
     local_only: bool = False,
+    history: Optional[History] = None,
 ) -> Starlette:
-    """The dashboard as an ASGI app over ``admin``.
+    """The dashboard as an ASGI app over ``admin`` (and ``history``, whose
+    History page searches the task history in PostgreSQL).
 
     ``token``: actions need it (HTTP Basic password or Bearer); with
     ``require_token`` every request does. ``allowed_hosts``: ``Host`` names
@@ -534,7 +630,7 @@ def create_app(
             raise ConfigError(
                 f"local_only=True answers loopback Host names only, not {', '.join(foreign)}"
             )
-    board = _Dashboard(admin, token)
+    board = _Dashboard(admin, token, history)
     return Starlette(
         routes=[
             Route("/", board.overview_page, name="overview"),
@@ -543,6 +639,7 @@ def create_app(
             Route("/queues/{name:path}", board.queue_page, name="queue"),
             Route("/dead/{name:path}", board.dead_page, name="dead"),
             Route("/tasks", board.task_page, name="tasks"),
+            Route("/history", board.history_page, name="history"),
             Route("/workers", board.workers_page, name="workers"),
             Route("/cron", board.cron_page, name="cron"),
             Route("/login", board.login, name="login"),
@@ -551,6 +648,8 @@ def create_app(
             Route("/api/workers", board.api_workers),
             Route("/api/cron", board.api_cron),
             Route("/api/tasks", board.api_task),
+            Route("/api/history", board.api_history),
+            Route("/api/history/task", board.api_history_task),
             Route("/api/requeue/{name:path}", board.requeue, methods=["POST"]),
             Route("/api/purge/{name:path}", board.purge, methods=["POST"]),
             Route("/api/pause/{name:path}", board.pause, methods=["POST"]),
@@ -568,7 +667,11 @@ def create_app(
 
 
 def serve(
-    admin: Admin, host: str = "127.0.0.1", port: int = 8080, token: Optional[str] = None
+    admin: Admin,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    token: Optional[str] = None,
+    history: Optional[History] = None,
 ) -> None:
     """Serves the dashboard with uvicorn until interrupted.
 
@@ -589,6 +692,7 @@ def serve(
         require_token=not loopback,
         allowed_hosts=(*LOOPBACK_NAMES, host) if loopback else None,
         local_only=loopback and not token,
+        history=history,
     )
     import uvicorn  # noqa: PLC0415 (only needed to serve)
 

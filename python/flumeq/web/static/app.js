@@ -48,6 +48,10 @@
     return root + "/tasks?id=" + encodeURIComponent(id);
   }
 
+  function historyHref(id) {
+    return root + "/history?task=" + encodeURIComponent(id);
+  }
+
   // -- formatting ------------------------------------------------------------
 
   const numberFormat = new Intl.NumberFormat("en-US");
@@ -461,6 +465,7 @@
         {},
         el("a", { class: "task-link", href: taskHref(letter.task_id) }, code(letter.task_id)),
         el("span", { class: "type" }, letter.type || "(no type)"),
+        el("a", { class: "history-link", href: historyHref(letter.task_id) }, "history"),
         el("span", { class: "spacer" }),
         requeue,
       ),
@@ -592,6 +597,7 @@
       rows.push(el("tr", {}, el("th", {}, key), el("td", {}, typeof value === "object" ? JSON.stringify(value) : String(value))));
     }
     const links = [el("a", { href: queueHref(hit.queue) }, hit.queue)];
+    if (hit.task_id) links.push(" · ", el("a", { class: "history-link", href: historyHref(hit.task_id) }, "history"));
     if (hit.state === "dead") links.push(" · ", el("a", { href: deadHref(hit.queue) }, "dead letters"));
     let cancel = null;
     if (CANCELLABLE.has(hit.state) && hit.task_id) {
@@ -646,6 +652,139 @@
       // A lookup scans streams: refresh it rarely.
       15000,
     );
+  }
+
+  // -- history ---------------------------------------------------------------------
+
+  function fmtMs(ms) {
+    return ms === null || ms === undefined ? "–" : fmtDuration(Number(ms) / 1000);
+  }
+
+  function renderHistoryTask(task) {
+    const pair = (label, value) => el("tr", {}, el("th", {}, label), el("td", {}, value));
+    const rows = [
+      pair("Task id", code(task.task_id)),
+      pair("Queue", el("a", { href: queueHref(task.queue) }, task.queue)),
+      pair("Type", task.type || "–"),
+      pair("Runs", fmtInt(task.attempts)),
+      pair("Worker", task.worker || "–"),
+      pair("Enqueued", fmtTime(task.enqueued_at)),
+      pair("Started", fmtTime(task.started_at)),
+      pair("Finished", fmtTime(task.finished_at)),
+      pair("Run time", fmtMs(task.duration_ms)),
+    ];
+    if (task.reason) rows.push(pair("Reason", el("span", { class: "badge reason" }, task.reason)));
+    if (task.labels) rows.push(pair("Labels", JSON.stringify(task.labels)));
+    if (task.cut && task.cut.length) rows.push(pair("Cut", "longer than the history keeps: " + task.cut.join(", ")));
+    const timeline = el(
+      "table",
+      { class: "timeline" },
+      el("thead", {}, el("tr", {}, el("th", {}, "At"), el("th", {}, "Event"), el("th", { class: "num" }, "Attempt"), el("th", {}, "Worker"), el("th", { class: "num" }, "Run time"), el("th", {}, "Detail"))),
+      el(
+        "tbody",
+        {},
+        ...task.timeline.map((event) =>
+          el(
+            "tr",
+            { class: "event-" + event.event },
+            el("td", {}, fmtTime(event.at)),
+            el("td", {}, stateBadge(event.event)),
+            num(fmtInt(event.attempt)),
+            el("td", {}, event.worker || ""),
+            num(fmtMs(event.duration_ms)),
+            el(
+              "td",
+              {},
+              [event.reason, event.error ? event.error.split("\n")[0] : null, event.due_at ? "due " + fmtTime(event.due_at) : null]
+                .filter(Boolean)
+                .join(" · "),
+            ),
+          ),
+        ),
+      ),
+    );
+    const block = (label, text, cls) =>
+      text === null || text === undefined ? [] : [el("div", { class: "label" }, label), el("pre", { class: cls || "" }, text)];
+    return el(
+      "article",
+      { class: "hit history-task" },
+      el("header", {}, stateBadge(task.state), el("span", {}, "task "), code(task.task_id), " · ", el("a", { href: taskHref(task.task_id) }, "look up in Redis")),
+      el("table", { class: "fields" }, el("tbody", {}, ...rows)),
+      el("div", { class: "label" }, "Timeline"),
+      el("div", { class: "table-wrap" }, timeline),
+      ...block("Payload", task.payload === null ? null : prettyJson(task.payload), "payload"),
+      ...block("Result", task.result === null ? null : prettyJson(task.result), "result"),
+      ...block("Error", task.error, "error-text"),
+      ...block("Traceback", task.traceback),
+    );
+  }
+
+  async function showHistoryTask(id, queue) {
+    const holder = byId("history-task");
+    holder.dataset.taskId = id;
+    try {
+      const data = await getJson("/api/history/task?id=" + encodeURIComponent(id) + (queue ? "&queue=" + encodeURIComponent(queue) : ""));
+      holder.replaceChildren(
+        data.task ? renderHistoryTask(data.task) : el("p", { class: "empty" }, "Task ", code(id), " is not in the history."),
+      );
+      setStatus(true, "history");
+    } catch (error) {
+      holder.replaceChildren(el("p", { class: "empty" }, error.message));
+      setStatus(false, error.status === 503 ? "history unreachable" : "error");
+    }
+  }
+
+  function setupHistory() {
+    const table = byId("history-table");
+    if (!table) {
+      setStatus(true, "idle");
+      return;
+    }
+    const more = byId("history-more");
+    const filters = new URLSearchParams(window.location.search);
+    filters.delete("task");
+    let shown = [];
+    const row = (task) => {
+      const link = el("a", { href: historyHref(task.task_id), class: "task-link" }, code(task.task_id));
+      link.addEventListener("click", (event) => {
+        event.preventDefault();
+        showHistoryTask(task.task_id, task.queue);
+      });
+      return el(
+        "tr",
+        {},
+        el("td", {}, link),
+        el("td", {}, el("a", { href: queueHref(task.queue) }, task.queue)),
+        el("td", {}, task.type || ""),
+        el("td", {}, stateBadge(task.state)),
+        num(fmtInt(task.attempts)),
+        el("td", {}, fmtTime(task.updated_at)),
+        num(fmtMs(task.duration_ms)),
+      );
+    };
+    async function load(older) {
+      const params = new URLSearchParams(filters);
+      if (older && shown.length) {
+        const last = shown[shown.length - 1];
+        params.set("before_at", String(last.updated_at));
+        params.set("before_id", last.task_id);
+      }
+      try {
+        const data = await getJson("/api/history?" + params.toString());
+        shown = older ? shown.concat(data.tasks) : data.tasks;
+        fillTable(table, shown.map(row), "No task in the history matches.");
+        more.hidden = !data.more;
+        setText("history-note", "Newest activity first · " + fmtInt(shown.length) + " shown.");
+        setStatus(true, "history");
+      } catch (error) {
+        fillTable(table, [], error.message);
+        setStatus(false, error.status === 503 ? "history unreachable" : "error");
+      }
+    }
+    more.addEventListener("click", () => load(true));
+    load(false);
+    const wanted = byId("history-task").dataset.taskId;
+    if (wanted) showHistoryTask(wanted, null);
   }
 
   // -- workers ---------------------------------------------------------------------
@@ -713,6 +852,7 @@
   else if (page === "queue") setupQueue();
   else if (page === "dead") setupDead();
   else if (page === "task") setupTask();
+  else if (page === "history") setupHistory();
   else if (page === "workers") poll("/api/workers", renderWorkers);
   else if (page === "cron") poll("/api/cron", renderCron);
   else byId("status").hidden = true;
