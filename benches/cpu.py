@@ -23,7 +23,9 @@ is not limited, so this measures what looking at the batches costs);
 mapping over `rediss://` to a TLS-only redis-server (a CA made by openssl,
 as the tests do); `cluster` the mapping against a cluster-enabled
 redis-server owning every slot (what Cluster mode costs Redis itself);
-`three` the mapping draining three queues on one Redis, and `shards3` the
+`history` the mapping recording task history with PostgreSQL unreachable
+(the events go to Redis and wait there: what recording costs the task
+path); `three` the mapping draining three queues on one Redis, and `shards3` the
 same three queues on a 3-master Redis Cluster (`redis+cluster://`, each
 queue on its own master; Redis CPU is the sum over the three masters).
 """
@@ -81,6 +83,10 @@ def engine_for(variant: str, url: str) -> tuple[str, flumeq.Engine]:
         limits = {"rate_limits": {"mail": "100/s"}, "concurrency_limits": {"report": 2}}
     if variant == "limited":
         limits = {"rate_limits": {"noop": "10000000/s"}}
+    if variant == "history":
+        # Recording with PostgreSQL away (nothing listens on port 1): what
+        # the task path pays for history, without the writer's work.
+        limits = {"history": "postgresql://flumeq@127.0.0.1:1/flumeq"}
     # tls, cluster, three, shards3: the plain engine, on another server or
     # with more queues.
     engine = flumeq.Engine(
@@ -179,6 +185,7 @@ def main() -> None:
         "middleware": "mapping + 1 no-op middleware",
         "limits": "mapping, limits on 2 other types",
         "limited": "mapping, a rate limit on its type",
+        "history": "mapping, recording history (PostgreSQL away)",
         "tls": "mapping, over TLS (rediss://)",
         "cluster": "mapping, cluster-enabled Redis",
         "three": "mapping, 3 queues, one Redis",

@@ -301,6 +301,49 @@ def test_every_feature_on_a_three_master_cluster(cluster: Cluster, counter: str)
         assert node.exists(f"flumeq:{{{queue}}}:stream") or node.keys(f"flumeq:{{{queue}}}:*")
 
 
+def test_history_and_retention_on_a_three_master_cluster(cluster: Cluster) -> None:
+    """Task history and kept summaries with queues on different masters:
+    events, their trim and ack scripts, and the summaries stay on each
+    queue's slot; every task reaches PostgreSQL."""
+    from postgres import PostgresServer, bin_dir  # noqa: PLC0415
+
+    if bin_dir() is None:
+        pytest.skip("PostgreSQL is not installed")
+    flush_cluster(cluster)
+    queues = ("default", "other")
+    assert cluster.master_of("default") != cluster.master_of("other")
+    with PostgresServer() as postgres:
+        client = flumeq.Client(cluster.url, history=True)
+        for queue in queues:
+            client.enqueue_many([("ok", {"n": n}) for n in range(300)], queue=queue, retention=600)
+        client.enqueue("ok", None, queue="other", task_id="later", delay=3600)
+        assert client.cancel("later", "other")
+        flumeq.Engine(
+            {"ok": lambda task: task.payload}, cluster.url, queues=queues, history=postgres.dsn
+        ).run(processes=2, burst=True)
+        from flumeq.history.sink import Sink  # noqa: PLC0415
+
+        sink = Sink(cluster.url, postgres.dsn, list(queues), consumer="cluster")
+        while sink.step():
+            pass
+        with flumeq.History(postgres.dsn) as history:
+            for queue in queues:
+                done = history.search(queue=queue, state="succeeded", limit=1000)
+                assert len(done) == 300
+            cancelled = history.task("later")
+            assert cancelled is not None and cancelled["state"] == "cancelled"
+            some = history.task(done[0]["task_id"])
+            assert some is not None
+            assert [e["event"] for e in some["timeline"]] == ["enqueued", "started", "succeeded"]
+        [hit] = flumeq.Admin(cluster.url).find_task(done[0]["task_id"])
+        assert hit["completed"] and hit["state"] == "done"
+    for queue in queues:
+        node = redis.Redis(port=cluster.master_of(queue))
+        assert node.xlen(f"flumeq:{{{queue}}}:events") == 0
+        assert node.hget(f"flumeq:{{{queue}}}:stats", "history_buffered") == b"0"
+        assert node.hlen(f"flumeq:{{{queue}}}:completed") == 300
+
+
 CLUSTER_ENGINE = """
 import sys, time
 import flumeq

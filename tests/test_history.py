@@ -147,6 +147,40 @@ def test_every_step_of_each_task_is_recorded_and_searchable(redis_url: str, dsn:
     history.close()
 
 
+def test_entries_read_again_after_a_crash_before_the_ack_are_not_written_twice(
+    redis_url: str, dsn: str
+) -> None:
+    flumeq.Client(redis_url, history=True).enqueue_many([("ok", {"n": n}) for n in range(40)])
+    sink = Sink(redis_url, dsn, ["default"], consumer="crashy")
+    acked = sink._ack
+    sink._ack = lambda entries: (_ for _ in ()).throw(flumeq.RedisUnavailable("gone"))  # type: ignore[method-assign]
+    with pytest.raises(flumeq.RedisUnavailable):
+        sink.step()  # written and committed, the ack lost
+    assert rows(dsn, "SELECT count(*) FROM flumeq_task_event") == [(40,)]
+    sink._ack = acked  # type: ignore[method-assign]
+    sink.own_pending = True  # as after the failure (or in the process that claims them)
+    while sink.step():
+        pass
+    assert rows(dsn, "SELECT count(*) FROM flumeq_task_event") == [(40,)]
+    r = redis.Redis.from_url(redis_url)
+    assert r.xlen("flumeq:{default}:events") == 0
+    assert r.hget("flumeq:{default}:stats", "history_buffered") == b"0"
+
+
+def test_a_reader_on_a_fresh_database_makes_the_schema(postgres: PostgresServer) -> None:
+    with psycopg.connect(postgres.dsn, autocommit=True) as connection:
+        connection.execute("DROP DATABASE IF EXISTS fresh")
+        connection.execute("CREATE DATABASE fresh")
+    fresh = postgres.dsn.rsplit("/", 1)[0] + "/fresh"
+    with flumeq.History(fresh) as history:
+        assert history.search() == []
+        assert history.task("nothing") is None
+    versions = rows(fresh, "SELECT version FROM flumeq_schema_version ORDER BY version")
+    assert versions == [(1,), (2,)]
+    indexes = {row[0] for row in rows(fresh, "SELECT indexname FROM pg_indexes")}
+    assert {"flumeq_task_labels", "flumeq_task_text", "flumeq_task_queue"} <= indexes
+
+
 def test_a_recording_client_records_tasks_that_never_ran(redis_url: str, dsn: str) -> None:
     client = flumeq.Client(redis_url, history=dsn)
     client.enqueue("ok", {"later": True}, task_id="later", delay=3600, labels={"k": "v"})

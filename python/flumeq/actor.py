@@ -321,7 +321,8 @@ class _AsyncRunner:
                     value = await asyncio.wait_for(handler(task), task.timeout)
                 else:
                     value = await handler(task)
-                if keeps:
+                if keeps and (keeps == KEEPS_RESULT or value is not None):
+                    # A None only recorded (history) needs no record.
                     record = _kept(index, task, value, keeps)
             except asyncio.TimeoutError:
                 message = f"timeout: the handler ran longer than {task.timeout:g}s"
@@ -452,7 +453,8 @@ def run_batch(
             running.task = task
             value = handler(task)
             running.task = None
-            if keeps:
+            if keeps and (keeps == KEEPS_RESULT or value is not None):
+                # A None only recorded (history) is a plain success.
                 records.append(_kept(index, task, value, keeps))
             elif not ranged:
                 records.append((index, SUCCEEDED, 0, "", "", b""))

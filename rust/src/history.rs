@@ -23,7 +23,7 @@
 //! Texts are JSON strings (a payload that is not valid JSON still makes a
 //! valid event), cut to `MAX_FIELD_BYTES` at a character boundary.
 
-use std::io::Write as _;
+use std::borrow::Cow;
 
 use crate::outcome::clip;
 
@@ -103,6 +103,15 @@ impl Events {
     }
 }
 
+/// `value` as text: borrowed when it is UTF-8 (the common case, checked
+/// fast), with invalid sequences replaced otherwise.
+fn utf8(value: &[u8]) -> Cow<'_, str> {
+    match std::str::from_utf8(value) {
+        Ok(text) => Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(value),
+    }
+}
+
 /// One event (or another JSON object, see [`Event::object`]) being written.
 pub struct Event<'a> {
     out: &'a mut Vec<u8>,
@@ -114,7 +123,7 @@ impl<'a> Event<'a> {
     /// uses the same writer). Close it with [`Event::end`].
     pub fn object(out: &'a mut Vec<u8>, id: &[u8]) -> Self {
         out.extend_from_slice(b"{\"id\":");
-        let _ = serde_json::to_writer(&mut *out, String::from_utf8_lossy(id).as_ref());
+        let _ = serde_json::to_writer(&mut *out, utf8(id).as_ref());
         Self {
             out,
             cut: Vec::new(),
@@ -132,23 +141,23 @@ impl Event<'_> {
     /// A number field.
     pub fn number(&mut self, key: &str, value: u64) -> &mut Self {
         self.key(key);
-        let _ = write!(self.out, "{value}");
+        self.out
+            .extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
         self
     }
 
     /// A text field, as a JSON string (invalid UTF-8 replaced).
     pub fn text(&mut self, key: &str, value: &[u8]) -> &mut Self {
         self.key(key);
-        let text = String::from_utf8_lossy(value);
         // Writing a string into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut *self.out, text.as_ref());
+        let _ = serde_json::to_writer(&mut *self.out, utf8(value).as_ref());
         self
     }
 
     /// A text field cut to `MAX_FIELD_BYTES` (`tail`: keeping its end), and
     /// named in `c` when it was cut.
     pub fn long_text(&mut self, key: &'static str, value: &[u8], tail: bool) -> &mut Self {
-        let text = String::from_utf8_lossy(value);
+        let text = utf8(value);
         let kept = clip(&text, tail);
         if kept.len() < text.len() {
             self.cut.push(key);

@@ -182,8 +182,9 @@ return count
 /// Keeps a queue's task-history events within their bound: while the
 /// stats hash's `history_buffered` (events in the stream) is above the cap,
 /// deletes the oldest entries and counts their events as dropped
-/// (`history_dropped`). At most 1,000 entries a call, so a call never
-/// blocks Redis long; the next write continues.
+/// (`history_dropped`). Entries are read two at a time (each may hold a
+/// thousand events, so a wide read would copy megabytes into Lua), at most
+/// 64 a call, so a call never blocks Redis long; the next write continues.
 ///
 /// KEYS[1] events stream, KEYS[2] stats hash. ARGV[1] most events kept.
 /// Returns the events dropped.
@@ -192,20 +193,28 @@ local cap = tonumber(ARGV[1])
 local buffered = tonumber(redis.call('HGET', KEYS[2], 'history_buffered') or '0')
 if buffered <= cap then return 0 end
 local dropped = 0
-local entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1000)
-if #entries == 0 then
-  redis.call('HSET', KEYS[2], 'history_buffered', 0)
-  return 0
-end
-for _, entry in ipairs(entries) do
-  if buffered - dropped <= cap then break end
-  local fields = entry[2]
-  local n = 0
-  for i = 1, #fields - 1, 2 do
-    if fields[i] == 'n' then n = tonumber(fields[i + 1]) or 0 end
+local start = '-'
+for _ = 1, 32 do
+  local entries = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', 2)
+  if #entries == 0 then
+    if dropped == 0 then
+      redis.call('HSET', KEYS[2], 'history_buffered', 0)
+      return 0
+    end
+    break
   end
-  redis.call('XDEL', KEYS[1], entry[1])
-  dropped = dropped + n
+  for _, entry in ipairs(entries) do
+    if buffered - dropped <= cap then break end
+    local fields = entry[2]
+    local n = 0
+    for i = 1, #fields - 1, 2 do
+      if fields[i] == 'n' then n = tonumber(fields[i + 1]) or 0 end
+    end
+    redis.call('XDEL', KEYS[1], entry[1])
+    dropped = dropped + n
+  end
+  if buffered - dropped <= cap then break end
+  start = '(' .. entries[#entries][1]
 end
 redis.call('HINCRBY', KEYS[2], 'history_buffered', -dropped)
 redis.call('HINCRBY', KEYS[2], 'history_dropped', dropped)

@@ -1,7 +1,9 @@
 """Writing folded events into PostgreSQL: one transaction per batch, rows
 sent with ``COPY`` into temporary tables, then merged into the history
-tables (an event already there, from a replay, is skipped; a task row keeps
-the latest state and every field it learnt)."""
+tables (a task row keeps the latest state and every field it learnt). The
+events-stream entries written are noted in the same transaction, so that
+entries read again (after a crash between the commit and the ack) are
+recognised and skipped, not written twice."""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ _COLUMNS = ", ".join(TASK_COLUMNS)
 _MERGE_TASKS = f"""
 INSERT INTO flumeq_task AS t ({_COLUMNS})
 SELECT {_COLUMNS} FROM flumeq_task_stage
-ON CONFLICT (queue, task_id) DO UPDATE SET
+ON CONFLICT (task_id, queue) DO UPDATE SET
     type = coalesce(EXCLUDED.type, t.type),
     state = CASE WHEN EXCLUDED.updated_at >= t.updated_at THEN EXCLUDED.state ELSE t.state END,
     worker = CASE WHEN EXCLUDED.updated_at >= t.updated_at
@@ -50,8 +52,10 @@ ON CONFLICT (queue, task_id) DO UPDATE SET
 _MERGE_EVENTS = f"""
 INSERT INTO flumeq_task_event ({", ".join(EVENT_COLUMNS)})
 SELECT {", ".join(EVENT_COLUMNS)} FROM flumeq_task_event_stage
-ON CONFLICT DO NOTHING
 """
+#: How long written entries are remembered: far longer than an entry can
+#: stay pending (it is claimed after a minute).
+BATCH_MEMORY = "1 day"
 
 #: Rows one purge statement deletes: short transactions, no long lock.
 PURGE_BATCH = 5000
@@ -86,13 +90,36 @@ class Database:
             finally:
                 self.connection = None
 
-    def write(self, fold: Fold) -> None:
-        """Writes a batch in one transaction (all of it or nothing)."""
-        if not fold.events:
+    def written(self, entries: list[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which of ``(queue, entry id)`` were written already."""
+        if not entries:
+            return set()
+        connection = self.open()
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT queue, entry_id FROM flumeq_history_batch "
+                    "WHERE (queue, entry_id) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
+                    ([queue for queue, _ in entries], [entry for _, entry in entries]),
+                )
+                found = {(queue, entry) for queue, entry in cursor.fetchall()}
+            connection.commit()
+        except BaseException:
+            self.close()
+            raise
+        return found
+
+    def write(self, fold: Fold, entries: list[tuple[str, str]]) -> None:
+        """Writes a batch and notes its ``(queue, entry id)`` as written, in
+        one transaction (all of it or nothing)."""
+        if not entries:
             return
         connection = self.open()
         try:
             with connection.cursor() as cursor:
+                with cursor.copy("COPY flumeq_history_batch (queue, entry_id) FROM STDIN") as copy:
+                    for entry in entries:
+                        copy.write_row(entry)
                 with cursor.copy(f"COPY flumeq_task_stage ({_COLUMNS}) FROM STDIN") as copy:
                     for row in fold.tasks.values():
                         copy.write_row(row)
@@ -108,16 +135,23 @@ class Database:
             self.close()
             raise
 
-    def purge(self, days: float) -> int:
+    def purge(self, days: Optional[float]) -> int:
         """Deletes tasks not updated for ``days`` days and events older than
-        that, ``PURGE_BATCH`` rows per transaction; returns the task rows
-        deleted."""
+        that (``None``: none), ``PURGE_BATCH`` rows per transaction, and
+        the replay guard's old entries; returns the task rows deleted."""
         connection = self.open()
         deleted = 0
         cutoff = "now() - make_interval(secs => %s)"
-        seconds = days * 86400
+        seconds = (days or 0) * 86400
         try:
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    f"DELETE FROM flumeq_history_batch WHERE written_at < now() - interval '{BATCH_MEMORY}'"
+                )
+            connection.commit()
             for table, column in (("flumeq_task", "updated_at"), ("flumeq_task_event", "at")):
+                if days is None:
+                    break
                 while True:
                     with connection.cursor() as cursor:
                         cursor.execute(

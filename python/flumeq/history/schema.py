@@ -1,11 +1,13 @@
 """The history schema, created and migrated by flumeq itself.
 
-Two tables:
+Three tables:
 
-- ``flumeq_task``: one row per task (``queue``, ``task_id``), its state as
+- ``flumeq_task``: one row per task (``task_id``, ``queue``), its state as
   of its latest event: what a search returns;
 - ``flumeq_task_event``: one row per event (enqueued, started, succeeded,
-  failed, retried, dead, cancelled): a task's timeline.
+  failed, retried, dead, cancelled): a task's timeline;
+- ``flumeq_history_batch``: the events-stream entries written (for a day),
+  so that entries read again after a crash are not written twice.
 
 Migrations are numbered and run in order, each in its own transaction,
 under an advisory lock so that engines starting together migrate once; the
@@ -49,13 +51,12 @@ CREATE TABLE flumeq_task (
     duration_ms  bigint,
     cut          text[],
     updated_at   timestamptz NOT NULL,
-    PRIMARY KEY (queue, task_id)
+    PRIMARY KEY (task_id, queue)
 );
 CREATE INDEX flumeq_task_updated ON flumeq_task (updated_at DESC, task_id DESC);
 CREATE INDEX flumeq_task_queue ON flumeq_task (queue, updated_at DESC, task_id DESC);
 CREATE INDEX flumeq_task_type ON flumeq_task (type, updated_at DESC, task_id DESC);
 CREATE INDEX flumeq_task_state ON flumeq_task (state, updated_at DESC, task_id DESC);
-CREATE INDEX flumeq_task_id ON flumeq_task (task_id);
 CREATE INDEX flumeq_task_labels ON flumeq_task USING gin (labels jsonb_path_ops);
 CREATE TABLE flumeq_task_event (
     queue        text        NOT NULL,
@@ -69,10 +70,16 @@ CREATE TABLE flumeq_task_event (
     error        text,
     traceback    text,
     result       text,
-    due_at       timestamptz,
-    PRIMARY KEY (queue, task_id, at, event, attempt)
+    due_at       timestamptz
 );
+CREATE INDEX flumeq_task_event_task ON flumeq_task_event (task_id, queue, at);
 CREATE INDEX flumeq_task_event_at ON flumeq_task_event (at);
+CREATE TABLE flumeq_history_batch (
+    queue        text        NOT NULL,
+    entry_id     text        NOT NULL,
+    written_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (queue, entry_id)
+);
 """
 
 

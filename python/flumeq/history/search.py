@@ -98,9 +98,10 @@ class History:
 
     def _cursor(self) -> Any:
         if self._connection is None or self._connection.closed:
-            connection = connect(self.dsn, autocommit=True)
+            connection = connect(self.dsn)
             try:
-                schema.migrate(connection)
+                schema.migrate(connection)  # in transactions
+                connection.autocommit = True  # reads: no transaction left open
             except BaseException:
                 connection.close()
                 raise
@@ -191,9 +192,9 @@ class History:
             task = dict(zip(TASK_COLUMNS, row))
             cursor.execute(
                 f"SELECT {', '.join(_EVENT_FIELDS)} FROM flumeq_task_event "
-                "WHERE queue = %s AND task_id = %s "
+                "WHERE task_id = %s AND queue = %s "
                 "ORDER BY at, attempt, array_position(%s::text[], event)",
-                (task["queue"], task_id, list(EVENTS)),
+                (task_id, task["queue"], list(EVENTS)),
             )
             task["timeline"] = [dict(zip(_EVENT_FIELDS, event)) for event in cursor.fetchall()]
             return task

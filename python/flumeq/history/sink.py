@@ -52,7 +52,7 @@ IDLE_WAIT = 0.2
 CLAIM_IDLE_MS = 60_000
 #: How often drops are looked for (and logged), seconds.
 DROP_CHECK_EVERY = 5.0
-#: How often old rows are purged when a retention is set, seconds.
+#: How often old rows are purged (with a retention; and the replay guard's), seconds.
 PURGE_EVERY = 600.0
 #: The longest wait between two attempts at reaching PostgreSQL, seconds.
 LONGEST_BACKOFF = 10.0
@@ -210,15 +210,27 @@ class Sink:
         if not entries and now - self.last_claim >= CLAIM_IDLE_MS / 1000 / 2:
             self.last_claim = now
             entries = self._claim()
-        if not entries:
+        # Entries read before (ours after a failure, or a dead process's)
+        # may have been written already: those are only acknowledged.
+        written_before: set[tuple[str, str]] = set()
+        if entries:
+            written_before = self.database.written(
+                [(queue, reads.text(entry_id)) for queue, entry_id, _, _ in entries]
+            )
+        else:
             entries = self._read(">")
         if not entries:
             return 0
         fold = Fold()
-        for queue, _, _, events in entries:
+        new: list[tuple[str, str]] = []
+        for queue, entry_id, _, events in entries:
+            key = (queue, reads.text(entry_id))
+            if key in written_before:
+                continue
+            new.append(key)
             for event in events:
                 fold.add(queue, event)
-        self.database.write(fold)
+        self.database.write(fold, new)
         self._ack(entries)
         written = len(fold.events)
         self.written += written
@@ -271,7 +283,7 @@ class Sink:
         self.dropped_seen = total
 
     def _purge(self, now: float) -> None:
-        if not self.retention_days or now - self.last_purge < PURGE_EVERY:
+        if now - self.last_purge < PURGE_EVERY:
             return
         self.last_purge = now
         deleted = self.database.purge(self.retention_days)

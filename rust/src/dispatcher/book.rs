@@ -11,7 +11,7 @@ use super::now_ms;
 use super::retry::{Decision, RetryPolicy};
 use super::taken::Taken;
 use crate::envelope::{self, TaskRef};
-use crate::history::Event;
+use crate::history::{Event, Events};
 use crate::keys::Keys;
 use crate::outcome::Outcome;
 use crate::streams::{Completed, DeadLetter, Durations, Ended, QueueOutcomes, QueueSpec};
@@ -236,10 +236,18 @@ impl Book {
         }
         let worker = &self.worker;
         let now = now_ms();
-        let task = envelope::parse(&taken.entry);
         let id = taken.entry.get(envelope::field::ID).unwrap_or_default();
-        let attempt = task.as_ref().map_or(0, |task| task.attempt);
         let events = &mut self.outcomes[usize::from(taken.queue)].events;
+        if taken.flags.parsed && taken.started_ms > 0 {
+            // Handed to an actor: its started event has its fields.
+            let mut written = events.begin(event, id, taken.flags.attempt, now, worker);
+            written.number("d", now.saturating_sub(taken.started_ms));
+            detail(&mut written);
+            written.end();
+            return;
+        }
+        let task = envelope::parse(&taken.entry);
+        let attempt = task.as_ref().map_or(0, |task| task.attempt);
         let mut written = events.begin(event, id, attempt, now, worker);
         if taken.started_ms > 0 {
             written.number("d", now.saturating_sub(taken.started_ms));
@@ -255,32 +263,46 @@ impl Book {
         written.end();
     }
 
-    /// Books the start of tasks handed to an actor, when recording.
-    pub fn started<'t>(&mut self, tasks: impl IntoIterator<Item = &'t Taken>) {
-        if self.history {
-            for taken in tasks {
-                self.started_one(taken);
-            }
-        }
-    }
-
-    /// Books the start of `taken`, with the task's own fields, so a task
-    /// whose enqueue was not recorded is complete in the history from here.
-    fn started_one(&mut self, taken: &Taken) {
-        let worker = &self.worker;
-        let Ok(task) = envelope::parse(&taken.entry) else {
+    /// Writes the `started` event of `task` (of queue `queue`, handed to an
+    /// actor at `at_ms`) into `into`, when recording: with the task's own
+    /// fields, so a task whose enqueue was not recorded is complete in the
+    /// history from here. Booked by [`Book::add_events`] once the batch is
+    /// in its ring (made from the parse the hand-over did anyway).
+    pub fn start_event(
+        &self,
+        into: &mut Vec<(u16, Events)>,
+        queue: u16,
+        task: &TaskRef<'_>,
+        at_ms: u64,
+    ) {
+        if !self.history {
             return;
+        }
+        let at = if let Some(at) = into.iter().position(|(known, _)| *known == queue) {
+            at
+        } else {
+            into.push((queue, Events::default()));
+            into.len() - 1
         };
-        let events = &mut self.outcomes[usize::from(taken.queue)].events;
-        let mut written = events.begin(
+        let mut written = into[at].1.begin(
             "started",
             task.id.as_bytes(),
             task.attempt,
-            taken.started_ms,
-            worker,
+            at_ms,
+            &self.worker,
         );
-        task_fields(&mut written, &task);
+        task_fields(&mut written, task);
         written.end();
+    }
+
+    /// Books events made aside (see [`Book::start_event`]), leaving `events`
+    /// empty.
+    pub fn add_events(&mut self, events: &mut Vec<(u16, Events)>) {
+        for (queue, made) in events.drain(..) {
+            if let Some(outcome) = self.outcomes.get_mut(usize::from(queue)) {
+                outcome.events.merge(made);
+            }
+        }
     }
 
     /// Books a failed run (`failure`) of `taken`, when recording.
@@ -843,7 +865,10 @@ mod tests {
         book.record_history("pod-1");
         let mut first = taken("h", 0, 1);
         first.started_ms = 1;
-        book.started([&first]);
+        let mut made = Vec::new();
+        let task = envelope::parse(&first.entry).expect("task");
+        book.start_event(&mut made, 0, &task, 1);
+        book.add_events(&mut made);
         book.finish(first, &Failure::new(Outcome::Failed, b"boom"));
         let mut second = taken("h", 1, 1);
         second.started_ms = 1;

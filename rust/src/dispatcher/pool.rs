@@ -24,6 +24,7 @@ use super::settings::defaults;
 use super::taken::{Flags, Taken};
 use crate::envelope::{self, RawEntry};
 use crate::frame::{self, result_kind};
+use crate::history::Events;
 use crate::outcome::Outcome;
 use crate::region::{self, Region, SLOT_LOST, SLOT_RUNNING, SLOT_STARTING};
 use crate::streams::Durations;
@@ -155,6 +156,9 @@ pub struct Pool<'r> {
     /// The engine records history: actors send return values back, and
     /// each hand-over is booked as the tasks' start.
     pub record_results: bool,
+    /// `started` events of the batch being built, per queue (booked once
+    /// the batch is in its ring).
+    started: Vec<(u16, Events)>,
 }
 
 impl<'r> Pool<'r> {
@@ -179,6 +183,7 @@ impl<'r> Pool<'r> {
             cancelling: Vec::new(),
             cancel_grace: Duration::from_millis(defaults::CANCEL_GRACE_MS),
             record_results: false,
+            started: Vec::new(),
         }
     }
 
@@ -516,12 +521,14 @@ impl<'r> Pool<'r> {
                         Ok(None)
                     } else {
                         frame::push_task(&mut self.frame, taken.queue, &task, self.record_results);
+                        book.start_event(&mut self.started, taken.queue, &task, now);
                         Ok(Some(Flags {
                             unique: task.unique_key.is_some(),
                             idempotent: task.idempotent,
                             kind_at,
                             result_ttl_ms: task.result_ttl_ms,
                             retention_ms: task.retention_ms,
+                            attempt: task.attempt,
                             parsed: true,
                         }))
                     }
@@ -552,13 +559,14 @@ impl<'r> Pool<'r> {
         }
         frame::set_count(&mut self.frame, tasks.len() as u32);
         if !ring.write_frame(&[&self.frame]) {
+            self.started.clear();
             for taken in tasks.into_iter().rev().flatten() {
                 self.backlog.push_front(taken);
             }
             return false;
         }
         ring.notify_consumer();
-        book.started(tasks.iter().flatten());
+        book.add_events(&mut self.started);
         self.next_batch_id += 1;
         self.slots[slot].outstanding += tasks.len();
         self.slots[slot].alone = tasks.iter().flatten().any(|taken| taken.suspect);

@@ -19,6 +19,8 @@ pub struct Flags {
     pub result_ttl_ms: u64,
     /// How long a summary of it is kept once it ended, ms (0 = not kept).
     pub retention_ms: u64,
+    /// Its failed runs so far (its `attempt` field).
+    pub attempt: u32,
     /// Whether the fields above were learnt (the task went to an actor).
     pub parsed: bool,
 }
