@@ -213,6 +213,42 @@ def reader_pid(r: redis.Redis) -> Optional[int]:
     return None
 
 
+def where_they_are(server: redis.Redis, missing: set[str]) -> str:
+    """Where the tasks of ``missing`` are on ``server``: in the stream (and
+    whose pending entries), delayed or dead; for a failing test's message."""
+    stream = "flumeq:{default}:stream"
+    found: dict[str, str] = {}
+    for entry_id, fields in server.xrange(stream):
+        task = fields[b"id"].decode()
+        if task in missing:
+            found[task] = f"in the stream as {entry_id.decode()}"
+    pending = {
+        row["message_id"].decode(): row
+        for row in server.xpending_range(stream, "flumeq", "-", "+", 100000)
+    }
+    for task, where in found.items():
+        row = pending.get(where.rsplit(" ", 1)[1])
+        if row is not None:
+            found[task] = (
+                f"{where}, pending at {row['consumer'].decode()} for {row['time_since_delivered']} ms"
+                f" ({row['times_delivered']} deliveries)"
+            )
+    for member in server.zrange("flumeq:{default}:delayed", 0, -1):
+        text = member.decode(errors="replace")
+        for one in missing:
+            if one in text:
+                found[one] = "delayed"
+    for _, fields in server.xrange("flumeq:{default}:dead"):
+        task = fields[b"id"].decode()
+        if task in missing:
+            found[task] = f"dead: {fields.get(b'reason', b'').decode()}"
+    groups = server.xinfo_groups(stream)
+    consumers = server.xinfo_consumers(stream, "flumeq")
+    lines = [f"{len(missing)} never ran; groups {groups}; consumers {consumers}"]
+    lines += [f"{task}: {found.get(task, 'nowhere')}" for task in sorted(missing)[:20]]
+    return "\n".join(lines)
+
+
 def test_failover_mid_drain_loses_nothing(sentinel: SentinelGroup, counter: str) -> None:
     """A sentinel killed, then ``SENTINEL FAILOVER`` while an engine drains
     and a producer writes (the last test of this group: it leaves two
@@ -243,6 +279,7 @@ def test_failover_mid_drain_loses_nothing(sentinel: SentinelGroup, counter: str)
 
     process, _ = start_engine(sentinel.url, counter)
     thread = threading.Thread(target=produce)
+    missing = ""
     try:
         wait_until(lambda: len(runs(counter)) > 300, timeout=30)
         # The first sentinel of the URL (the one every lookup asked) goes
@@ -254,13 +291,23 @@ def test_failover_mid_drain_loses_nothing(sentinel: SentinelGroup, counter: str)
         thread.join()
         after = client.enqueue_many([("count", {"n": n}) for n in range(500)])
         ids = {info.id for info in [*before, *after]}
-        wait_until(lambda: ids <= set(runs(counter)), timeout=60)
+        try:
+            wait_until(lambda: ids <= set(runs(counter)), timeout=60)
+        except AssertionError:
+            gone = ids - set(runs(counter))
+            missing = where_they_are(sentinel.master(), gone) + (
+                f"\n{len(gone & {info.id for info in before})} of them enqueued before the failover"
+            )
+            raise
         time.sleep(2.0)
         stats = flumeq.Client(sentinel.url).stats()
         assert (stats["ready"], stats["in_flight"]) == (0, 0)
     finally:
         writing.clear()
         err = stop_engine(process)
+        if missing:
+            log = "\n".join(line for line in err.splitlines() if "flumeq.cron" not in line)
+            pytest.fail(f"{missing}\nthe engine's log:\n{log[-8000:]}")
     seen = runs(counter)
     assert ids <= set(seen)
     lost = [info.id for info in during if info.id not in seen]

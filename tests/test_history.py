@@ -27,9 +27,10 @@ from click.testing import CliRunner
 from postgres import PostgresServer, bin_dir
 
 import flumeq
-from conftest import spawn_script, wait_until
+from conftest import assert_stopped_in_bound, sigterm_group, spawn_script, tree, wait_until
 from flumeq.cli import main
 from flumeq.history.sink import Sink
+from flumeq.redis_server import RedisServer
 
 pytestmark = pytest.mark.skipif(bin_dir() is None, reason="PostgreSQL is not installed")
 
@@ -55,6 +56,14 @@ def dsn(postgres: PostgresServer) -> str:
 def rows(dsn: str, sql: str) -> list[tuple[Any, ...]]:
     with psycopg.connect(dsn) as connection:
         return connection.execute(sql).fetchall()
+
+
+def recorded(dsn: str) -> int:
+    """Tasks in the history (0 before the history process made the tables)."""
+    try:
+        return int(rows(dsn, "SELECT count(*) FROM flumeq_task")[0][0])
+    except psycopg.errors.UndefinedTable:
+        return 0
 
 
 def ok(task: flumeq.Task) -> Any:
@@ -346,6 +355,42 @@ def test_the_history_process_killed_is_replaced_and_nothing_is_lost(
         run.stop()
         thread.join(30)
     assert not thread.is_alive()
+
+
+ENGINE = """
+import sys, time
+import flumeq
+
+def work(task):
+    time.sleep(0.005)
+
+flumeq.Engine(
+    {"work": work}, sys.argv[1], history=sys.argv[2], shutdown_timeout=2, consumer="stopping"
+).run(processes=2)
+"""
+
+
+@pytest.mark.parametrize("gone", ["postgresql", "postgresql and redis"])
+def test_a_group_sigterm_stops_within_its_bound_with_the_history_database_gone(
+    gone: str, dsn: str, postgres: PostgresServer
+) -> None:
+    server = RedisServer().start()
+    try:
+        url = server.url
+        flumeq.Client(url).enqueue_many([("work", {"n": n}) for n in range(20_000)])
+        engine = spawn_script(ENGINE, url, dsn)
+        wait_until(lambda: recorded(dsn) > 100, timeout=30)
+        processes = tree(engine.pid)
+        postgres.stop()
+        if "redis" in gone:
+            server.kill()
+        time.sleep(0.5)
+        stop = sigterm_group(engine, processes)
+    finally:
+        server.stop()
+        if postgres.process is None:
+            postgres.start()
+    assert_stopped_in_bound(engine, stop, gone)
 
 
 APP = """

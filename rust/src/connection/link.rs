@@ -47,6 +47,9 @@ struct Shared {
 #[derive(Clone)]
 pub struct Managed {
     shared: Arc<Shared>,
+    /// This handle sends only on a manager made at this endpoint generation
+    /// (see [`Link::pin`]).
+    pin: Option<u64>,
 }
 
 /// A cluster's link.
@@ -79,6 +82,30 @@ impl Link {
         Ok(Self::One(
             Managed::connect(endpoint, response_timeout).await?,
         ))
+    }
+}
+
+impl Link {
+    /// With Sentinel, the endpoint's generation: how many times the
+    /// sentinels were seen naming another master (`None` otherwise).
+    #[must_use]
+    pub fn generation(&self) -> Option<u64> {
+        match self {
+            Self::One(link) if link.shared.endpoint.follows_failover() => {
+                Some(link.shared.endpoint.generation())
+            }
+            _ => None,
+        }
+    }
+
+    /// With Sentinel, has this handle send only to the master of endpoint
+    /// generation `generation` (`None`: whichever the sentinels name): a
+    /// call once another is named fails before it is sent. Without
+    /// Sentinel, nothing.
+    pub fn pin(&mut self, generation: Option<u64>) {
+        if let Self::One(link) = self {
+            link.pin = generation;
+        }
     }
 }
 
@@ -171,6 +198,7 @@ impl Managed {
                 current: Mutex::new((0, seen, first)),
                 refreshing: tokio::sync::Mutex::new(()),
             }),
+            pin: None,
         })
     }
 
@@ -184,16 +212,23 @@ impl Managed {
     }
 
     /// The manager to send on: a new one first if the sentinels named
-    /// another master since this one was made.
-    async fn manager(&self) -> (u64, ConnectionManager) {
-        let (generation, seen, manager) = self.current();
-        if seen == self.shared.endpoint.generation() {
-            return (generation, manager);
+    /// another master since this one was made. Refused when this handle is
+    /// pinned to another endpoint generation than the manager's.
+    async fn manager(&self) -> RedisResult<(u64, ConnectionManager)> {
+        let (mut generation, mut seen, mut manager) = self.current();
+        if seen != self.shared.endpoint.generation() {
+            self.refresh(generation, "the sentinels name another master")
+                .await;
+            (generation, seen, manager) = self.current();
         }
-        self.refresh(generation, "the sentinels name another master")
-            .await;
-        let (generation, _, manager) = self.current();
-        (generation, manager)
+        match self.pin {
+            Some(pin) if pin != seen => Err(RedisError::from((
+                redis::ErrorKind::Io,
+                "the sentinels name another master",
+                "not sent: it was meant for the one before".to_owned(),
+            ))),
+            _ => Ok((generation, manager)),
+        }
     }
 
     /// After a failed call on generation `generation`: with Sentinel, when
@@ -246,7 +281,7 @@ impl Managed {
 impl ConnectionLike for Managed {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
-            let (generation, mut manager) = self.manager().await;
+            let (generation, mut manager) = self.manager().await?;
             let result = manager.req_packed_command(cmd).await;
             if let Err(error) = &result {
                 self.after_failure(generation, error).await;
@@ -262,7 +297,7 @@ impl ConnectionLike for Managed {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
-            let (generation, mut manager) = self.manager().await;
+            let (generation, mut manager) = self.manager().await?;
             let result = manager.req_packed_commands(pipeline, offset, count).await;
             if let Err(error) = &result {
                 self.after_failure(generation, error).await;

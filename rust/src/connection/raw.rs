@@ -282,6 +282,14 @@ impl RawConnection {
         self.cluster.is_some()
     }
 
+    /// The endpoint's generation when the socket that answered last was
+    /// made: which master (of those the sentinels named) the replies came
+    /// from (always 0 without Sentinel).
+    #[must_use]
+    pub fn generation(&self) -> u64 {
+        self.single.generation
+    }
+
     /// Sends `commands` in one write (one per master with Cluster) and
     /// returns their replies in order. A reply that is an error becomes
     /// `RawError::Server`.

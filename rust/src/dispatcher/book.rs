@@ -10,6 +10,7 @@ use bytes::Bytes;
 use super::now_ms;
 use super::retry::{Decision, RetryPolicy};
 use super::taken::Taken;
+use crate::connection::Endpoint;
 use crate::envelope::{self, TaskRef};
 use crate::history::{Event, Events};
 use crate::keys::Keys;
@@ -143,6 +144,15 @@ pub struct Book {
     worker: String,
     /// Whether it records task history.
     history: bool,
+    /// With Sentinel: the endpoint whose generation says which master the
+    /// outcomes are written to (see [`Book::current`]).
+    failover: Option<Endpoint>,
+    /// Tasks read from an earlier master whose outcomes were not booked,
+    /// since the last call of [`Book::take_stale`].
+    stale: Vec<(u16, Bytes)>,
+    /// The generation of the first outcome booked since the last
+    /// [`Book::take`]: the master the batch is meant for.
+    booked_at: Option<u64>,
 }
 
 impl Book {
@@ -160,7 +170,51 @@ impl Book {
             cancelled: HashMap::new(),
             worker: String::new(),
             history: false,
+            failover: None,
+            stale: Vec::new(),
+            booked_at: None,
         }
+    }
+
+    /// Follows the master the sentinels name: from now on only the outcomes
+    /// of tasks read from the master of the endpoint's current generation
+    /// are booked.
+    pub fn follow_failover(&mut self, endpoint: Endpoint) {
+        self.failover = endpoint.follows_failover().then_some(endpoint);
+    }
+
+    /// `taken`, unless it was read from a master the sentinels no longer
+    /// name. Entry ids are made by each master from its clock: once both
+    /// took writes (the old one until it is demoted), an id read from the
+    /// old one can name another task on the new one, and acking it there
+    /// would delete that task unrun. So nothing of such a task is booked:
+    /// it is pending on the new master (taken back, run again) or was
+    /// never delivered there (read again), or it was the old master's
+    /// alone. At least once, never lost. Remembered for [`Book::take_stale`].
+    fn current(&mut self, taken: Taken) -> Option<Taken> {
+        let Some(endpoint) = &self.failover else {
+            return Some(taken);
+        };
+        let now = endpoint.generation();
+        if taken.generation != now {
+            self.stale.push((taken.queue, taken.entry.entry_id));
+            self.count(|report| report.left_pending += 1);
+            return None;
+        }
+        self.booked_at.get_or_insert(now);
+        Some(taken)
+    }
+
+    /// The tasks left unbooked as read from an earlier master, since the
+    /// last call.
+    pub fn take_stale(&mut self) -> Vec<(u16, Bytes)> {
+        std::mem::take(&mut self.stale)
+    }
+
+    /// The generation of the master the outcomes taken last are meant for
+    /// (`None` when none was booked).
+    pub fn take_generation(&mut self) -> Option<u64> {
+        self.booked_at.take()
     }
 
     /// Names this engine in history events and kept summaries.
@@ -341,6 +395,9 @@ impl Book {
     /// Ends a task as cancelled: acked, counted, its unique key released and
     /// its kept outcome (when it keeps one) says so. No retry, no dead letter.
     pub fn cancel(&mut self, taken: Taken, ran: bool) {
+        let Some(taken) = self.current(taken) else {
+            return;
+        };
         self.record(&taken, "cancelled", |_| {});
         self.end_final(
             &taken,
@@ -427,6 +484,9 @@ impl Book {
     /// Ends a delivery with `outcome` (`Succeeded`, or a failure with its
     /// texts): acked, retried, dead-lettered or handed back, by the policy.
     pub fn finish(&mut self, taken: Taken, failure: &Failure<'_>) {
+        let Some(taken) = self.current(taken) else {
+            return;
+        };
         if failure.outcome == Outcome::Succeeded {
             self.succeed(taken, failure.value);
             return;
@@ -477,6 +537,9 @@ impl Book {
     /// A run succeeded and returned `value` (JSON, empty = none). Only
     /// tasks that went through an actor succeed, so their flags are known.
     fn succeed(&mut self, taken: Taken, value: &[u8]) {
+        let Some(taken) = self.current(taken) else {
+            return;
+        };
         let runs = if taken.flags.parsed {
             taken.attempts().0 + 1
         } else {
@@ -528,6 +591,9 @@ impl Book {
 
     /// A delivery of a task whose id is already done: ack it without running.
     pub fn skip_done(&mut self, taken: Taken) {
+        let Some(taken) = self.current(taken) else {
+            return;
+        };
         let outcome = self.queue_of(&taken);
         outcome.finished.push(taken.entry.entry_id);
         outcome.skipped += 1;
@@ -536,11 +602,17 @@ impl Book {
 
     /// An entry deleted while pending (no fields): drop it from the group.
     pub fn drop_deleted(&mut self, taken: Taken) {
+        let Some(taken) = self.current(taken) else {
+            return;
+        };
         self.queue_of(&taken).finished.push(taken.entry.entry_id);
     }
 
     /// Moves a task to the dead letters with the failure's reason and texts.
     pub fn dead(&mut self, taken: Taken, failure: &Failure<'_>) {
+        let Some(taken) = self.current(taken) else {
+            return;
+        };
         let ran = failure.outcome.ran();
         if self.history {
             if ran {
@@ -585,6 +657,9 @@ impl Book {
 
     /// Schedules the next run of a failed task (attempt + 1, carrying the error).
     fn retry(&mut self, taken: Taken, attempt: u32, delay_ms: u64, error: &[u8]) {
+        let Some(taken) = self.current(taken) else {
+            return;
+        };
         let fields = envelope::next_run_fields(&taken.entry, attempt + 1, error);
         let outcome = &mut self.outcomes[usize::from(taken.queue)];
         if delay_ms == 0 {
@@ -613,6 +688,7 @@ impl Book {
     /// deleted while pending is dropped and a cancelled task ends as
     /// cancelled instead (`None` then).
     fn still_to_run(&mut self, taken: Taken) -> Option<Taken> {
+        let taken = self.current(taken)?;
         if taken.entry.fields.is_empty() {
             self.drop_deleted(taken);
             return None;
@@ -673,8 +749,16 @@ impl Book {
         });
     }
 
-    /// Keeps one of our long-held entries fresh, so nobody claims it.
-    pub fn refresh(&mut self, queue: u16, entry_id: Bytes) {
+    /// Keeps one of our long-held entries (read from the master of
+    /// `generation`) fresh, so nobody claims it.
+    pub fn refresh(&mut self, queue: u16, entry_id: Bytes, generation: u64) {
+        if let Some(endpoint) = &self.failover {
+            let now = endpoint.generation();
+            if now != generation {
+                return;
+            }
+            self.booked_at.get_or_insert(now);
+        }
         self.outcomes[usize::from(queue)].refresh.push(entry_id);
     }
 
@@ -767,7 +851,7 @@ mod tests {
                 .map(|(name, value)| (Bytes::from(name), Bytes::from(value)))
                 .collect(),
         };
-        Taken::new(0, entry, Instant::now())
+        Taken::new(0, entry, Instant::now(), 0)
     }
 
     #[test]
@@ -804,6 +888,33 @@ mod tests {
         assert_eq!(book.take_fresh(), book.totals);
         assert_eq!(book.take_fresh(), Report::default());
         assert!(book.take().is_none());
+    }
+
+    #[test]
+    fn with_sentinel_only_tasks_read_from_the_master_named_now_are_booked() {
+        let mut book = book();
+        let endpoint = Endpoint::parse("redis+sentinel://127.0.0.1:1/main").expect("url");
+        book.follow_failover(endpoint);
+        // Read from the master before (generation 1 is not the endpoint's
+        // 0 here): nothing of it is written, whatever its end.
+        let mut before = taken("old", 0, 1);
+        before.generation = 1;
+        book.finish(before, &Failure::new(Outcome::Failed, b"boom"));
+        let mut held_back = taken("old2", 0, 1);
+        held_back.generation = 1;
+        book.throttle(held_back, 5);
+        book.refresh(0, Bytes::from_static(b"1-0"), 1);
+        assert!(book.take().is_none());
+        assert_eq!(book.take_generation(), None);
+        let stale = book.take_stale();
+        assert_eq!(stale.len(), 2);
+        assert_eq!(book.totals.left_pending, 2);
+        // Read from the master named now: booked, for that generation.
+        book.done(taken("new", 0, 1));
+        let outcomes = book.take().expect("outcomes");
+        assert_eq!(outcomes[0].finished.len(), 1);
+        assert_eq!(book.take_generation(), Some(0));
+        assert!(book.take_stale().is_empty());
     }
 
     fn keeping(id: &str, attempt: u32) -> Taken {

@@ -76,6 +76,23 @@ pub struct Fetched {
     pub done: Vec<(u16, RawEntry)>,
     /// What the global limits said of `own` and `new`.
     pub admission: Admission,
+    /// Which master `own` came from (see `Taken::generation`).
+    pub own_generation: u64,
+    /// Which master `new` and `done` came from.
+    pub generation: u64,
+}
+
+/// The generation of entries read over connections of several: never the
+/// endpoint's, so their outcomes are never written by entry id.
+pub const MIXED: u64 = u64::MAX;
+
+/// Folds the generation the connection had after one query into what a
+/// part of a read has seen so far.
+fn note(seen: &mut Option<u64>, now: u64) {
+    *seen = match *seen {
+        Some(before) if before != now => Some(MIXED),
+        _ => Some(now),
+    };
 }
 
 /// The read loop's parameters.
@@ -95,6 +112,9 @@ pub struct Fetcher {
     /// Reads keep to Redis Cluster's rule of one slot per command; set when
     /// Redis first answers a read across queues with `CROSSSLOT`.
     pub one_slot: bool,
+    /// The generations the replies of the current part of a read came
+    /// from (see [`note`]).
+    pub seen: Option<u64>,
 }
 
 /// A running read loop.
@@ -136,11 +156,13 @@ impl Fetcher {
         shares: &mut reader::Shares,
     ) -> Result<Fetched, ReadError> {
         let mut fetched = Fetched::default();
+        self.seen = None;
         match &request.recover {
             Recover::No => {}
             Recover::All => fetched.own = self.own_pending().await?,
             Recover::Unheld(held) => fetched.own = self.own_unheld(held).await?,
         }
+        fetched.own_generation = self.seen.unwrap_or(MIXED);
         if request.count > 0 {
             let entries = loop {
                 let read = reader::read_new(
@@ -169,6 +191,7 @@ impl Fetcher {
                     read => break read?,
                 }
             };
+            fetched.generation = self.reader.generation();
             let (new, done) =
                 reader::split_done(&mut self.reader, &self.keys, &self.queues, entries).await?;
             fetched.new = new;
@@ -201,6 +224,7 @@ impl Fetcher {
                 &mut after,
             )
             .await?;
+            note(&mut self.seen, self.reader.generation());
             if page.is_empty() {
                 return Ok(own);
             }
@@ -265,6 +289,7 @@ impl Fetcher {
                         claim.arg(id.as_ref());
                     }
                     let mut replies = self.reader.query(std::slice::from_ref(&claim)).await?;
+                    note(&mut self.seen, self.reader.generation());
                     for entry in replies.pop().map(reply::entries).unwrap_or_default() {
                         let before = unheld
                             .iter()

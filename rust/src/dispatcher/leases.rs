@@ -116,6 +116,24 @@ impl Leases {
         }
     }
 
+    /// Frees the leases of tasks whose outcomes will never be written by
+    /// this engine (read from a master before a failover: they run again).
+    pub fn forget(&mut self, tasks: &[(u16, Bytes)]) {
+        let freed: Vec<_> = tasks
+            .iter()
+            .filter_map(|(queue, entry_id)| {
+                let (at, _) = self.held.get_mut(usize::from(*queue))?.remove(entry_id)?;
+                Some((
+                    at,
+                    limits::member(&self.queues[usize::from(*queue)].name, entry_id),
+                ))
+            })
+            .collect();
+        if !freed.is_empty() {
+            let _ = self.changes.send(Change::Free(freed));
+        }
+    }
+
     /// Frees every lease still held (the engine stops), within `grace`.
     pub async fn stop(self, grace: Duration) {
         let Self {

@@ -337,6 +337,7 @@ async fn serve(
     };
 
     let delayed = Arc::new(DelayedState::default());
+    let lost_reply = Arc::new(AtomicBool::new(false));
     let writer = Writer {
         connection: connection.clone(),
         keys: keys.clone(),
@@ -351,6 +352,7 @@ async fn serve(
             scripts: WriteScripts::default(),
         },
         delayed: Arc::clone(&delayed),
+        lost_reply: Arc::clone(&lost_reply),
     }
     .start();
     let scheduler = Scheduler {
@@ -364,7 +366,6 @@ async fn serve(
     let limiter =
         Limiter::new(&keys, &settings.rate_limits, &settings.concurrency_limits).map(Arc::new);
     let (claim_sender, claims) = mpsc::channel::<ClaimedPage>(1);
-    let lost_reply = Arc::new(AtomicBool::new(false));
     let recovery = Recovery {
         reader: raw("recovery"),
         keys: keys.clone(),
@@ -393,6 +394,7 @@ async fn serve(
         consumer: settings.consumer.clone(),
         limiter: limiter.clone(),
         one_slot: endpoint.is_cluster(),
+        seen: None,
     }
     .start();
     let leases =
@@ -419,6 +421,7 @@ async fn serve(
     pool.set_paused(&paused);
     let mut book = Book::new(keys.clone(), Arc::clone(&queues), policy);
     book.set_worker(&settings.consumer);
+    book.follow_failover(endpoint.clone());
     if settings.history {
         book.record_history(&settings.consumer);
         pool.record_results = true;
@@ -715,8 +718,20 @@ impl Dispatcher<'_> {
         let fresh = self.book.take_fresh();
         self.region.add_counts(&fresh.to_array());
         let outcomes = self.book.take();
+        let stale = self.book.take_stale();
         if let Some(leases) = &mut self.leases {
             leases.flush(outcomes.as_deref());
+            leases.forget(&stale);
+        }
+        if !stale.is_empty() {
+            // They may still be pending for us on the new master: once
+            // what we wrote is in, take back what we do not hold.
+            info!(
+                "{} task(s) read from the master before the failover ended: their \
+                 outcomes are not written to the new one; they run again",
+                stale.len()
+            );
+            self.lost_reply.store(true, Ordering::SeqCst);
         }
         if let Some(outcomes) = outcomes {
             if let Some(finished) = &mut self.finished_since_recover {
@@ -724,7 +739,11 @@ impl Dispatcher<'_> {
                     finished.extend(queue.finished.iter().cloned());
                 }
             }
-            self.writer.send(outcomes);
+            let generation = self
+                .book
+                .take_generation()
+                .unwrap_or_else(|| self.endpoint.generation());
+            self.writer.send(outcomes, generation);
         }
     }
 
@@ -829,6 +848,8 @@ impl Dispatcher<'_> {
                 new,
                 done,
                 mut admission,
+                own_generation,
+                generation,
             }) => {
                 self.reads.succeeded(new.is_empty() && done.is_empty());
                 if !own.is_empty() {
@@ -837,7 +858,7 @@ impl Dispatcher<'_> {
                         .into_iter()
                         .filter(|(_, entry, _)| !finished.contains(&entry.entry_id))
                         .collect();
-                    let taken = self.take_back(own, &mut admission);
+                    let taken = self.take_back(own, own_generation, &mut admission);
                     if taken > 0 {
                         info!("took back {taken} task(s) this consumer left pending");
                         self.reads.last_empty = false;
@@ -845,16 +866,17 @@ impl Dispatcher<'_> {
                 }
                 let now = Instant::now();
                 for (queue, entry) in done {
-                    self.book.skip_done(Taken::new(queue, entry, now));
+                    self.book
+                        .skip_done(Taken::new(queue, entry, now, generation));
                 }
                 if admission.is_empty() {
                     self.pool.backlog.extend(
                         new.into_iter()
-                            .map(|(queue, entry)| Taken::new(queue, entry, now)),
+                            .map(|(queue, entry)| Taken::new(queue, entry, now, generation)),
                     );
                 } else {
                     for (queue, entry) in new {
-                        self.admit(Taken::new(queue, entry, now), &mut admission);
+                        self.admit(Taken::new(queue, entry, now, generation), &mut admission);
                     }
                 }
                 self.pool.pump(&mut self.book);
@@ -891,12 +913,18 @@ impl Dispatcher<'_> {
     /// Takes back our own pending entries that we do not hold (an earlier
     /// life's, or delivered while a reply was lost); the poison ones go to
     /// the dead letters. Returns how many were taken.
-    fn take_back(&mut self, own: Vec<(u16, RawEntry, u64)>, admission: &mut Admission) -> usize {
+    fn take_back(
+        &mut self,
+        own: Vec<(u16, RawEntry, u64)>,
+        generation: u64,
+        admission: &mut Admission,
+    ) -> usize {
         let unheld = self.pool.unheld(own);
         let now = Instant::now();
         let mut taken = 0;
         for (queue, entry, deliveries) in unheld {
-            self.take_or_bury(Taken::new(queue, entry, now), deliveries, admission);
+            let taken_back = Taken::new(queue, entry, now, generation);
+            self.take_or_bury(taken_back, deliveries, admission);
             taken += 1;
         }
         taken
@@ -933,12 +961,13 @@ impl Dispatcher<'_> {
         self.pool.backlog.push_back(taken);
     }
 
-    fn on_claims(&mut self, (page, mut admission): ClaimedPage) {
+    fn on_claims(&mut self, (page, mut admission, generation): ClaimedPage) {
         let now = Instant::now();
         // A take-back of our own entries may have got some of these first
         // (they were ours in Redis while the page waited).
         for (queue, entry, deliveries) in self.pool.unheld(page) {
-            self.take_or_bury(Taken::new(queue, entry, now), deliveries, &mut admission);
+            let claimed = Taken::new(queue, entry, now, generation);
+            self.take_or_bury(claimed, deliveries, &mut admission);
         }
         self.pool.pump(&mut self.book);
     }
@@ -959,6 +988,7 @@ impl Dispatcher<'_> {
             mut leases,
             mut claims,
             mut registry,
+            endpoint,
             ..
         } = self;
         fetcher.shutdown();
@@ -967,12 +997,12 @@ impl Dispatcher<'_> {
         // Claimed pages nobody took yet are ours in Redis: hand them back.
         claims.close();
         let now = Instant::now();
-        while let Ok((page, admission)) = claims.try_recv() {
+        while let Ok((page, admission, generation)) = claims.try_recv() {
             if let Some(leases) = &mut leases {
                 leases.take(admission.leased);
             }
             for (queue, entry, _) in page {
-                book.hand_back(Taken::new(queue, entry, now));
+                book.hand_back(Taken::new(queue, entry, now, generation));
             }
         }
         scheduler.shutdown();
@@ -980,7 +1010,10 @@ impl Dispatcher<'_> {
         region.close_all();
         region.add_counts(&book.take_fresh().to_array());
         if let Some(outcomes) = book.take() {
-            writer.send(outcomes);
+            let generation = book
+                .take_generation()
+                .unwrap_or_else(|| endpoint.generation());
+            writer.send(outcomes, generation);
         }
         let grace = Duration::from_millis(defaults::WRITE_GRACE_MS);
         // Whatever this engine still leases runs no more: freed beside the

@@ -848,13 +848,13 @@ impl<'r> Pool<'r> {
         }
         self.last_refresh = Instant::now();
         let period = self.refresh_every;
-        let stale: Vec<(u16, Bytes)> = self
+        let stale: Vec<(u16, Bytes, u64)> = self
             .held()
             .filter(|taken| taken.since.elapsed() >= period)
-            .map(|taken| (taken.queue, taken.entry.entry_id.clone()))
+            .map(|taken| (taken.queue, taken.entry.entry_id.clone(), taken.generation))
             .collect();
-        for (queue, entry_id) in stale {
-            book.refresh(queue, entry_id);
+        for (queue, entry_id, generation) in stale {
+            book.refresh(queue, entry_id, generation);
         }
     }
 }
@@ -995,6 +995,7 @@ mod tests {
                             fields: Vec::new(),
                         },
                         Instant::now(),
+                        0,
                     );
                     taken.suspect = *suspect;
                     Some(taken)

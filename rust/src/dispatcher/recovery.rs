@@ -37,8 +37,9 @@ const MAX_PAGES: usize = 1000;
 /// A claimed entry: queue index, the entry, and how often it was delivered.
 pub type Claimed = (u16, RawEntry, u64);
 
-/// A page of claimed entries, with what the global limits said of them.
-pub type ClaimedPage = (Vec<Claimed>, Admission);
+/// A page of claimed entries, with what the global limits said of them
+/// and which master they came from (see `Taken::generation`).
+pub type ClaimedPage = (Vec<Claimed>, Admission, u64);
 
 /// The recovery loop's parameters.
 pub struct Recovery {
@@ -110,6 +111,7 @@ impl Recovery {
             for owner in self.dead_consumers(&stream).await? {
                 for _ in 0..MAX_PAGES {
                     let (claimed, full) = self.claim_page(index as u16, &stream, &owner).await?;
+                    let generation = self.reader.generation();
                     if !claimed.is_empty() {
                         info!(
                             "claimed {} stale task(s) of dead consumer {} from {stream}",
@@ -130,7 +132,12 @@ impl Recovery {
                             }
                             None => Admission::default(),
                         };
-                        if self.sender.send((claimed, admission)).await.is_err() {
+                        if self
+                            .sender
+                            .send((claimed, admission, generation))
+                            .await
+                            .is_err()
+                        {
                             return Ok(false);
                         }
                     }

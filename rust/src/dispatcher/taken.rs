@@ -41,12 +41,19 @@ pub struct Taken {
     /// It was in a batch whose actor died with nothing to blame: it runs
     /// alone from now on, so that a death it causes is pinned on it.
     pub suspect: bool,
+    /// Which master it was read from: the endpoint's generation of the
+    /// connection that delivered it (with Sentinel; always 0 otherwise).
+    /// Entry ids are only meaningful on the master that made them: after a
+    /// failover, one read from the old master may name another task on the
+    /// new one, so its outcome is not written there (see `Book`).
+    pub generation: u64,
 }
 
 impl Taken {
-    /// A task taken at `since` (one clock read serves a whole read's batch).
+    /// A task taken at `since` (one clock read serves a whole read's
+    /// batch), read from the master of `generation`.
     #[must_use]
-    pub fn new(queue: u16, entry: RawEntry, since: Instant) -> Self {
+    pub fn new(queue: u16, entry: RawEntry, since: Instant, generation: u64) -> Self {
         Self {
             queue,
             entry,
@@ -54,6 +61,7 @@ impl Taken {
             flags: Flags::default(),
             started_ms: 0,
             suspect: false,
+            generation,
         }
     }
 

@@ -7,13 +7,20 @@
 //! At shutdown it gets a deadline: what it could not write by then is
 //! counted and left; those tasks stay pending in Redis and run again, so a
 //! stop never waits on Redis for long, and nothing is lost.
+//!
+//! With Sentinel, each batch is meant for the master it was booked for (its
+//! generation, see `Book::current`): once the sentinels name another, the
+//! batch is not written (its entry ids may name other tasks there); its
+//! tasks are pending on the new master or not delivered there yet, and run
+//! again. The connection is pinned to that generation for each attempt, so
+//! a master change between the check and the send refuses the send.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::connection::Link;
-use log::{debug, error, warn};
+use log::{debug, error, info, warn};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -36,11 +43,18 @@ pub struct Writer {
     pub settings: WriteSettings,
     /// Progress shared with the mover and the burst check.
     pub delayed: Arc<DelayedState>,
+    /// Raised when a batch meant for an earlier master is dropped: the
+    /// dispatcher then takes back its own pending entries.
+    pub lost_reply: Arc<AtomicBool>,
 }
+
+/// One batch for the writer: the outcomes per queue, and the generation of
+/// the master they are meant for.
+type Batch = (Vec<QueueOutcomes>, u64);
 
 /// A running writer.
 pub struct WriterHandle {
-    sender: mpsc::UnboundedSender<Vec<QueueOutcomes>>,
+    sender: mpsc::UnboundedSender<Batch>,
     deadline: watch::Sender<Option<Instant>>,
     task: JoinHandle<usize>,
     /// Messages sent so far.
@@ -64,7 +78,7 @@ impl Writer {
 
     async fn run(
         mut self,
-        mut receiver: mpsc::UnboundedReceiver<Vec<QueueOutcomes>>,
+        mut receiver: mpsc::UnboundedReceiver<Batch>,
         mut deadline: watch::Receiver<Option<Instant>>,
     ) -> usize {
         // Sequence numbers of this life start from the clock, so they never
@@ -73,12 +87,13 @@ impl Writer {
         // Outcomes waiting to be written are tasks another engine might run
         // again: retry soon after Redis is back, not after a long backoff.
         let mut patience = Patience::capped("writing task outcomes", Duration::from_millis(250));
-        while let Some(mut merged) = receiver.recv().await {
+        while let Some((mut merged, mut generation)) = receiver.recv().await {
             let mut messages = 1;
-            while let Ok(more) = receiver.try_recv() {
+            while let Ok((more, made_for)) = receiver.try_recv() {
                 for (into, from) in merged.iter_mut().zip(more) {
                     into.merge(from);
                 }
+                generation = generation.min(made_for);
                 messages += 1;
             }
             seq += 1;
@@ -88,10 +103,14 @@ impl Writer {
                 if due.is_some_and(|due| Instant::now() >= due) {
                     let mut left: usize = merged.iter().map(QueueOutcomes::tasks).sum();
                     while let Ok(more) = receiver.try_recv() {
-                        left += more.iter().map(QueueOutcomes::tasks).sum::<usize>();
+                        left += more.0.iter().map(QueueOutcomes::tasks).sum::<usize>();
                     }
                     return left;
                 }
+                if self.meant_for_another(&merged, generation, messages) {
+                    break;
+                }
+                self.connection.pin(Some(generation));
                 let result = {
                     let write = store::write_outcomes(
                         &mut self.connection,
@@ -156,8 +175,29 @@ impl Writer {
             }
         }
         let due = *deadline.borrow();
+        self.connection.pin(None);
         self.forget_markers(due).await;
         0
+    }
+
+    /// Whether the batch was meant for a master the sentinels no longer
+    /// name; then it is dropped (counted as written: nothing waits on it).
+    fn meant_for_another(&self, merged: &[QueueOutcomes], generation: u64, messages: u64) -> bool {
+        if self
+            .connection
+            .generation()
+            .is_none_or(|now| now == generation)
+        {
+            return false;
+        }
+        let tasks: usize = merged.iter().map(QueueOutcomes::tasks).sum();
+        info!(
+            "the sentinels name another master: the outcomes of {tasks} task(s) read from \
+             the one before are not written; those tasks run again"
+        );
+        self.lost_reply.store(true, Ordering::SeqCst);
+        self.delayed.written.fetch_add(messages, Ordering::SeqCst);
+        true
     }
 
     /// After the last write, the write markers are not needed any more.
@@ -202,9 +242,10 @@ fn timed_out() -> redis::RedisError {
 
 impl WriterHandle {
     /// Queues outcomes for writing.
-    pub fn send(&mut self, outcomes: Vec<QueueOutcomes>) {
+    /// Queues `outcomes`, meant for the master of `generation`.
+    pub fn send(&mut self, outcomes: Vec<QueueOutcomes>, generation: u64) {
         // The writer only stops when this handle is shut down.
-        if self.sender.send(outcomes).is_ok() {
+        if self.sender.send((outcomes, generation)).is_ok() {
             self.sent += 1;
         }
     }
