@@ -493,3 +493,48 @@ def test_tasks_delivered_while_a_reply_was_lost_are_taken_back(
     finally:
         os.kill(engine.pid, signal.SIGTERM)
         assert engine.wait(30) == 0
+
+
+def test_done_entries_leave_the_stream_but_no_entry_a_group_needs(
+    redis_url: str, r: redis.Redis
+) -> None:
+    """Done entries are trimmed (XTRIM MINID behind the oldest entry still
+    needed) or deleted: an entry pending at a consumer that died stays until
+    it is claimed and run (6 s idle), one held by a long task stays while it
+    runs, and everything done after them leaves the stream at once."""
+    client = flumeq.Client(redis_url)
+    ghost = client.enqueue("work", {"who": "ghost"})
+    r.xgroup_create(STREAM, "flumeq", id="0")
+    # A consumer that read one task and died (no registry entry): its entry
+    # is the oldest the group still needs.
+    r.xreadgroup("flumeq", "ghost", {STREAM: ">"}, count=1)
+    slow = client.enqueue("work", {"sleep": 2.0})
+    fast = client.enqueue_many([("work", {"n": n}) for n in range(2000)])
+    engine = spawn_script(TRIM_ENGINE, redis_url)
+    try:
+        wait_until(lambda: {info.id for info in fast} <= set(runs(r)), timeout=30)
+        entries = {fields[b"id"].decode() for _, fields in r.xrange(STREAM)}
+        # The fast ones are gone though the ghost's and the slow one's are older.
+        assert ghost.id in entries and entries <= {ghost.id, slow.id}
+        assert ghost.id not in runs(r)
+        wait_until(lambda: {ghost.id, slow.id} <= set(runs(r)), timeout=30)
+        wait_until(lambda: r.xlen(STREAM) == 0, timeout=10)
+    finally:
+        os.killpg(engine.pid, signal.SIGTERM)
+        engine.wait(timeout=30)
+    assert r.xpending(STREAM, "flumeq")["pending"] == 0
+    assert all(count == 1 for count in runs(r).values())
+
+
+TRIM_ENGINE = """
+import sys, time
+import flumeq
+from conftest import process_redis
+
+def work(task):
+    if "sleep" in task.payload:
+        time.sleep(task.payload["sleep"])
+    process_redis(sys.argv[1]).hincrby("runs", task.id, 1)
+
+flumeq.Engine({"work": work}, sys.argv[1], claim_stale_after=6.0).run(processes=2)
+"""

@@ -179,6 +179,63 @@ end
 return count
 ";
 
+/// Removes entries just acked from a task stream: the ones behind the
+/// oldest entry that any group of the stream still has pending or not yet
+/// delivered go with one `XTRIM MINID` (whole listpack nodes at a time),
+/// the others with `XDEL`. No entry a group still needs is ever removed:
+/// the bound is read here, atomically with the trim, and the `XDEL` only
+/// happens when the queue's write marker says the transaction that acked
+/// the ids was applied (an aborted one acked nothing). Without any group,
+/// no trim.
+///
+/// KEYS[1] stream, KEYS[2] the engine's write marker of the queue. ARGV[1]
+/// the sequence number of the write, ARGV[2..] the entry ids it acked, in
+/// ascending order. Returns `{trimmed, deleted}`.
+pub const TRIM_DONE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0} end
+local function parse(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return ms, tonumber(ms), tonumber(seq)
+end
+local text, bms, bseq = nil, nil, nil
+for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local name, delivered = nil, '0-0'
+  for i = 1, #group - 1, 2 do
+    if group[i] == 'name' then name = group[i + 1]
+    elseif group[i] == 'last-delivered-id' then delivered = group[i + 1] end
+  end
+  local pending = redis.call('XPENDING', KEYS[1], name)
+  local id, ms, seq
+  if pending[1] > 0 then
+    id = pending[2]
+    _, ms, seq = parse(id)
+  else
+    local digits
+    digits, ms, seq = parse(delivered)
+    seq = seq + 1
+    id = digits .. '-' .. string.format('%.0f', seq)
+  end
+  if bms == nil or ms < bms or (ms == bms and seq < bseq) then
+    text, bms, bseq = id, ms, seq
+  end
+end
+local trimmed = 0
+if text then trimmed = redis.call('XTRIM', KEYS[1], 'MINID', text) end
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {trimmed, 0} end
+-- The ids come sorted: find the first one at or past the bound by bisection.
+local low, high = 2, #ARGV + 1
+while text and low < high do
+  local middle = math.floor((low + high) / 2)
+  local _, ms, seq = parse(ARGV[middle])
+  if ms > bms or (ms == bms and seq >= bseq) then high = middle else low = middle + 1 end
+end
+local deleted = 0
+for i = low, #ARGV, 500 do
+  deleted = deleted + redis.call('XDEL', KEYS[1], unpack(ARGV, i, math.min(i + 499, #ARGV)))
+end
+return {trimmed, deleted}
+";
+
 /// Keeps a queue's task-history events within their bound: while the
 /// stats hash's `history_buffered` (events in the stream) is above the cap,
 /// deletes the oldest entries and counts their events as dropped

@@ -51,7 +51,8 @@ pub async fn ensure_groups(
 
 /// Tasks still somewhere in `queues`' streams: entries not yet delivered or
 /// delivered and not acknowledged (in `group`, by any consumer). Done entries
-/// are deleted, so `XLEN` counts the first kind and `XPENDING` the second
+/// are removed right after their ack (`TRIM_DONE`), so `XLEN` counts the
+/// first kind and `XPENDING` the second
 /// (including pending entries deleted meanwhile).
 pub async fn tasks_in_streams(
     connection: &mut Link,
@@ -112,6 +113,7 @@ pub struct WriteScripts {
     release: redis::Script,
     trim_events: redis::Script,
     prune_completed: redis::Script,
+    trim_done: redis::Script,
 }
 
 impl Default for WriteScripts {
@@ -121,6 +123,7 @@ impl Default for WriteScripts {
             release: redis::Script::new(scripts::RELEASE_UNIQUE),
             trim_events: redis::Script::new(scripts::TRIM_EVENTS),
             prune_completed: redis::Script::new(scripts::PRUNE_COMPLETED),
+            trim_done: redis::Script::new(scripts::TRIM_DONE),
         }
     }
 }
@@ -132,7 +135,7 @@ impl WriteScripts {
     pub async fn load(&self, connection: &mut Link) -> RedisResult<()> {
         self.refresh.prepare_invoke().load_async(connection).await?;
         self.release.prepare_invoke().load_async(connection).await?;
-        for script in [&self.trim_events, &self.prune_completed] {
+        for script in [&self.trim_events, &self.prune_completed, &self.trim_done] {
             script.prepare_invoke().load_async(connection).await?;
         }
         Ok(())
@@ -244,11 +247,11 @@ fn add_block(
     }
     if !outcome.finished.is_empty() {
         let ids: Vec<&[u8]> = outcome.finished.iter().map(AsRef::as_ref).collect();
+        // Removed from the stream after the transaction (`TRIM_DONE`).
         pipe.cmd("XACK")
             .arg(&queue.stream)
             .arg(&settings.group)
             .arg(&ids);
-        pipe.cmd("XDEL").arg(&queue.stream).arg(&ids);
     }
     let stats = keys.stats(&queue.name);
     for (name, count) in [
@@ -435,6 +438,18 @@ pub async fn write_outcomes(
         }
     }
     for (queue, outcome) in queues.iter().zip(outcomes) {
+        if !outcome.finished.is_empty() {
+            let mut ids: Vec<&[u8]> = outcome.finished.iter().map(AsRef::as_ref).collect();
+            ids.sort_unstable_by_key(|id| entry_order(id));
+            pipe.invoke_script(
+                scripts
+                    .trim_done
+                    .key(&queue.stream)
+                    .key(keys.written(&queue.name, &settings.consumer))
+                    .arg(seq)
+                    .arg(&ids),
+            );
+        }
         if !outcome.refresh.is_empty() {
             let ids: Vec<&[u8]> = outcome.refresh.iter().map(AsRef::as_ref).collect();
             pipe.invoke_script(
@@ -474,6 +489,21 @@ pub async fn write_outcomes(
     }
     let replies: Vec<Value> = pipe.query_async(connection).await?;
     check_replies(&replies)
+}
+
+/// The order of a stream entry id (`<ms>-<seq>`) in its stream.
+fn entry_order(id: &[u8]) -> (u64, u64) {
+    let number = |digits: &[u8]| {
+        digits.iter().fold(0u64, |value, digit| {
+            value
+                .saturating_mul(10)
+                .saturating_add(u64::from(digit.wrapping_sub(b'0')))
+        })
+    };
+    match id.iter().position(|byte| *byte == b'-') {
+        Some(dash) => (number(&id[..dash]), number(&id[dash + 1..])),
+        None => (number(id), 0),
+    }
 }
 
 /// Finds what went wrong in a pipeline's replies: a `NOSCRIPT` (load and
@@ -520,4 +550,17 @@ fn check_replies(replies: &[Value]) -> Result<(), WriteError> {
         return Err(WriteError::NoScript);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::entry_order;
+
+    #[test]
+    fn entry_ids_sort_as_the_stream_orders_them() {
+        let mut ids: Vec<&[u8]> = vec![b"10-0", b"9-5", b"5-10", b"5-9", b"1796414740003-2"];
+        ids.sort_unstable_by_key(|id| entry_order(id));
+        let expected: Vec<&[u8]> = vec![b"5-9", b"5-10", b"9-5", b"10-0", b"1796414740003-2"];
+        assert_eq!(ids, expected);
+    }
 }
