@@ -83,6 +83,36 @@ def test_engine_survives_kill_of_its_dispatcher(redis_url: str, r: redis.Redis) 
     assert client.stats()["ready"] == 0 and client.stats()["in_flight"] == 0
 
 
+def test_outcomes_a_full_redis_refuses_at_shutdown_stay_pending_and_run(
+    redis_url: str, r: redis.Redis
+) -> None:
+    """Redis full (maxmemory reached, noeviction) under a draining engine,
+    then SIGTERM to its group: the outcome transactions are refused (OOM)
+    until the shutdown deadline, and nothing of their tasks is removed from
+    the stream (the trim after a transaction deletes only what one that was
+    applied acked): they stay pending, and the next engine runs them all."""
+    client = flumeq.Client(redis_url)
+    infos = client.enqueue_many([("work", {"sleep": 0.002}) for _ in range(3000)])
+    engine = start_engine(redis_url, "full", SHUTDOWN="2")
+    try:
+        wait_until(lambda: r.hlen("runs") >= 200)
+        r.config_set("maxmemory", "1")
+        time.sleep(1.0)
+        stop = sigterm_group(engine, tree(engine.pid))
+    finally:
+        r.config_set("maxmemory", "0")
+        if engine.poll() is None:
+            os.killpg(engine.pid, signal.SIGKILL)
+    assert_stopped_in_bound(engine, stop, "memory")
+    assert r.xpending(STREAM, "flumeq")["pending"] > 0, "no outcome was refused"
+    again = start_engine(redis_url, "full", BURST="1")
+    _, err = again.communicate(timeout=60)
+    assert again.returncode == 0, err.decode()[-3000:]
+    assert {info.id for info in infos} <= set(counts(r, "runs"))
+    stats = client.stats()
+    assert (stats["ready"], stats["in_flight"], stats["dead"]) == (0, 0, 0)
+
+
 def test_sigterm_to_the_whole_process_group_is_graceful(redis_url: str, r: redis.Redis) -> None:
     client = flumeq.Client(redis_url)
     client.enqueue_many([("work", {"sleep": 0.3}) for _ in range(60)])
@@ -325,6 +355,7 @@ def test_a_replayed_outcome_write_appends_and_counts_nothing_twice(
     assert (stats["processed"], stats["failed"]) == (1, 1)
     assert int(r.hget("flumeq:{default}:stats", "retried") or 0) == 1
     assert report["processed"] == 1
+    assert r.xlen(STREAM) == 0, "a replayed write still removes the entries it acked"
 
 
 def test_scripts_run_by_sha_and_survive_a_flushed_script_cache(
@@ -340,6 +371,7 @@ def test_scripts_run_by_sha_and_survive_a_flushed_script_cache(
         processes=1, burst=True
     )
     assert not r.keys("flumeq:{default}:unique:*"), "unique keys were released"
+    assert r.xlen(STREAM) == 0, "done entries were removed after the scripts were loaded"
     r.script_flush()
     assert client.requeue_dead() == 1
     flumeq.Engine({"boom": lambda task: 1 / 0}, redis_url).run(processes=1, burst=True)

@@ -211,10 +211,12 @@ impl Book {
         std::mem::take(&mut self.stale)
     }
 
-    /// The generation of the master the outcomes taken last are meant for
-    /// (`None` when none was booked).
-    pub fn take_generation(&mut self) -> Option<u64> {
-        self.booked_at.take()
+    /// The generation of the master the outcomes taken last are meant for:
+    /// that of their first booking, else the endpoint's now (0 without
+    /// Sentinel).
+    pub fn take_generation(&mut self) -> u64 {
+        let now = self.failover.as_ref().map_or(0, Endpoint::generation);
+        self.booked_at.take().unwrap_or(now)
     }
 
     /// Names this engine in history events and kept summaries.
@@ -531,15 +533,15 @@ impl Book {
     /// A run succeeded without a reported value (a range of plain
     /// successes).
     pub fn done(&mut self, taken: Taken) {
+        let Some(taken) = self.current(taken) else {
+            return;
+        };
         self.succeed(taken, b"");
     }
 
     /// A run succeeded and returned `value` (JSON, empty = none). Only
     /// tasks that went through an actor succeed, so their flags are known.
     fn succeed(&mut self, taken: Taken, value: &[u8]) {
-        let Some(taken) = self.current(taken) else {
-            return;
-        };
         let runs = if taken.flags.parsed {
             taken.attempts().0 + 1
         } else {
@@ -657,9 +659,6 @@ impl Book {
 
     /// Schedules the next run of a failed task (attempt + 1, carrying the error).
     fn retry(&mut self, taken: Taken, attempt: u32, delay_ms: u64, error: &[u8]) {
-        let Some(taken) = self.current(taken) else {
-            return;
-        };
         let fields = envelope::next_run_fields(&taken.entry, attempt + 1, error);
         let outcome = &mut self.outcomes[usize::from(taken.queue)];
         if delay_ms == 0 {
@@ -905,7 +904,7 @@ mod tests {
         book.throttle(held_back, 5);
         book.refresh(0, Bytes::from_static(b"1-0"), 1);
         assert!(book.take().is_none());
-        assert_eq!(book.take_generation(), None);
+        assert_eq!(book.take_generation(), 0);
         let stale = book.take_stale();
         assert_eq!(stale.len(), 2);
         assert_eq!(book.totals.left_pending, 2);
@@ -913,7 +912,7 @@ mod tests {
         book.done(taken("new", 0, 1));
         let outcomes = book.take().expect("outcomes");
         assert_eq!(outcomes[0].finished.len(), 1);
-        assert_eq!(book.take_generation(), Some(0));
+        assert_eq!(book.take_generation(), 0);
         assert!(book.take_stale().is_empty());
     }
 

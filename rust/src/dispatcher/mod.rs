@@ -739,10 +739,7 @@ impl Dispatcher<'_> {
                     finished.extend(queue.finished.iter().cloned());
                 }
             }
-            let generation = self
-                .book
-                .take_generation()
-                .unwrap_or_else(|| self.endpoint.generation());
+            let generation = self.book.take_generation();
             self.writer.send(outcomes, generation);
         }
     }
@@ -988,7 +985,6 @@ impl Dispatcher<'_> {
             mut leases,
             mut claims,
             mut registry,
-            endpoint,
             ..
         } = self;
         fetcher.shutdown();
@@ -1010,9 +1006,7 @@ impl Dispatcher<'_> {
         region.close_all();
         region.add_counts(&book.take_fresh().to_array());
         if let Some(outcomes) = book.take() {
-            let generation = book
-                .take_generation()
-                .unwrap_or_else(|| endpoint.generation());
+            let generation = book.take_generation();
             writer.send(outcomes, generation);
         }
         let grace = Duration::from_millis(defaults::WRITE_GRACE_MS);

@@ -177,7 +177,8 @@ fn add_fields<'a>(cmd: &mut Cmd, fields: impl IntoIterator<Item = (&'a [u8], &'a
     }
 }
 
-/// Adds one queue's MULTI/EXEC block to `pipe`; `marker` is set inside it.
+/// Adds one queue's MULTI/EXEC block to `pipe`: its outcomes, with their
+/// finished ids in stream order; `marker` is set inside it.
 #[expect(
     clippy::too_many_lines,
     reason = "one MULTI block per queue, in the order Redis must apply it"
@@ -187,7 +188,7 @@ fn add_block(
     keys: &Keys,
     queue: &QueueSpec,
     settings: &WriteSettings,
-    outcome: &QueueOutcomes,
+    (outcome, finished): (&QueueOutcomes, &[&[u8]]),
     now_ms: u64,
     marker: (&str, u64),
 ) {
@@ -245,13 +246,12 @@ fn add_block(
         );
         pipe.add_command(cmd);
     }
-    if !outcome.finished.is_empty() {
-        let ids: Vec<&[u8]> = outcome.finished.iter().map(AsRef::as_ref).collect();
+    if !finished.is_empty() {
         // Removed from the stream after the transaction (`TRIM_DONE`).
         pipe.cmd("XACK")
             .arg(&queue.stream)
             .arg(&settings.group)
-            .arg(&ids);
+            .arg(finished);
     }
     let stats = keys.stats(&queue.name);
     for (name, count) in [
@@ -422,6 +422,11 @@ pub async fn write_outcomes(
             *done = marker == Some(seq);
         }
     }
+    // Each queue's finished ids in stream order, for its XACK and its trim.
+    let finished: Vec<Vec<&[u8]>> = outcomes
+        .iter()
+        .map(|outcome| in_stream_order(&outcome.finished))
+        .collect();
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     for ((at, marker), done) in blocks.iter().zip(&applied) {
@@ -431,23 +436,21 @@ pub async fn write_outcomes(
                 keys,
                 &queues[*at],
                 settings,
-                &outcomes[*at],
+                (&outcomes[*at], &finished[*at]),
                 now_ms,
                 (marker, seq),
             );
         }
     }
-    for (queue, outcome) in queues.iter().zip(outcomes) {
-        if !outcome.finished.is_empty() {
-            let mut ids: Vec<&[u8]> = outcome.finished.iter().map(AsRef::as_ref).collect();
-            ids.sort_unstable_by_key(|id| entry_order(id));
+    for ((queue, outcome), ids) in queues.iter().zip(outcomes).zip(&finished) {
+        if !ids.is_empty() {
             pipe.invoke_script(
                 scripts
                     .trim_done
                     .key(&queue.stream)
                     .key(keys.written(&queue.name, &settings.consumer))
                     .arg(seq)
-                    .arg(&ids),
+                    .arg(ids),
             );
         }
         if !outcome.refresh.is_empty() {
@@ -489,6 +492,16 @@ pub async fn write_outcomes(
     }
     let replies: Vec<Value> = pipe.query_async(connection).await?;
     check_replies(&replies)
+}
+
+/// `ids` in the order of their stream (mostly already so: one read's
+/// batches finish in order; each id is parsed once when they are not).
+fn in_stream_order(ids: &[bytes::Bytes]) -> Vec<&[u8]> {
+    let mut ordered: Vec<&[u8]> = ids.iter().map(AsRef::as_ref).collect();
+    if !ordered.is_sorted_by_key(|id| entry_order(id)) {
+        ordered.sort_by_cached_key(|id| entry_order(id));
+    }
+    ordered
 }
 
 /// The order of a stream entry id (`<ms>-<seq>`) in its stream.
@@ -554,13 +567,16 @@ fn check_replies(replies: &[Value]) -> Result<(), WriteError> {
 
 #[cfg(test)]
 mod tests {
-    use super::entry_order;
+    use super::in_stream_order;
+    use bytes::Bytes;
 
     #[test]
     fn entry_ids_sort_as_the_stream_orders_them() {
-        let mut ids: Vec<&[u8]> = vec![b"10-0", b"9-5", b"5-10", b"5-9", b"1796414740003-2"];
-        ids.sort_unstable_by_key(|id| entry_order(id));
+        let ids: Vec<Bytes> = ["10-0", "9-5", "5-10", "5-9", "1796414740003-2"]
+            .into_iter()
+            .map(|id| Bytes::from_static(id.as_bytes()))
+            .collect();
         let expected: Vec<&[u8]> = vec![b"5-9", b"5-10", b"9-5", b"10-0", b"1796414740003-2"];
-        assert_eq!(ids, expected);
+        assert_eq!(in_stream_order(&ids), expected);
     }
 }
